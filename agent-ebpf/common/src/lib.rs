@@ -1,0 +1,256 @@
+//! Types shared by lastgasp's eBPF programs and its userspace agent.
+//!
+//! Everything here is `#[repr(C)]` and crosses the kernel/user boundary through
+//! maps, ring buffers or the `CONFIG` global, so both sides must agree byte for byte.
+#![no_std]
+
+/// Length of a task's `comm`, including the terminating NUL.
+pub const TASK_COMM_LEN: usize = 16;
+/// Netlink protocols are numbered below the kernel's `MAX_LINKS`.
+pub const NETLINK_PROTOCOLS: usize = 32;
+/// Latency histograms count durations in power-of-two nanosecond buckets:
+/// bucket `b` holds durations in `[2^b, 2^(b+1))` ns; the last also holds everything longer.
+pub const LATENCY_BUCKETS: usize = 48;
+/// Most CNI binary directories the agent watches.
+pub const CNI_DIRS: usize = 8;
+/// Longest CNI directory path (with its trailing `/`) the probe can match.
+pub const CNI_DIR_LEN: usize = 128;
+/// Longest executable path the exec probe copies.
+pub const FILENAME_LEN: usize = 256;
+/// Bytes of a CNI plugin's environment copied at exec (the tail if the block is longer:
+/// runtimes append the `CNI_*` variables after their own environment).
+pub const CNI_ENV_LEN: usize = 8192;
+/// Bytes of one console line copied from the printk `console` tracepoint.
+pub const CONSOLE_LINE_LEN: usize = 512;
+
+/// Byte offsets inside kernel structures, read from the running kernel's BTF at load time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub task_struct_files: u32,
+    pub task_struct_mm: u32,
+    pub task_struct_exit_code: u32,
+    pub files_struct_fdt: u32,
+    pub fdtable_max_fds: u32,
+    pub fdtable_fd: u32,
+    pub file_private_data: u32,
+    pub socket_file: u32,
+    pub socket_sk: u32,
+    pub sock_family: u32,
+    pub sock_protocol: u32,
+    pub mm_struct_env_start: u32,
+    pub mm_struct_env_end: u32,
+}
+
+/// One CNI binary directory, as bytes ending in `/`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CniDir {
+    pub len: u32,
+    pub path: [u8; CNI_DIR_LEN],
+}
+
+/// The read-only global `CONFIG`, set by the loader before the programs are verified.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ProbeConfig {
+    pub offsets: KernelOffsets,
+    /// A netlink recv call lasting at least this long is sent to userspace when it returns.
+    pub slow_recv_ns: u64,
+    pub cni_dirs: [CniDir; CNI_DIRS],
+}
+
+/// The receive syscalls traced for netlink hangs.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecvSyscall {
+    Recvfrom = 1,
+    Recvmsg = 2,
+    Recvmmsg = 3,
+}
+
+impl RecvSyscall {
+    pub fn from_u32(value: u32) -> Option<Self> {
+        match value {
+            1 => Some(Self::Recvfrom),
+            2 => Some(Self::Recvmsg),
+            3 => Some(Self::Recvmmsg),
+            _ => None,
+        }
+    }
+}
+
+/// A socket that is not AF_NETLINK, or a file that is not a socket.
+pub const NOT_NETLINK: i32 = -1;
+
+/// Per-thread state of the recv probes (LRU map `RECV_THREADS`, keyed by thread id).
+/// Updated in place on every call: entries are only created on a thread's first
+/// traced call and removed when the thread exits, never per call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RecvThread {
+    /// `bpf_ktime_get_ns` when the in-flight netlink call began; 0 when none is in flight.
+    pub start_ns: u64,
+    /// The `struct file *` classified last, and what it was: a one-entry cache that
+    /// spares the socket walk for threads that keep receiving on the same socket.
+    pub cached_file: u64,
+    pub cached_protocol: i32,
+    pub tgid: u32,
+    pub fd: i32,
+    /// Netlink protocol of the in-flight call.
+    pub protocol: i32,
+    /// [`RecvSyscall`] of the in-flight call.
+    pub syscall: u32,
+    pub _pad: u32,
+}
+
+/// Completed netlink recv latencies for one protocol (per-CPU array `RECV_LATENCY`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct LatencyHistogram {
+    pub buckets: [u64; LATENCY_BUCKETS],
+    pub sum_ns: u64,
+}
+
+/// Indexes of the per-CPU `DROPS` counters.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Drop {
+    /// The events ring buffer was full.
+    EventsRingFull = 0,
+    /// The kernel-log ring buffer was full.
+    KernelLogRingFull = 1,
+    /// The per-thread recv map refused a new thread.
+    RecvThreadsFull = 2,
+    /// The in-flight CNI call map refused a new call.
+    CniCallsFull = 3,
+}
+
+pub const DROP_KINDS: usize = 4;
+
+impl Drop {
+    pub const ALL: [Drop; DROP_KINDS] = [
+        Drop::EventsRingFull,
+        Drop::KernelLogRingFull,
+        Drop::RecvThreadsFull,
+        Drop::CniCallsFull,
+    ];
+}
+
+/// Tag at the start of every record in the `EVENTS` and `KERNEL_LOG` ring buffers.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    SlowRecv = 1,
+    CniExec = 2,
+    CniExit = 3,
+    ConsoleLine = 4,
+    PanicCall = 5,
+}
+
+impl EventKind {
+    pub fn from_u32(value: u32) -> Option<Self> {
+        match value {
+            1 => Some(Self::SlowRecv),
+            2 => Some(Self::CniExec),
+            3 => Some(Self::CniExit),
+            4 => Some(Self::ConsoleLine),
+            5 => Some(Self::PanicCall),
+            _ => None,
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct EventHeader {
+    pub kind: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` when the event was made.
+    pub ktime_ns: u64,
+}
+
+/// A netlink recv call that lasted at least `slow_recv_ns`, sent when it returned.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SlowRecv {
+    pub header: EventHeader,
+    pub duration_ns: u64,
+    /// The syscall's return value.
+    pub ret: i64,
+    pub fd: i32,
+    pub protocol: i32,
+    pub syscall: u32,
+    pub _pad: u32,
+    pub comm: [u8; TASK_COMM_LEN],
+}
+
+/// An exec of a binary in a CNI directory.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CniExec {
+    pub header: EventHeader,
+    pub filename_len: u32,
+    pub env_len: u32,
+    /// True when the environment was longer than [`CNI_ENV_LEN`] and only its tail was copied.
+    pub env_truncated: u32,
+    pub _pad: u32,
+    pub filename: [u8; FILENAME_LEN],
+    /// The new program's environment block: NUL-separated `KEY=value` strings.
+    pub env: [u8; CNI_ENV_LEN],
+}
+
+/// The exit of a process that was exec'd from a CNI directory.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CniExit {
+    pub header: EventHeader,
+    /// The kernel's `task_struct.exit_code`: exit status in bits 8..16, fatal signal in bits 0..7.
+    pub exit_code: u32,
+    pub _pad: u32,
+}
+
+/// One line the kernel wrote to its consoles.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ConsoleLine {
+    pub header: EventHeader,
+    /// Length of the line in the kernel; only `CONSOLE_LINE_LEN` bytes are copied.
+    pub len: u32,
+    pub _pad: u32,
+    pub text: [u8; CONSOLE_LINE_LEN],
+}
+
+/// How `panic()` itself was probed.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PanicProbe {
+    Kprobe = 1,
+    Fentry = 2,
+}
+
+/// A call of the kernel's `panic()`, seen by a kprobe or fentry program.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PanicCall {
+    pub header: EventHeader,
+    /// [`PanicProbe`].
+    pub probe: u32,
+    pub _pad: u32,
+    /// `panic()`'s format string (the message itself when it has no arguments).
+    pub format: [u8; CONSOLE_LINE_LEN],
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: all of these are #[repr(C)] plain data with explicit padding, valid for any bytes.
+    unsafe impl aya::Pod for KernelOffsets {}
+    unsafe impl aya::Pod for CniDir {}
+    unsafe impl aya::Pod for ProbeConfig {}
+    unsafe impl aya::Pod for RecvThread {}
+    unsafe impl aya::Pod for LatencyHistogram {}
+}

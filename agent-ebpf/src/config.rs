@@ -1,0 +1,39 @@
+//! The read-only `CONFIG` global, filled in by the loader before verification.
+
+use lastgasp_common::{CNI_DIR_LEN, CNI_DIRS, CniDir, KernelOffsets, ProbeConfig};
+
+#[unsafe(no_mangle)]
+static CONFIG: ProbeConfig = ProbeConfig {
+    offsets: KernelOffsets {
+        task_struct_files: 0,
+        task_struct_mm: 0,
+        task_struct_exit_code: 0,
+        files_struct_fdt: 0,
+        fdtable_max_fds: 0,
+        fdtable_fd: 0,
+        file_private_data: 0,
+        socket_file: 0,
+        socket_sk: 0,
+        sock_family: 0,
+        sock_protocol: 0,
+        mm_struct_env_start: 0,
+        mm_struct_env_end: 0,
+    },
+    slow_recv_ns: u64::MAX,
+    cni_dirs: [CniDir {
+        len: 0,
+        path: [0; CNI_DIR_LEN],
+    }; CNI_DIRS],
+};
+
+/// Reads the global through a volatile load so the compiler cannot fold in the defaults above.
+#[inline(always)]
+pub fn config() -> &'static ProbeConfig {
+    // SAFETY: CONFIG is a valid static; the volatile read only defeats constant folding.
+    unsafe { &*core::ptr::read_volatile(&&raw const CONFIG) }
+}
+
+#[inline(always)]
+pub fn offsets() -> &'static KernelOffsets {
+    &config().offsets
+}

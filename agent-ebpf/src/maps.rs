@@ -1,0 +1,40 @@
+//! Every map the programs share with each other and with userspace.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+use lastgasp_common::{DROP_KINDS, Drop, LatencyHistogram, NETLINK_PROTOCOLS, RecvThread};
+
+/// Per-thread recv state, keyed by thread id. Bounded; a thread's entry goes when it exits.
+#[map]
+pub static RECV_THREADS: LruHashMap<u32, RecvThread> = LruHashMap::with_max_entries(65536, 0);
+
+/// Completed netlink recv latencies, indexed by netlink protocol.
+#[map]
+pub static RECV_LATENCY: PerCpuArray<LatencyHistogram> =
+    PerCpuArray::with_max_entries(NETLINK_PROTOCOLS as u32, 0);
+
+/// In-flight CNI plugin processes: thread-group id → exec time.
+#[map]
+pub static CNI_CALLS: HashMap<u32, u64> = HashMap::with_max_entries(16384, 0);
+
+/// Slow recv calls and CNI exec/exit events.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// Console lines and panic() calls; separate so a log storm cannot crowd out other events.
+#[map]
+pub static KERNEL_LOG: RingBuf = RingBuf::with_byte_size(2 << 20, 0);
+
+/// Events lost inside the kernel, indexed by [`Drop`].
+#[map]
+pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_KINDS as u32, 0);
+
+#[inline(always)]
+pub fn count_drop(kind: Drop) {
+    if let Some(counter) = DROPS.get_ptr_mut(kind as u32) {
+        // SAFETY: per-CPU value, no concurrent writer on this CPU.
+        unsafe { *counter += 1 };
+    }
+}

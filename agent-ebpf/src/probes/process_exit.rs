@@ -1,0 +1,58 @@
+//! Thread and process exits, from the `sched:sched_process_exit` tracepoint: frees the
+//! thread's recv state and ends the CNI call of a plugin process.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use lastgasp_common::{CniExit, Drop, EventHeader, EventKind};
+
+use super::kernel::{current_task, read};
+use crate::{
+    config::offsets,
+    maps::{CNI_CALLS, EVENTS, RECV_THREADS, count_drop},
+};
+
+#[tracepoint(category = "sched", name = "sched_process_exit")]
+pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+    try_exit();
+    0
+}
+
+#[inline(always)]
+fn try_exit() -> Option<()> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    let tgid = (pid_tgid >> 32) as u32;
+    // A lock-free lookup first: most exiting threads never received on a socket.
+    if RECV_THREADS.get_ptr(tid).is_some() {
+        let _ = RECV_THREADS.remove(tid);
+    }
+    // A process's CNI call ends when its thread-group leader exits.
+    if tid != tgid {
+        return None;
+    }
+    // SAFETY: the value is only read to test presence.
+    unsafe { CNI_CALLS.get(tgid) }?;
+    let _ = CNI_CALLS.remove(tgid);
+    let exit_code: u32 = read(current_task() + offsets().task_struct_exit_code as u64).unwrap_or(0);
+    let Some(mut event) = EVENTS.reserve::<CniExit>(0) else {
+        count_drop(Drop::EventsRingFull);
+        return None;
+    };
+    event.write(CniExit {
+        header: EventHeader {
+            kind: EventKind::CniExit as u32,
+            tgid,
+            tid,
+            _pad: 0,
+            // SAFETY: helper without preconditions.
+            ktime_ns: unsafe { bpf_ktime_get_ns() },
+        },
+        exit_code,
+        _pad: 0,
+    });
+    event.submit(0);
+    Some(())
+}

@@ -1,0 +1,148 @@
+//! The kernel-log watcher: a thread of its own that drains the `KERNEL_LOG` ring buffer,
+//! classifies each console line and, on a panic, sends the last gasp without waiting for
+//! the async runtime.
+//!
+//! It polls with a short timeout as well as waiting for the ring's wake-up: a panicking CPU
+//! runs with interrupts off, so the ring buffer's wake-up (an irq_work) may never be delivered.
+
+use std::{
+    os::fd::AsRawFd,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::Duration,
+};
+
+use aya::maps::{MapData, RingBuf};
+use lastgasp_common::PanicProbe;
+use tokio::sync::broadcast;
+
+use super::{
+    count_agent_drop,
+    events::{AgentEvent, KernelEvent, KernelSource},
+    last_gasp::LastGasp,
+    records::{Record, c_text},
+};
+use crate::{
+    kernel_log::{self, KernelEventKind},
+    metrics::{AgentMetrics, KindLabels, ReasonLabels},
+};
+
+/// Longest wait between two looks at the ring buffer.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+pub struct ConsoleWatcher {
+    pub last_gasp: Option<LastGasp>,
+    pub events: broadcast::Sender<AgentEvent>,
+    pub metrics: Arc<AgentMetrics>,
+}
+
+impl ConsoleWatcher {
+    pub fn spawn(
+        self,
+        ring: RingBuf<MapData>,
+        stop: Arc<AtomicBool>,
+    ) -> std::io::Result<thread::JoinHandle<()>> {
+        thread::Builder::new()
+            .name("kernel-log".into())
+            .spawn(move || self.run(ring, &stop))
+    }
+
+    fn run(mut self, mut ring: RingBuf<MapData>, stop: &AtomicBool) {
+        let mut poll = libc::pollfd {
+            fd: ring.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        while !stop.load(Ordering::Relaxed) {
+            // SAFETY: one valid pollfd; a timeout or EINTR just leads to another look.
+            unsafe { libc::poll(&mut poll, 1, POLL_INTERVAL.as_millis() as i32) };
+            while let Some(item) = ring.next() {
+                let record = Record::parse(&item);
+                drop(item);
+                match record {
+                    Ok(Record::ConsoleLine(line)) => {
+                        // The kernel's length counts the string's NUL.
+                        let len = (line.len as usize).min(line.text.len());
+                        let text = c_text(&line.text[..len]);
+                        for line in text.lines() {
+                            self.on_line(line);
+                        }
+                    }
+                    Ok(Record::PanicCall(call, probe)) => {
+                        let source = match probe {
+                            PanicProbe::Kprobe => KernelSource::Kprobe,
+                            PanicProbe::Fentry => KernelSource::Fentry,
+                        };
+                        let format = c_text(&call.format);
+                        let message = format!("Kernel panic - not syncing: {}", format.trim_end());
+                        self.on_kernel_event(KernelEventKind::Panic, source, &message);
+                    }
+                    Ok(_) => self.count_drop("unexpected_kernel_log_record"),
+                    Err(error) => {
+                        tracing::warn!(%error, "bad kernel-log record");
+                        self.count_drop("bad_record");
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_line(&mut self, line: &str) {
+        let Some(classified) = kernel_log::classify(line) else {
+            if let Some(last_gasp) = &mut self.last_gasp {
+                let sent = last_gasp.on_line(kernel_log::strip_prefix(line));
+                self.count_send(sent);
+            }
+            return;
+        };
+        let message = classified.message.to_owned();
+        self.on_kernel_event(classified.kind, KernelSource::Console, &message);
+    }
+
+    fn on_kernel_event(&mut self, kind: KernelEventKind, source: KernelSource, message: &str) {
+        if let Some(last_gasp) = &mut self.last_gasp {
+            // The datagram first: nothing else matters if the machine is about to stop.
+            let sent = if kind.is_fatal() {
+                last_gasp.on_panic(message, source.as_str())
+            } else {
+                last_gasp.on_line(message)
+            };
+            self.count_send(sent);
+        }
+        self.metrics
+            .kernel_events
+            .get_or_create(&KindLabels {
+                kind: kind.as_str().into(),
+            })
+            .inc();
+        let _ = self.events.send(AgentEvent::Kernel(KernelEvent {
+            kind,
+            source,
+            message: message.to_owned(),
+        }));
+    }
+
+    fn count_send(&self, result: std::io::Result<bool>) {
+        let outcome = match result {
+            Ok(false) => return,
+            Ok(true) => "sent",
+            Err(error) => {
+                tracing::warn!(%error, "last-gasp datagram not sent");
+                "error"
+            }
+        };
+        self.metrics
+            .last_gasp_datagrams
+            .get_or_create(&ReasonLabels {
+                reason: outcome.into(),
+            })
+            .inc();
+    }
+
+    fn count_drop(&self, reason: &str) {
+        count_agent_drop(&self.metrics, reason);
+    }
+}

@@ -1,0 +1,212 @@
+//! What the agent detects, typed: the one vocabulary of its logs, tests and reports.
+
+use std::{io::Write, time::SystemTime};
+
+use serde::Serialize;
+
+use crate::{kernel_log::KernelEventKind, telemetry::LogFormat};
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct NetlinkHang {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub cmdline: String,
+    pub cgroup: String,
+    pub container_id: Option<String>,
+    /// Netlink protocol name, e.g. `route`, `generic`.
+    pub protocol: &'static str,
+    pub protocol_number: i32,
+    pub syscall: &'static str,
+    pub fd: i32,
+    /// How long the call has been in flight when reported.
+    pub duration_seconds: f64,
+    pub kernel_stack: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct NetlinkHangCleared {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub protocol: &'static str,
+    pub syscall: &'static str,
+    /// Total time the call was in flight.
+    pub duration_seconds: f64,
+    /// Measured by the probe when the call returned; false when the thread went away
+    /// unseen and the duration is the agent's estimate.
+    pub exact: bool,
+    /// The syscall's return value, when it was seen returning.
+    pub ret: Option<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CniCall {
+    pub pid: u32,
+    pub plugin: String,
+    pub path: String,
+    /// `CNI_COMMAND`: ADD, DEL, CHECK, VERSION, GC, STATUS.
+    pub command: String,
+    pub container_id: String,
+    pub pod_namespace: Option<String>,
+    pub pod_name: Option<String>,
+    pub ifname: Option<String>,
+    pub netns: Option<String>,
+    /// False when the environment was longer than the probe copies and only its tail was read.
+    pub environment_complete: bool,
+    pub duration_seconds: f64,
+    /// `success`, `error` (non-zero exit status) or `signal` (killed).
+    pub result: &'static str,
+    pub exit_status: Option<u8>,
+    pub signal: Option<u8>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CniCallStuck {
+    pub pid: u32,
+    pub plugin: String,
+    pub path: String,
+    pub command: String,
+    pub container_id: String,
+    pub pod_namespace: Option<String>,
+    pub pod_name: Option<String>,
+    pub running_seconds: f64,
+    pub kernel_stack: Vec<String>,
+}
+
+/// Where a kernel message was seen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KernelSource {
+    /// The printk `console` tracepoint.
+    Console,
+    /// A kprobe on `panic()`.
+    Kprobe,
+    /// An fentry program on `panic()`.
+    Fentry,
+}
+
+impl KernelSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Console => "console",
+            Self::Kprobe => "kprobe",
+            Self::Fentry => "fentry",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct KernelEvent {
+    #[serde(skip)]
+    pub kind: KernelEventKind,
+    pub source: KernelSource,
+    /// The message without printk's timestamp prefix.
+    pub message: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum AgentEvent {
+    NetlinkHang(NetlinkHang),
+    NetlinkHangCleared(NetlinkHangCleared),
+    CniCall(CniCall),
+    CniCallStuck(CniCallStuck),
+    Kernel(KernelEvent),
+}
+
+impl AgentEvent {
+    /// The `kind` field of the event's log line.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::NetlinkHang(_) => "netlink_hang",
+            Self::NetlinkHangCleared(_) => "netlink_hang_cleared",
+            Self::CniCall(_) => "cni_call",
+            Self::CniCallStuck(_) => "cni_call_stuck",
+            Self::Kernel(event) => event.kind.event_kind(),
+        }
+    }
+
+    /// The event as one flat JSON object with its `kind`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).expect("events serialize");
+        if let serde_json::Value::Object(fields) = &mut value {
+            fields.insert("kind".into(), self.kind().into());
+        }
+        value
+    }
+
+    fn summary(&self) -> String {
+        match self {
+            Self::NetlinkHang(h) => format!(
+                "netlink {} {} on fd {} in flight {:.1}s: pid {} tid {} ({}) container {}",
+                h.protocol,
+                h.syscall,
+                h.fd,
+                h.duration_seconds,
+                h.pid,
+                h.tid,
+                h.comm,
+                h.container_id.as_deref().unwrap_or("-"),
+            ),
+            Self::NetlinkHangCleared(c) => format!(
+                "netlink {} {} returned after {:.1}s: pid {} tid {} ({})",
+                c.protocol, c.syscall, c.duration_seconds, c.pid, c.tid, c.comm
+            ),
+            Self::CniCall(c) => format!(
+                "CNI {} {} for {}/{} took {:.3}s: {}",
+                c.plugin,
+                c.command,
+                c.pod_namespace.as_deref().unwrap_or("-"),
+                c.pod_name.as_deref().unwrap_or("-"),
+                c.duration_seconds,
+                c.result
+            ),
+            Self::CniCallStuck(c) => format!(
+                "CNI {} {} for {}/{} running {:.1}s (pid {})",
+                c.plugin,
+                c.command,
+                c.pod_namespace.as_deref().unwrap_or("-"),
+                c.pod_name.as_deref().unwrap_or("-"),
+                c.running_seconds,
+                c.pid
+            ),
+            Self::Kernel(k) => {
+                format!("{} ({}): {}", k.kind.as_str(), k.source.as_str(), k.message)
+            }
+        }
+    }
+}
+
+/// Writes each event to the log: a flat JSON object per line, or a readable line through tracing.
+#[derive(Clone, Copy, Debug)]
+pub struct EventLog {
+    format: LogFormat,
+}
+
+impl EventLog {
+    pub fn new(format: LogFormat) -> Self {
+        Self { format }
+    }
+
+    pub fn write(&self, event: &AgentEvent) {
+        match self.format {
+            LogFormat::Json => {
+                let mut value = event.to_json();
+                if let serde_json::Value::Object(fields) = &mut value {
+                    let now = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
+                    fields.insert("timestamp".into(), now.into());
+                    fields.insert("level".into(), "WARN".into());
+                    fields.insert("target".into(), "lastgasp::event".into());
+                }
+                let mut line = value.to_string();
+                line.push('\n');
+                // One write per line, under stdout's lock, so lines never interleave.
+                let _ = std::io::stdout().lock().write_all(line.as_bytes());
+            }
+            LogFormat::Text => {
+                tracing::warn!(kind = event.kind(), "{}", event.summary());
+            }
+        }
+    }
+}

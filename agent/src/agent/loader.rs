@@ -1,0 +1,320 @@
+//! Loads the embedded eBPF object and attaches each probe in the best mode the kernel allows.
+//! A probe that cannot attach is reported with the reason; the others keep working.
+
+use std::{fmt, path::PathBuf, time::Duration};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{FEntry, KProbe, TracePoint},
+};
+use lastgasp_common::{CNI_DIR_LEN, CNI_DIRS, CniDir, ProbeConfig};
+use serde::Serialize;
+use thiserror::Error;
+
+use super::btf;
+
+/// The probes, as compiled by `agent/build.rs` from `agent-ebpf/`.
+static PROBES_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lastgasp-probes"));
+
+/// Empty programs on the recv tracepoints (`agent-ebpf/src/bench_empty.rs`): the baseline
+/// the probe-cost benchmark compares lastgasp's probes with.
+pub static BENCH_BASELINE_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench-empty"));
+
+#[derive(Debug, Error)]
+pub enum LoadError {
+    #[error("CNI binary directory {0:?} is not an absolute path")]
+    RelativeCniDir(PathBuf),
+    #[error("CNI binary directory {0:?} is longer than {max} bytes", max = CNI_DIR_LEN - 1)]
+    CniDirTooLong(PathBuf),
+    #[error("at most {CNI_DIRS} CNI binary directories can be watched")]
+    TooManyCniDirs,
+    #[error(
+        "loading the eBPF object failed (the agent needs root, or CAP_BPF with CAP_PERFMON): {0}"
+    )]
+    Load(#[from] aya::EbpfError),
+}
+
+/// How a probe is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttachMode {
+    Tracepoint,
+    Kprobe,
+    Fentry,
+}
+
+impl AttachMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tracepoint => "tracepoint",
+            Self::Kprobe => "kprobe",
+            Self::Fentry => "fentry",
+        }
+    }
+}
+
+/// The outcome of attaching one probe.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProbeStatus {
+    pub probe: &'static str,
+    /// The mode it attached in, or `None` when unavailable.
+    pub mode: Option<AttachMode>,
+    /// Why it is unavailable, or which better modes were refused.
+    pub detail: Option<String>,
+}
+
+impl fmt::Display for ProbeStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.mode, &self.detail) {
+            (Some(mode), None) => write!(f, "{}: attached ({})", self.probe, mode.as_str()),
+            (Some(mode), Some(detail)) => {
+                write!(f, "{}: attached ({}); {detail}", self.probe, mode.as_str())
+            }
+            (None, detail) => write!(
+                f,
+                "{}: unavailable: {}",
+                self.probe,
+                detail.as_deref().unwrap_or("unknown reason")
+            ),
+        }
+    }
+}
+
+pub struct LoadedProbes {
+    pub ebpf: Ebpf,
+    pub status: Vec<ProbeStatus>,
+}
+
+/// What the probes need to know before they are verified.
+pub struct ProbeSettings<'a> {
+    /// Netlink recv calls at least this long are reported by the kernel when they return.
+    pub slow_recv: Duration,
+    pub cni_bin_dirs: &'a [PathBuf],
+}
+
+pub fn load(settings: &ProbeSettings<'_>) -> Result<LoadedProbes, LoadError> {
+    let offsets = btf::Btf::from_sys_fs().and_then(|btf| btf::kernel_offsets(&btf));
+    let config = ProbeConfig {
+        offsets: offsets.as_ref().copied().unwrap_or_default(),
+        slow_recv_ns: u64::try_from(settings.slow_recv.as_nanos()).unwrap_or(u64::MAX),
+        cni_dirs: cni_dirs(settings.cni_bin_dirs)?,
+    };
+    let mut ebpf = EbpfLoader::new()
+        .override_global("CONFIG", &config, true)
+        .load(PROBES_OBJECT)?;
+
+    let mut status = Vec::new();
+    // Probes that walk kernel structures need the offsets from BTF.
+    let needs_btf = |probe: &'static str| match &offsets {
+        Ok(_) => None,
+        Err(error) => Some(ProbeStatus {
+            probe,
+            mode: None,
+            detail: Some(format!("needs kernel BTF: {error}")),
+        }),
+    };
+    status.push(needs_btf("netlink_recv").unwrap_or_else(|| {
+        tracepoints(
+            &mut ebpf,
+            "netlink_recv",
+            &[
+                ("recvfrom_enter", "syscalls", "sys_enter_recvfrom"),
+                ("recvfrom_exit", "syscalls", "sys_exit_recvfrom"),
+                ("recvmsg_enter", "syscalls", "sys_enter_recvmsg"),
+                ("recvmsg_exit", "syscalls", "sys_exit_recvmsg"),
+                ("recvmmsg_enter", "syscalls", "sys_enter_recvmmsg"),
+                ("recvmmsg_exit", "syscalls", "sys_exit_recvmmsg"),
+            ],
+        )
+    }));
+    status.push(needs_btf("cni_exec").unwrap_or_else(|| {
+        tracepoints(
+            &mut ebpf,
+            "cni_exec",
+            &[("sched_process_exec", "sched", "sched_process_exec")],
+        )
+    }));
+    status.push(needs_btf("process_exit").unwrap_or_else(|| {
+        tracepoints(
+            &mut ebpf,
+            "process_exit",
+            &[("sched_process_exit", "sched", "sched_process_exit")],
+        )
+    }));
+    status.push(tracepoints(
+        &mut ebpf,
+        "console",
+        &[("console", "printk", "console")],
+    ));
+    status.push(attach_panic(&mut ebpf));
+    Ok(LoadedProbes { ebpf, status })
+}
+
+fn cni_dirs(dirs: &[PathBuf]) -> Result<[CniDir; CNI_DIRS], LoadError> {
+    let mut out = [CniDir {
+        len: 0,
+        path: [0; CNI_DIR_LEN],
+    }; CNI_DIRS];
+    if dirs.len() > CNI_DIRS {
+        return Err(LoadError::TooManyCniDirs);
+    }
+    for (slot, dir) in out.iter_mut().zip(dirs) {
+        if !dir.is_absolute() {
+            return Err(LoadError::RelativeCniDir(dir.clone()));
+        }
+        // The probe matches the directory with its trailing slash as a prefix of the exec'd path.
+        let mut bytes = dir.as_os_str().as_encoded_bytes().to_vec();
+        while bytes.len() > 1 && bytes.ends_with(b"/") {
+            bytes.pop();
+        }
+        if bytes != b"/" {
+            bytes.push(b'/');
+        }
+        if bytes.len() >= CNI_DIR_LEN {
+            return Err(LoadError::CniDirTooLong(dir.clone()));
+        }
+        slot.path[..bytes.len()].copy_from_slice(&bytes);
+        slot.len = bytes.len() as u32;
+    }
+    Ok(out)
+}
+
+/// Loads and attaches every program of a probe; the probe is unavailable if any fails.
+fn tracepoints(
+    ebpf: &mut Ebpf,
+    probe: &'static str,
+    programs: &[(&str, &str, &str)],
+) -> ProbeStatus {
+    for &(program, category, name) in programs {
+        if let Err(error) = attach_tracepoint(ebpf, program, category, name) {
+            return ProbeStatus {
+                probe,
+                mode: None,
+                detail: Some(format!("tracepoint {category}:{name}: {error}")),
+            };
+        }
+    }
+    ProbeStatus {
+        probe,
+        mode: Some(AttachMode::Tracepoint),
+        detail: None,
+    }
+}
+
+fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    program: &str,
+    category: &str,
+    name: &str,
+) -> anyhow::Result<()> {
+    let program: &mut TracePoint = ebpf
+        .program_mut(program)
+        .ok_or_else(|| anyhow::anyhow!("program {program} missing from the object"))?
+        .try_into()?;
+    program.load()?;
+    program.attach(category, name).map_err(|error| {
+        anyhow::anyhow!(
+            "{error} (is tracefs mounted, and the tracepoint compiled into this kernel?)"
+        )
+    })?;
+    Ok(())
+}
+
+/// `panic()` itself: fentry where the kernel has BPF trampolines, else a kprobe.
+fn attach_panic(ebpf: &mut Ebpf) -> ProbeStatus {
+    let fentry_error = match attach_panic_fentry(ebpf) {
+        Ok(()) => {
+            return ProbeStatus {
+                probe: "panic",
+                mode: Some(AttachMode::Fentry),
+                detail: None,
+            };
+        }
+        Err(error) => error,
+    };
+    match attach_panic_kprobe(ebpf) {
+        Ok(()) => ProbeStatus {
+            probe: "panic",
+            mode: Some(AttachMode::Kprobe),
+            detail: Some(format!("fentry refused: {fentry_error}")),
+        },
+        Err(kprobe_error) => ProbeStatus {
+            probe: "panic",
+            mode: None,
+            detail: Some(format!(
+                "fentry refused: {fentry_error}; kprobe refused: {kprobe_error}; \
+                 panics are still seen on the console tracepoint"
+            )),
+        },
+    }
+}
+
+fn attach_panic_fentry(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let btf = aya::Btf::from_sys_fs()?;
+    let program: &mut FEntry = ebpf
+        .program_mut("panic_fentry")
+        .ok_or_else(|| anyhow::anyhow!("program panic_fentry missing from the object"))?
+        .try_into()?;
+    program.load("panic", &btf)?;
+    program.attach()?;
+    Ok(())
+}
+
+fn attach_panic_kprobe(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let program: &mut KProbe = ebpf
+        .program_mut("panic_kprobe")
+        .ok_or_else(|| anyhow::anyhow!("program panic_kprobe missing from the object"))?
+        .try_into()?;
+    program.load()?;
+    program.attach("panic", 0)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cni_dirs_end_in_one_slash() {
+        let dirs = cni_dirs(&["/opt/cni/bin/".into(), "/usr/libexec/cni".into()]).unwrap();
+        assert_eq!(&dirs[0].path[..dirs[0].len as usize], b"/opt/cni/bin/");
+        assert_eq!(&dirs[1].path[..dirs[1].len as usize], b"/usr/libexec/cni/");
+        assert_eq!(dirs[2].len, 0);
+    }
+
+    #[test]
+    fn cni_dirs_are_validated() {
+        assert!(matches!(
+            cni_dirs(&["opt/cni".into()]),
+            Err(LoadError::RelativeCniDir(_))
+        ));
+        let long = PathBuf::from(format!("/{}", "a".repeat(CNI_DIR_LEN)));
+        assert!(matches!(
+            cni_dirs(&[long]),
+            Err(LoadError::CniDirTooLong(_))
+        ));
+        let many: Vec<PathBuf> = (0..=CNI_DIRS).map(|i| format!("/d{i}").into()).collect();
+        assert!(matches!(cni_dirs(&many), Err(LoadError::TooManyCniDirs)));
+    }
+
+    #[test]
+    fn status_lines_name_mode_and_reason() {
+        let attached = ProbeStatus {
+            probe: "console",
+            mode: Some(AttachMode::Tracepoint),
+            detail: None,
+        };
+        assert_eq!(attached.to_string(), "console: attached (tracepoint)");
+        let missing = ProbeStatus {
+            probe: "panic",
+            mode: None,
+            detail: Some("kprobe refused: ENOENT".into()),
+        };
+        assert_eq!(
+            missing.to_string(),
+            "panic: unavailable: kprobe refused: ENOENT"
+        );
+    }
+}

@@ -1,0 +1,274 @@
+//! Netlink recv hangs: scans the probes' per-thread state for calls in flight longer than the
+//! threshold, names the thread, process, container and kernel stack, and reports when they clear.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use lastgasp_common::{NOT_NETLINK, RecvSyscall, RecvThread, SlowRecv};
+
+use super::{
+    events::{AgentEvent, NetlinkHang, NetlinkHangCleared},
+    records::c_text,
+};
+use crate::{
+    metrics::{AgentMetrics, HungThreadLabels, LabelLimiter, ProtocolLabels},
+    procfs,
+};
+
+/// Name of a netlink protocol number, as in `include/uapi/linux/netlink.h`.
+pub fn protocol_name(protocol: i32) -> &'static str {
+    match protocol {
+        0 => "route",
+        1 => "unused",
+        2 => "usersock",
+        3 => "firewall",
+        4 => "sock_diag",
+        5 => "nflog",
+        6 => "xfrm",
+        7 => "selinux",
+        8 => "iscsi",
+        9 => "audit",
+        10 => "fib_lookup",
+        11 => "connector",
+        12 => "netfilter",
+        13 => "ip6_fw",
+        14 => "dnrtmsg",
+        15 => "kobject_uevent",
+        16 => "generic",
+        18 => "scsitransport",
+        19 => "ecryptfs",
+        20 => "rdma",
+        21 => "crypto",
+        22 => "smc",
+        _ => "other",
+    }
+}
+
+fn syscall_name(syscall: u32) -> &'static str {
+    match RecvSyscall::from_u32(syscall) {
+        Some(RecvSyscall::Recvfrom) => "recvfrom",
+        Some(RecvSyscall::Recvmsg) => "recvmsg",
+        Some(RecvSyscall::Recvmmsg) => "recvmmsg",
+        None => "unknown",
+    }
+}
+
+/// A hang reported and not yet cleared.
+struct Reported {
+    start_ns: u64,
+    pid: u32,
+    comm: String,
+    protocol: i32,
+    syscall: u32,
+    labels: HungThreadLabels,
+    /// Scans that found the call no longer in flight without the probe's exact report.
+    missed_scans: u8,
+}
+
+pub struct HangTracker {
+    threads: BpfHashMap<MapData, u32, RecvThread>,
+    threshold: Duration,
+    reported: HashMap<u32, Reported>,
+    metrics: Arc<AgentMetrics>,
+    comms: LabelLimiter,
+}
+
+impl HangTracker {
+    pub fn new(
+        threads: BpfHashMap<MapData, u32, RecvThread>,
+        threshold: Duration,
+        metrics: Arc<AgentMetrics>,
+    ) -> Self {
+        Self {
+            threads,
+            threshold,
+            reported: HashMap::new(),
+            metrics,
+            comms: LabelLimiter::default(),
+        }
+    }
+
+    /// How often to scan: often enough to report a hang soon after it crosses the threshold.
+    pub fn scan_interval(&self) -> Duration {
+        (self.threshold / 10).clamp(Duration::from_millis(50), Duration::from_secs(1))
+    }
+
+    /// Finds calls in flight past the threshold, and reported ones that went away unseen.
+    pub fn scan(&mut self, now_ns: u64) -> Vec<AgentEvent> {
+        let threshold_ns = self.threshold.as_nanos() as u64;
+        let mut events = Vec::new();
+        let mut in_flight = HashMap::new();
+        for entry in self.threads.iter() {
+            let Ok((tid, thread)) = entry else { continue };
+            if thread.start_ns != 0 && thread.protocol != NOT_NETLINK {
+                in_flight.insert(tid, thread);
+            }
+        }
+        for (&tid, thread) in &in_flight {
+            let age_ns = now_ns.saturating_sub(thread.start_ns);
+            if age_ns < threshold_ns {
+                continue;
+            }
+            match self.reported.get_mut(&tid) {
+                Some(reported) if reported.start_ns == thread.start_ns => {
+                    reported.missed_scans = 0;
+                    continue;
+                }
+                Some(_) => {
+                    // The thread returned unseen and is stuck again in a new call.
+                    let old = self.reported.remove(&tid).expect("present");
+                    events.push(self.clear(tid, old, now_ns, None));
+                }
+                None => {}
+            }
+            events.push(self.report(tid, thread, age_ns));
+        }
+        // Reported calls no longer in flight whose exact end the probe has not sent: give the
+        // ring buffer one more scan, then clear them with an estimated duration.
+        let gone: Vec<u32> = self
+            .reported
+            .iter_mut()
+            .filter(|(tid, reported)| {
+                in_flight
+                    .get(tid)
+                    .is_none_or(|thread| thread.start_ns != reported.start_ns)
+            })
+            .filter_map(|(&tid, reported)| {
+                reported.missed_scans += 1;
+                (reported.missed_scans > 1).then_some(tid)
+            })
+            .collect();
+        for tid in gone {
+            let reported = self.reported.remove(&tid).expect("present");
+            events.push(self.clear(tid, reported, now_ns, None));
+        }
+        events
+    }
+
+    /// The probe's report of a netlink call that returned after at least the threshold.
+    pub fn on_slow_recv(&mut self, recv: &SlowRecv) -> AgentEvent {
+        let tid = recv.header.tid;
+        let start_ns = recv.header.ktime_ns.saturating_sub(recv.duration_ns);
+        match self.reported.remove(&tid) {
+            Some(reported) if reported.start_ns == start_ns => {
+                self.clear(tid, reported, recv.header.ktime_ns, Some(recv))
+            }
+            other => {
+                // Returned before a scan saw it (or after an older hang of the same thread).
+                if let Some(older) = other {
+                    self.release_gauge(&older);
+                }
+                self.count_hang(recv.protocol);
+                AgentEvent::NetlinkHangCleared(NetlinkHangCleared {
+                    pid: recv.header.tgid,
+                    tid,
+                    comm: c_text(&recv.comm),
+                    protocol: protocol_name(recv.protocol),
+                    syscall: syscall_name(recv.syscall),
+                    duration_seconds: seconds(recv.duration_ns),
+                    exact: true,
+                    ret: Some(recv.ret),
+                })
+            }
+        }
+    }
+
+    fn report(&mut self, tid: u32, thread: &RecvThread, age_ns: u64) -> AgentEvent {
+        let pid = thread.tgid;
+        let comm = procfs::thread_comm(pid, tid).unwrap_or_default();
+        let cgroup = procfs::cgroup(pid).unwrap_or_default();
+        let labels = HungThreadLabels {
+            comm: self.comms.label(&comm),
+            protocol: protocol_name(thread.protocol).to_owned(),
+        };
+        self.metrics
+            .netlink_hung_threads
+            .get_or_create(&labels)
+            .inc();
+        self.count_hang(thread.protocol);
+        let event = NetlinkHang {
+            pid,
+            tid,
+            comm: comm.clone(),
+            cmdline: procfs::cmdline(pid).unwrap_or_default(),
+            container_id: procfs::container_id(&cgroup).map(str::to_owned),
+            cgroup,
+            protocol: protocol_name(thread.protocol),
+            protocol_number: thread.protocol,
+            syscall: syscall_name(thread.syscall),
+            fd: thread.fd,
+            duration_seconds: seconds(age_ns),
+            kernel_stack: procfs::kernel_stack(pid, tid).unwrap_or_default(),
+        };
+        self.reported.insert(
+            tid,
+            Reported {
+                start_ns: thread.start_ns,
+                pid,
+                comm,
+                protocol: thread.protocol,
+                syscall: thread.syscall,
+                labels,
+                missed_scans: 0,
+            },
+        );
+        AgentEvent::NetlinkHang(event)
+    }
+
+    fn clear(
+        &self,
+        tid: u32,
+        reported: Reported,
+        now_ns: u64,
+        recv: Option<&SlowRecv>,
+    ) -> AgentEvent {
+        self.release_gauge(&reported);
+        let duration_ns = match recv {
+            Some(recv) => recv.duration_ns,
+            None => now_ns.saturating_sub(reported.start_ns),
+        };
+        AgentEvent::NetlinkHangCleared(NetlinkHangCleared {
+            pid: reported.pid,
+            tid,
+            comm: reported.comm,
+            protocol: protocol_name(reported.protocol),
+            syscall: syscall_name(reported.syscall),
+            duration_seconds: seconds(duration_ns),
+            exact: recv.is_some(),
+            ret: recv.map(|recv| recv.ret),
+        })
+    }
+
+    fn release_gauge(&self, reported: &Reported) {
+        self.metrics
+            .netlink_hung_threads
+            .get_or_create(&reported.labels)
+            .dec();
+    }
+
+    fn count_hang(&self, protocol: i32) {
+        self.metrics
+            .netlink_hangs
+            .get_or_create(&ProtocolLabels {
+                protocol: protocol_name(protocol).to_owned(),
+            })
+            .inc();
+    }
+}
+
+fn seconds(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_names_follow_the_uapi_header() {
+        assert_eq!(protocol_name(0), "route");
+        assert_eq!(protocol_name(16), "generic");
+        assert_eq!(protocol_name(12), "netfilter");
+        assert_eq!(protocol_name(31), "other");
+    }
+}

@@ -1,0 +1,8 @@
+//! lastgasp: an eBPF node agent and Kubernetes controller that explain why nodes die or hang.
+
+pub mod agent;
+pub mod kernel_log;
+pub mod metrics;
+pub mod procfs;
+pub mod telemetry;
+pub mod wire;

@@ -1,0 +1,276 @@
+//! The agent's Prometheus metrics and the HTTP endpoint that serves them.
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use axum::{
+    Router,
+    extract::State,
+    http::{HeaderMap, StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::{Family, MetricConstructor},
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+
+/// Most distinct values a free-form label (comm, plugin) takes before new ones become `other`.
+pub const MAX_LABEL_VALUES: usize = 64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HungThreadLabels {
+    pub comm: String,
+    pub protocol: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabels {
+    pub protocol: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CniCallLabels {
+    pub plugin: String,
+    pub command: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CniInFlightLabels {
+    pub plugin: String,
+    pub command: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeLabels {
+    pub probe: String,
+    pub mode: String,
+    pub attached: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone)]
+pub struct CniDurationBuckets;
+
+impl MetricConstructor<Histogram> for CniDurationBuckets {
+    fn new_metric(&self) -> Histogram {
+        // 1 ms to ~4.4 min.
+        Histogram::new(exponential_buckets(0.001, 2.0, 19))
+    }
+}
+
+/// The metrics the agent's stages update; kernel-side counters are read by collectors at scrape time.
+pub struct AgentMetrics {
+    pub netlink_hung_threads: Family<HungThreadLabels, Gauge>,
+    pub netlink_hangs: Family<ProtocolLabels, Counter>,
+    pub cni_call_duration: Family<CniCallLabels, Histogram, CniDurationBuckets>,
+    pub cni_calls_in_flight: Family<CniInFlightLabels, Gauge>,
+    pub cni_calls_stuck: Family<CniInFlightLabels, Gauge>,
+    pub kernel_events: Family<KindLabels, Counter>,
+    pub probe_info: Family<ProbeLabels, Gauge>,
+    pub agent_drops: Family<ReasonLabels, Counter>,
+    pub last_gasp_datagrams: Family<ReasonLabels, Counter>,
+}
+
+impl AgentMetrics {
+    pub fn register(registry: &mut Registry) -> Arc<Self> {
+        let metrics = Self {
+            netlink_hung_threads: Family::default(),
+            netlink_hangs: Family::default(),
+            cni_call_duration: Family::new_with_constructor(CniDurationBuckets),
+            cni_calls_in_flight: Family::default(),
+            cni_calls_stuck: Family::default(),
+            kernel_events: Family::default(),
+            probe_info: Family::default(),
+            agent_drops: Family::default(),
+            last_gasp_datagrams: Family::default(),
+        };
+        registry.register(
+            "netlink_recv_hung_threads",
+            "Threads whose netlink recvfrom/recvmsg/recvmmsg call has been in flight longer than the hang threshold",
+            metrics.netlink_hung_threads.clone(),
+        );
+        registry.register(
+            "netlink_recv_hangs",
+            "Netlink recv calls that crossed the hang threshold",
+            metrics.netlink_hangs.clone(),
+        );
+        registry.register(
+            "cni_call_duration_seconds",
+            "Duration of completed CNI plugin calls, from exec to exit",
+            metrics.cni_call_duration.clone(),
+        );
+        registry.register(
+            "cni_calls_in_flight",
+            "CNI plugin processes currently running",
+            metrics.cni_calls_in_flight.clone(),
+        );
+        registry.register(
+            "cni_calls_stuck",
+            "CNI plugin processes running longer than the stuck threshold",
+            metrics.cni_calls_stuck.clone(),
+        );
+        registry.register(
+            "kernel_events",
+            "Kernel panics, oopses, lockups, hung tasks, RCU stalls and OOM kills seen on the console",
+            metrics.kernel_events.clone(),
+        );
+        registry.register(
+            "probe_info",
+            "Each probe, how it is attached (tracepoint, kprobe, fentry) and whether it is",
+            metrics.probe_info.clone(),
+        );
+        registry.register(
+            "agent_dropped_events",
+            "Events the agent's userspace dropped, by reason",
+            metrics.agent_drops.clone(),
+        );
+        registry.register(
+            "last_gasp_datagrams",
+            "Last-gasp datagrams sent to the controller, by result",
+            metrics.last_gasp_datagrams.clone(),
+        );
+        Arc::new(metrics)
+    }
+}
+
+/// Caps how many distinct values a label takes; later newcomers are reported as `other`.
+#[derive(Debug, Default)]
+pub struct LabelLimiter {
+    seen: Mutex<HashSet<String>>,
+}
+
+impl LabelLimiter {
+    pub fn label(&self, value: &str) -> String {
+        let mut seen = self.seen.lock().expect("label limiter lock");
+        if seen.contains(value) {
+            return value.to_owned();
+        }
+        if seen.len() < MAX_LABEL_VALUES {
+            seen.insert(value.to_owned());
+            return value.to_owned();
+        }
+        "other".to_owned()
+    }
+}
+
+/// Serves `/metrics` (Prometheus text format) and `/healthz` until the task is dropped.
+pub async fn serve(listener: TcpListener, registry: Arc<Registry>) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(registry);
+    axum::serve(listener, app).await
+}
+
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// OpenMetrics for scrapers that ask for it, the classic Prometheus text format otherwise.
+async fn metrics_handler(
+    State(registry): State<Arc<Registry>>,
+    headers: HeaderMap,
+) -> impl IntoResponse {
+    let mut body = String::new();
+    if encode(&mut body, &registry).is_err() {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "metrics encoding failed\n",
+        )
+            .into_response();
+    }
+    let wants_openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|accept| accept.to_str().ok())
+        .is_some_and(|accept| accept.contains("application/openmetrics-text"));
+    if wants_openmetrics {
+        ([(header::CONTENT_TYPE, OPENMETRICS)], body).into_response()
+    } else {
+        (
+            [(header::CONTENT_TYPE, PROMETHEUS_TEXT)],
+            openmetrics_to_prometheus_text(&body),
+        )
+            .into_response()
+    }
+}
+
+/// Rewrites OpenMetrics text as the Prometheus 0.0.4 text format: a counter family is named
+/// with its `_total` suffix there, and `# UNIT` and `# EOF` do not exist.
+pub fn openmetrics_to_prometheus_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut pending_help: Option<&str> = None;
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(help) = line.strip_prefix("# HELP ") {
+            pending_help = Some(help);
+            continue;
+        }
+        if let Some(declared) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = declared.split_once(' ').unwrap_or((declared, "untyped"));
+            let family = if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_owned()
+            };
+            if let Some(help) = pending_help.take() {
+                let text = help.split_once(' ').map_or("", |(_, text)| text);
+                out.push_str(&format!("# HELP {family} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {family} {kind}\n"));
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_take_their_total_name_in_prometheus_text() {
+        let openmetrics = "# HELP a_events Events.\n# TYPE a_events counter\na_events_total{k=\"v\"} 1\n# HELP a_seconds Time.\n# TYPE a_seconds histogram\n# UNIT a_seconds seconds\na_seconds_count 0\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_prometheus_text(openmetrics),
+            "# HELP a_events_total Events.\n# TYPE a_events_total counter\na_events_total{k=\"v\"} 1\n# HELP a_seconds Time.\n# TYPE a_seconds histogram\na_seconds_count 0\n"
+        );
+    }
+
+    #[test]
+    fn label_limiter_caps_distinct_values() {
+        let limiter = LabelLimiter::default();
+        for i in 0..MAX_LABEL_VALUES {
+            assert_eq!(limiter.label(&i.to_string()), i.to_string());
+        }
+        assert_eq!(limiter.label("newcomer"), "other");
+        assert_eq!(limiter.label("0"), "0");
+    }
+}

@@ -1,0 +1,574 @@
+//! The last-gasp datagram a node agent sends to the controller over UDP.
+//!
+//! ```text
+//! offset  size  field
+//! 0       4     magic "LGSP" (0x4c 0x47 0x53 0x50)
+//! 4       1     version, currently 1
+//! 5       1     auth scheme: 0 = none, 1 = HMAC-SHA256
+//! 6       2     payload length N, unsigned big-endian
+//! 8       N     payload: UTF-8 JSON object (below)
+//! 8+N     M     authentication tag: M = 0 for scheme 0; M = 32 for scheme 1,
+//!               HMAC-SHA256 with the shared key over bytes [0, 8+N)
+//! ```
+//!
+//! The payload is one JSON object:
+//!
+//! ```text
+//! {"node": string, "boot_id": string, "seq": u64, "sent_at_ms": u64 (Unix ms),
+//!  "kind": string (e.g. "kernel_panic"),
+//!  "source": string ("console" | "kprobe" | "fentry" | "pstore"),
+//!  "message": string, "context": [string], "kernel_release": string | null}
+//! ```
+//!
+//! Receivers ignore unknown fields, and treat a missing `context` as empty and
+//! a missing `kernel_release` as null.
+//!
+//! A whole datagram is at most [`MAX_DATAGRAM`] (1400) bytes, which fits an
+//! unfragmented packet on a 1500-byte MTU. When a report does not fit,
+//! [`encode`] drops `context` lines from the end until it does, and if it still
+//! does not fit with no context left, cuts `message` at a UTF-8 character
+//! boundary. If the remaining fields alone are too large, encoding fails.
+//! [`decode`] rejects datagrams longer than the limit.
+//!
+//! The auth scheme is fixed by configuration: a receiver with a key rejects
+//! unauthenticated datagrams and one without a key rejects authenticated ones.
+//! The tag is verified in constant time. Replay protection is not part of the
+//! format; the controller tracks `(node, boot_id, seq)`.
+
+use std::fmt;
+
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+/// First four bytes of every datagram.
+pub const MAGIC: [u8; 4] = *b"LGSP";
+/// Format version written and accepted.
+pub const VERSION: u8 = 1;
+/// Bytes before the payload.
+pub const HEADER_LEN: usize = 8;
+/// Upper bound on a whole datagram, header and tag included.
+pub const MAX_DATAGRAM: usize = 1400;
+/// Length of an HMAC-SHA256 tag.
+pub const HMAC_SHA256_TAG_LEN: usize = 32;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// One last-gasp report: the datagram payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    pub node: String,
+    pub boot_id: String,
+    /// Per-boot sequence number.
+    pub seq: u64,
+    /// Unix time in milliseconds when the agent built the datagram.
+    pub sent_at_ms: u64,
+    /// Event kind, e.g. `kernel_panic`.
+    pub kind: String,
+    /// Where the agent saw it: `console`, `kprobe`, `fentry` or `pstore`.
+    pub source: String,
+    pub message: String,
+    /// Console lines around the event, oldest first.
+    #[serde(default)]
+    pub context: Vec<String>,
+    pub kernel_release: Option<String>,
+}
+
+/// Authentication scheme carried in header byte 5.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum AuthScheme {
+    None = 0,
+    HmacSha256 = 1,
+}
+
+impl AuthScheme {
+    /// Parses the header byte.
+    pub fn from_byte(byte: u8) -> Option<Self> {
+        match byte {
+            0 => Some(Self::None),
+            1 => Some(Self::HmacSha256),
+            _ => None,
+        }
+    }
+
+    /// Length of the tag that follows the payload.
+    pub fn tag_len(self) -> usize {
+        match self {
+            Self::None => 0,
+            Self::HmacSha256 => HMAC_SHA256_TAG_LEN,
+        }
+    }
+}
+
+impl fmt::Display for AuthScheme {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::None => "none",
+            Self::HmacSha256 => "hmac-sha256",
+        })
+    }
+}
+
+/// Key material for the configured scheme.
+#[derive(Clone, PartialEq, Eq)]
+pub enum AuthKey {
+    /// No authentication (scheme 0).
+    None,
+    /// Shared secret for HMAC-SHA256 (scheme 1).
+    HmacSha256(Vec<u8>),
+}
+
+impl AuthKey {
+    /// The scheme this key produces and requires.
+    pub fn scheme(&self) -> AuthScheme {
+        match self {
+            Self::None => AuthScheme::None,
+            Self::HmacSha256(_) => AuthScheme::HmacSha256,
+        }
+    }
+}
+
+// Never print the secret.
+impl fmt::Debug for AuthKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::None => f.write_str("AuthKey::None"),
+            Self::HmacSha256(_) => f.write_str("AuthKey::HmacSha256(<redacted>)"),
+        }
+    }
+}
+
+/// Why a datagram could not be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("datagram too short for its header and tag")]
+    TooShort,
+    #[error("bad magic, not a last-gasp datagram")]
+    BadMagic,
+    #[error("unsupported datagram version {0}")]
+    UnsupportedVersion(u8),
+    #[error("unknown auth scheme {0}")]
+    UnknownAuthScheme(u8),
+    #[error("auth scheme mismatch: expected {expected}, got {got}")]
+    AuthSchemeMismatch {
+        expected: AuthScheme,
+        got: AuthScheme,
+    },
+    #[error("payload length mismatch: header declares {declared} bytes, datagram carries {actual}")]
+    LengthMismatch { declared: usize, actual: usize },
+    #[error("authentication tag does not match")]
+    BadMac,
+    #[error("invalid payload JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("datagram exceeds {MAX_DATAGRAM} bytes")]
+    TooLarge,
+}
+
+/// Builds a datagram for `report`, shrinking it to [`MAX_DATAGRAM`] bytes as
+/// described in the module documentation.
+pub fn encode(report: &Report, key: &AuthKey) -> Result<Vec<u8>, WireError> {
+    let scheme = key.scheme();
+    let payload = fit_payload(report, MAX_DATAGRAM - HEADER_LEN - scheme.tag_len())?;
+    // fit_payload keeps the payload under MAX_DATAGRAM, far below u16::MAX.
+    let len = payload.len() as u16;
+
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len() + scheme.tag_len());
+    out.extend_from_slice(&MAGIC);
+    out.push(VERSION);
+    out.push(scheme as u8);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&payload);
+    if let AuthKey::HmacSha256(secret) = key {
+        let mut mac = new_mac(secret);
+        mac.update(&out);
+        out.extend_from_slice(&mac.finalize().into_bytes());
+    }
+    Ok(out)
+}
+
+/// Checks and parses a datagram received from an agent.
+pub fn decode(datagram: &[u8], key: &AuthKey) -> Result<Report, WireError> {
+    let Some((header, rest)) = datagram.split_first_chunk::<HEADER_LEN>() else {
+        return Err(WireError::TooShort);
+    };
+    if header[..4] != MAGIC {
+        return Err(WireError::BadMagic);
+    }
+    if header[4] != VERSION {
+        return Err(WireError::UnsupportedVersion(header[4]));
+    }
+    let got = AuthScheme::from_byte(header[5]).ok_or(WireError::UnknownAuthScheme(header[5]))?;
+    let expected = key.scheme();
+    if got != expected {
+        return Err(WireError::AuthSchemeMismatch { expected, got });
+    }
+    if datagram.len() > MAX_DATAGRAM {
+        return Err(WireError::TooLarge);
+    }
+    let Some(actual) = rest.len().checked_sub(got.tag_len()) else {
+        return Err(WireError::TooShort);
+    };
+    let declared = usize::from(u16::from_be_bytes([header[6], header[7]]));
+    if declared != actual {
+        return Err(WireError::LengthMismatch { declared, actual });
+    }
+    let (payload, tag) = rest.split_at(declared);
+    if let AuthKey::HmacSha256(secret) = key {
+        let mut mac = new_mac(secret);
+        mac.update(&datagram[..HEADER_LEN + declared]);
+        mac.verify_slice(tag).map_err(|_| WireError::BadMac)?;
+    }
+    Ok(serde_json::from_slice(payload)?)
+}
+
+fn new_mac(secret: &[u8]) -> HmacSha256 {
+    HmacSha256::new_from_slice(secret).expect("HMAC accepts keys of any length")
+}
+
+/// Serialises `report` in at most `budget` bytes: keeps the longest prefix of
+/// `context` that fits, else no context and the longest `message` prefix.
+fn fit_payload(report: &Report, budget: usize) -> Result<Vec<u8>, WireError> {
+    let full = serde_json::to_vec(report)?;
+    if full.len() <= budget {
+        return Ok(full);
+    }
+
+    let mut trimmed = report.clone();
+    let context = std::mem::take(&mut trimmed.context);
+    let keep = largest_fitting(context.len(), |n| {
+        trimmed.context = context[..n].to_vec();
+        Ok(serde_json::to_vec(&trimmed)?.len() <= budget)
+    })?;
+    if let Some(n) = keep {
+        trimmed.context = context[..n].to_vec();
+        return Ok(serde_json::to_vec(&trimmed)?);
+    }
+
+    trimmed.context.clear();
+    let message = std::mem::take(&mut trimmed.message);
+    let keep = largest_fitting(message.len(), |n| {
+        trimmed.message = message[..message.floor_char_boundary(n)].to_owned();
+        Ok(serde_json::to_vec(&trimmed)?.len() <= budget)
+    })?;
+    let n = keep.ok_or(WireError::TooLarge)?;
+    trimmed.message = message[..message.floor_char_boundary(n)].to_owned();
+    Ok(serde_json::to_vec(&trimmed)?)
+}
+
+/// Largest `n` in `0..=max` for which `fits(n)` holds, by binary search;
+/// `fits` must be monotone (true up to some `n`, false after). `None` when
+/// even `fits(0)` is false.
+fn largest_fitting(
+    max: usize,
+    mut fits: impl FnMut(usize) -> Result<bool, WireError>,
+) -> Result<Option<usize>, WireError> {
+    if !fits(0)? {
+        return Ok(None);
+    }
+    // Invariant: fits(lo), and nothing at or above `hi` is known to fit.
+    let (mut lo, mut hi) = (0, max + 1);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid)? {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(Some(lo))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> AuthKey {
+        AuthKey::HmacSha256(b"correct horse battery staple".to_vec())
+    }
+
+    fn report() -> Report {
+        Report {
+            node: "node-a".into(),
+            boot_id: "0b6f5c2e-6f0e-4d6a-9a43-3c7b1c9e2f10".into(),
+            seq: 7,
+            sent_at_ms: 1_732_000_000_123,
+            kind: "kernel_panic".into(),
+            source: "console".into(),
+            message: "Kernel panic - not syncing: sysrq triggered crash".into(),
+            context: vec![
+                "sysrq: Trigger a crash".into(),
+                "CPU: 0 PID: 1 Comm: init Not tainted 6.1.0-56-cloud-amd64 #1".into(),
+            ],
+            kernel_release: Some("6.1.0-56-cloud-amd64".into()),
+        }
+    }
+
+    /// A datagram with an arbitrary payload, authenticated when `key` is.
+    fn raw(payload: &[u8], key: &AuthKey) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        out.push(VERSION);
+        out.push(key.scheme() as u8);
+        out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        out.extend_from_slice(payload);
+        if let AuthKey::HmacSha256(secret) = key {
+            let mut mac = new_mac(secret);
+            mac.update(&out);
+            out.extend_from_slice(&mac.finalize().into_bytes());
+        }
+        out
+    }
+
+    #[test]
+    fn round_trip_both_schemes() {
+        for key in [AuthKey::None, key()] {
+            let bytes = encode(&report(), &key).unwrap();
+            assert_eq!(&bytes[..4], b"LGSP");
+            assert_eq!(bytes[4], 1);
+            assert_eq!(bytes[5], key.scheme() as u8);
+            let n = usize::from(u16::from_be_bytes([bytes[6], bytes[7]]));
+            assert_eq!(bytes.len(), HEADER_LEN + n + key.scheme().tag_len());
+            assert_eq!(decode(&bytes, &key).unwrap(), report());
+        }
+    }
+
+    #[test]
+    fn round_trip_without_optional_values() {
+        let r = Report {
+            context: Vec::new(),
+            kernel_release: None,
+            ..report()
+        };
+        assert_eq!(decode(&encode(&r, &key()).unwrap(), &key()).unwrap(), r);
+    }
+
+    #[test]
+    fn encode_matches_known_answer() {
+        // Expected bytes computed independently (Python hmac/hashlib).
+        let r = Report {
+            node: "n1".into(),
+            boot_id: "b1".into(),
+            seq: 1,
+            sent_at_ms: 2,
+            kind: "kernel_panic".into(),
+            source: "console".into(),
+            message: "m".into(),
+            context: vec!["c".into()],
+            kernel_release: None,
+        };
+        let payload = br#"{"node":"n1","boot_id":"b1","seq":1,"sent_at_ms":2,"kind":"kernel_panic","source":"console","message":"m","context":["c"],"kernel_release":null}"#;
+        let bytes = encode(&r, &AuthKey::HmacSha256(b"k".to_vec())).unwrap();
+        assert_eq!(bytes[..8], [b'L', b'G', b'S', b'P', 1, 1, 0, 144]);
+        assert_eq!(&bytes[8..152], payload);
+        let tag: String = bytes[152..].iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            tag,
+            "120f17b74d859bfd03fbd322a1daf2bfe3df04821f8f319f350f513c8b682746"
+        );
+    }
+
+    #[test]
+    fn ignores_unknown_fields_and_defaults_optional_ones() {
+        let json = br#"{"node":"n","boot_id":"b","seq":1,"sent_at_ms":2,"kind":"kernel_oops",
+            "source":"kprobe","message":"m","future_field":{"x":[1,2]}}"#;
+        let r = decode(&raw(json, &AuthKey::None), &AuthKey::None).unwrap();
+        assert_eq!(r.node, "n");
+        assert!(r.context.is_empty());
+        assert_eq!(r.kernel_release, None);
+    }
+
+    #[test]
+    fn too_short() {
+        for len in 0..HEADER_LEN {
+            let bytes = encode(&report(), &AuthKey::None).unwrap();
+            assert!(matches!(
+                decode(&bytes[..len], &AuthKey::None),
+                Err(WireError::TooShort)
+            ));
+        }
+        // Header of an authenticated datagram, but no room for the tag.
+        let bytes = encode(&report(), &key()).unwrap();
+        assert!(matches!(
+            decode(&bytes[..HEADER_LEN + 31], &key()),
+            Err(WireError::TooShort)
+        ));
+    }
+
+    #[test]
+    fn bad_magic() {
+        let mut bytes = encode(&report(), &AuthKey::None).unwrap();
+        bytes[0] = b'X';
+        assert!(matches!(
+            decode(&bytes, &AuthKey::None),
+            Err(WireError::BadMagic)
+        ));
+    }
+
+    #[test]
+    fn unsupported_version() {
+        let mut bytes = encode(&report(), &AuthKey::None).unwrap();
+        bytes[4] = 2;
+        assert!(matches!(
+            decode(&bytes, &AuthKey::None),
+            Err(WireError::UnsupportedVersion(2))
+        ));
+    }
+
+    #[test]
+    fn unknown_auth_scheme() {
+        let mut bytes = encode(&report(), &AuthKey::None).unwrap();
+        bytes[5] = 9;
+        assert!(matches!(
+            decode(&bytes, &AuthKey::None),
+            Err(WireError::UnknownAuthScheme(9))
+        ));
+    }
+
+    #[test]
+    fn auth_scheme_mismatch_both_ways() {
+        let plain = encode(&report(), &AuthKey::None).unwrap();
+        assert!(matches!(
+            decode(&plain, &key()),
+            Err(WireError::AuthSchemeMismatch {
+                expected: AuthScheme::HmacSha256,
+                got: AuthScheme::None
+            })
+        ));
+        let signed = encode(&report(), &key()).unwrap();
+        assert!(matches!(
+            decode(&signed, &AuthKey::None),
+            Err(WireError::AuthSchemeMismatch {
+                expected: AuthScheme::None,
+                got: AuthScheme::HmacSha256
+            })
+        ));
+    }
+
+    #[test]
+    fn length_mismatch() {
+        for key in [AuthKey::None, key()] {
+            let bytes = encode(&report(), &key).unwrap();
+            let declared = bytes.len() - HEADER_LEN - key.scheme().tag_len();
+
+            let mut longer = bytes.clone();
+            longer.push(0);
+            match decode(&longer, &key) {
+                Err(WireError::LengthMismatch {
+                    declared: d,
+                    actual,
+                }) => {
+                    assert_eq!((d, actual), (declared, declared + 1));
+                }
+                other => panic!("{other:?}"),
+            }
+            match decode(&bytes[..bytes.len() - 1], &key) {
+                Err(WireError::LengthMismatch {
+                    declared: d,
+                    actual,
+                }) => {
+                    assert_eq!((d, actual), (declared, declared - 1));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn bad_mac_with_wrong_key() {
+        let bytes = encode(&report(), &key()).unwrap();
+        let other = AuthKey::HmacSha256(b"another key".to_vec());
+        assert!(matches!(decode(&bytes, &other), Err(WireError::BadMac)));
+    }
+
+    #[test]
+    fn tampering_any_byte_is_rejected() {
+        let bytes = encode(&report(), &key()).unwrap();
+        for i in 0..bytes.len() {
+            for flip in [0x01, 0x80] {
+                let mut t = bytes.clone();
+                t[i] ^= flip;
+                let err = decode(&t, &key()).unwrap_err();
+                // Payload and tag bytes are caught by the MAC itself; header
+                // bytes fail their own checks first (the MAC covers them too).
+                if i >= HEADER_LEN {
+                    assert!(matches!(err, WireError::BadMac), "byte {i}: {err:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn json_errors() {
+        for key in [AuthKey::None, key()] {
+            for payload in [&b"not json"[..], b"{\"node\":\"n\"}", b"\xff\xfe"] {
+                assert!(matches!(
+                    decode(&raw(payload, &key), &key),
+                    Err(WireError::Json(_))
+                ));
+            }
+        }
+    }
+
+    #[test]
+    fn too_large() {
+        let oversized = raw(&[b' '; MAX_DATAGRAM], &AuthKey::None);
+        assert!(matches!(
+            decode(&oversized, &AuthKey::None),
+            Err(WireError::TooLarge)
+        ));
+        // Fields that are never shortened cannot exceed the limit.
+        let r = Report {
+            node: "n".repeat(MAX_DATAGRAM),
+            ..report()
+        };
+        assert!(matches!(
+            encode(&r, &AuthKey::None),
+            Err(WireError::TooLarge)
+        ));
+    }
+
+    #[test]
+    fn drops_trailing_context_first() {
+        let mut r = report();
+        r.context = (0..200)
+            .map(|i| format!("[  {i:3}.000000] call trace line {i} \"quoted\"\t"))
+            .collect();
+        for key in [AuthKey::None, key()] {
+            let bytes = encode(&r, &key).unwrap();
+            assert!(bytes.len() <= MAX_DATAGRAM, "{}", bytes.len());
+            let got = decode(&bytes, &key).unwrap();
+            assert_eq!(got.message, r.message);
+            let kept = got.context.len();
+            assert!(kept > 0 && kept < r.context.len());
+            assert_eq!(got.context, r.context[..kept]);
+            // One more line would not have fit.
+            let mut more = got.clone();
+            more.context.push(r.context[kept].clone());
+            let budget = MAX_DATAGRAM - HEADER_LEN - key.scheme().tag_len();
+            assert!(serde_json::to_vec(&more).unwrap().len() > budget);
+        }
+    }
+
+    #[test]
+    fn truncates_message_at_char_boundary() {
+        let mut r = report();
+        r.message = "Kernel panic - not syncing: ".to_owned() + &"é€😀\"\n".repeat(400);
+        for key in [AuthKey::None, key()] {
+            let bytes = encode(&r, &key).unwrap();
+            assert!(bytes.len() <= MAX_DATAGRAM, "{}", bytes.len());
+            // Within one escaped character of the limit.
+            assert!(bytes.len() > MAX_DATAGRAM - 8, "{}", bytes.len());
+            let got = decode(&bytes, &key).unwrap();
+            assert!(got.context.is_empty());
+            assert!(got.message.len() > 100);
+            assert!(r.message.starts_with(&got.message));
+            assert_eq!(got.node, r.node);
+        }
+    }
+
+    #[test]
+    fn debug_hides_the_key() {
+        let shown = format!("{:?}", key());
+        assert!(!shown.contains("horse"), "{shown}");
+    }
+}

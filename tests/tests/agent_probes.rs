@@ -1,0 +1,460 @@
+//! The agent's probes for real: loaded into this kernel (root required), driven by real
+//! netlink and UDP sockets, real execs of CNI plugins and real lines in /dev/kmsg.
+
+use std::{
+    ffi::CString,
+    fs,
+    io::Write as _,
+    net::{SocketAddr, UdpSocket},
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use lastgasp::{
+    agent::{
+        Agent, AgentConfig,
+        events::{AgentEvent, CniCall},
+    },
+    kernel_log::KernelEventKind,
+    procfs,
+    wire::{self, AuthKey},
+};
+use tokio::sync::broadcast;
+
+const HANG_THRESHOLD: Duration = Duration::from_millis(500);
+
+async fn start_agent(cni_dir: Option<&Path>, controller: Option<SocketAddr>) -> Agent {
+    Agent::start(AgentConfig {
+        node_name: "test-node".into(),
+        metrics_addr: "127.0.0.1:0".parse().unwrap(),
+        controller,
+        auth_key: AuthKey::HmacSha256(b"test-key".to_vec()),
+        netlink_hang_threshold: HANG_THRESHOLD,
+        cni_bin_dirs: cni_dir.into_iter().map(Path::to_path_buf).collect(),
+        cni_stuck_threshold: Duration::from_secs(1),
+    })
+    .await
+    .expect("agent starts (the tests must run as root)")
+}
+
+/// Collects events until `deadline`, or until `done` says enough.
+async fn collect_until(
+    events: &mut broadcast::Receiver<AgentEvent>,
+    within: Duration,
+    mut done: impl FnMut(&[AgentEvent]) -> bool,
+) -> Vec<AgentEvent> {
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    while !done(&seen) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, events.recv()).await {
+            Ok(Ok(event)) => seen.push(event),
+            Ok(Err(broadcast::error::RecvError::Lagged(_))) => continue,
+            Ok(Err(broadcast::error::RecvError::Closed)) | Err(_) => break,
+        }
+    }
+    seen
+}
+
+fn gettid() -> u32 {
+    // SAFETY: no arguments, no side effects.
+    unsafe { libc::gettid() as u32 }
+}
+
+fn name_thread(name: &str) {
+    let name = CString::new(name).unwrap();
+    // SAFETY: PR_SET_NAME with a NUL-terminated name of at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+}
+
+/// Blocks in `recvfrom` on a fresh socket for `timeout` (SO_RCVTIMEO), in a named thread.
+/// Returns the thread's id once it is about to block, and the handle.
+fn block_in_recvfrom(
+    name: &'static str,
+    socket: fn() -> i32,
+    timeout: Duration,
+) -> (u32, thread::JoinHandle<()>) {
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let handle = thread::spawn(move || {
+        name_thread(name);
+        let fd = socket();
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let tv = libc::timeval {
+            tv_sec: timeout.as_secs() as i64,
+            tv_usec: timeout.subsec_micros() as i64,
+        };
+        // SAFETY: valid fd and option buffer.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                size_of::<libc::timeval>() as u32,
+            )
+        };
+        tid_tx.send(gettid()).unwrap();
+        let mut buf = [0u8; 4096];
+        // SAFETY: valid fd and buffer; returns -1/EAGAIN at the timeout.
+        unsafe {
+            libc::recvfrom(
+                fd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            );
+            libc::close(fd);
+        }
+    });
+    (tid_rx.recv().unwrap(), handle)
+}
+
+fn netlink_route_socket() -> i32 {
+    // SAFETY: plain socket creation and bind to an auto-assigned port id.
+    unsafe {
+        let fd = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE);
+        let mut addr: libc::sockaddr_nl = std::mem::zeroed();
+        addr.nl_family = libc::AF_NETLINK as u16;
+        libc::bind(
+            fd,
+            (&addr as *const libc::sockaddr_nl).cast(),
+            size_of::<libc::sockaddr_nl>() as u32,
+        );
+        fd
+    }
+}
+
+fn udp_socket() -> i32 {
+    use std::os::fd::IntoRawFd as _;
+    UdpSocket::bind("127.0.0.1:0").unwrap().into_raw_fd()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn netlink_recv_hang_is_reported_and_cleared_but_udp_is_not() {
+    let agent = start_agent(None, None).await;
+    let mut events = agent.subscribe();
+    let blocked_for = Duration::from_millis(2500);
+    let (netlink_tid, netlink) = block_in_recvfrom("lg-nl-hang", netlink_route_socket, blocked_for);
+    let (udp_tid, udp) = block_in_recvfrom("lg-udp-block", udp_socket, blocked_for);
+
+    let seen = collect_until(&mut events, Duration::from_secs(10), |seen| {
+        seen.iter().any(|event| {
+            matches!(event, AgentEvent::NetlinkHangCleared(cleared) if cleared.tid == netlink_tid)
+        })
+    })
+    .await;
+    netlink.join().unwrap();
+    udp.join().unwrap();
+
+    let hang = seen
+        .iter()
+        .find_map(|event| match event {
+            AgentEvent::NetlinkHang(hang) if hang.tid == netlink_tid => Some(hang),
+            _ => None,
+        })
+        .expect("the netlink recvfrom is reported as a hang");
+    assert_eq!(hang.pid, std::process::id());
+    assert_eq!(hang.comm, "lg-nl-hang");
+    assert_eq!(hang.protocol, "route");
+    assert_eq!(hang.protocol_number, 0);
+    assert_eq!(hang.syscall, "recvfrom");
+    assert!(hang.duration_seconds >= HANG_THRESHOLD.as_secs_f64());
+    assert!(hang.duration_seconds < blocked_for.as_secs_f64());
+    assert!(hang.cmdline.contains("agent_probes"), "{}", hang.cmdline);
+    assert!(
+        hang.kernel_stack
+            .iter()
+            .any(|frame| frame.contains("netlink_recvmsg")
+                || frame.contains("skb_recv")
+                || frame.contains("recvfrom")),
+        "kernel stack names the recv path: {:?}",
+        hang.kernel_stack
+    );
+
+    let cleared = seen
+        .iter()
+        .find_map(|event| match event {
+            AgentEvent::NetlinkHangCleared(cleared) if cleared.tid == netlink_tid => Some(cleared),
+            _ => None,
+        })
+        .expect("the hang clears when the call returns");
+    assert!(cleared.exact);
+    assert_eq!(cleared.protocol, "route");
+    assert_eq!(cleared.ret, Some(-(libc::EAGAIN as i64)));
+    assert!(cleared.duration_seconds >= blocked_for.as_secs_f64() - 0.05);
+
+    assert!(
+        !seen.iter().any(|event| matches!(
+            event,
+            AgentEvent::NetlinkHang(h) if h.tid == udp_tid
+        ) || matches!(
+            event,
+            AgentEvent::NetlinkHangCleared(c) if c.tid == udp_tid
+        )),
+        "a thread blocked on UDP is not a netlink hang"
+    );
+    agent.shutdown().await;
+}
+
+struct CniBin {
+    root: PathBuf,
+}
+
+impl CniBin {
+    fn new(tag: &str) -> Self {
+        let root = std::env::temp_dir().join(format!("lastgasp-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(root.join("cni/bin")).unwrap();
+        fs::create_dir_all(root.join("elsewhere")).unwrap();
+        Self { root }
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.root.join("cni/bin")
+    }
+
+    fn script(&self, relative: &str, body: &str) -> PathBuf {
+        let path = self.root.join(relative);
+        let mut file = fs::File::create(&path).unwrap();
+        writeln!(file, "#!/bin/sh\n{body}").unwrap();
+        drop(file);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+}
+
+impl Drop for CniBin {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.root);
+    }
+}
+
+fn invoke_plugin(path: &Path, command: &str, pod: &str) -> std::process::Child {
+    Command::new(path)
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", format!("ctr-{pod}"))
+        .env("CNI_NETNS", "/var/run/netns/test")
+        .env("CNI_IFNAME", "eth0")
+        .env(
+            "CNI_ARGS",
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=team-a;K8S_POD_NAME={pod};K8S_POD_UID=1"),
+        )
+        .spawn()
+        .unwrap()
+}
+
+fn cni_call<'a>(seen: &'a [AgentEvent], plugin: &str) -> Option<&'a CniCall> {
+    seen.iter().find_map(|event| match event {
+        AgentEvent::CniCall(call) if call.plugin == plugin => Some(call),
+        _ => None,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cni_plugin_calls_are_timed_with_command_and_pod() {
+    let bin = CniBin::new("cni");
+    let slow = bin.script("cni/bin/slow-plugin", "sleep 0.3");
+    let fast = bin.script("cni/bin/fast-plugin", "exit 0");
+    let failing = bin.script("cni/bin/failing-plugin", "exit 3");
+    let stuck = bin.script("cni/bin/stuck-plugin", "sleep 2");
+    let outside = bin.script("elsewhere/outside-plugin", "exit 0");
+    let agent = start_agent(Some(&bin.dir()), None).await;
+    let mut events = agent.subscribe();
+
+    let children: Vec<_> = [
+        invoke_plugin(&slow, "ADD", "web-0"),
+        invoke_plugin(&fast, "DEL", "web-1"),
+        invoke_plugin(&failing, "CHECK", "web-2"),
+        invoke_plugin(&stuck, "ADD", "web-3"),
+        invoke_plugin(&outside, "ADD", "web-4"),
+    ]
+    .into_iter()
+    .collect();
+    let seen = collect_until(&mut events, Duration::from_secs(10), |seen| {
+        cni_call(seen, "stuck-plugin").is_some()
+    })
+    .await;
+    for mut child in children {
+        child.wait().unwrap();
+    }
+
+    let call = cni_call(&seen, "slow-plugin").expect("the slow plugin's call");
+    assert_eq!(call.command, "ADD");
+    assert_eq!(call.container_id, "ctr-web-0");
+    assert_eq!(call.pod_namespace.as_deref(), Some("team-a"));
+    assert_eq!(call.pod_name.as_deref(), Some("web-0"));
+    assert_eq!(call.ifname.as_deref(), Some("eth0"));
+    assert_eq!(call.path, slow.to_string_lossy());
+    assert!(call.duration_seconds >= 0.3, "{}", call.duration_seconds);
+    assert_eq!(call.result, "success");
+
+    let call = cni_call(&seen, "fast-plugin").expect("the fast plugin's call");
+    assert_eq!(call.command, "DEL");
+    assert_eq!(call.pod_name.as_deref(), Some("web-1"));
+    assert!(call.duration_seconds < 0.3, "{}", call.duration_seconds);
+
+    let call = cni_call(&seen, "failing-plugin").expect("the failing plugin's call");
+    assert_eq!((call.result, call.exit_status), ("error", Some(3)));
+
+    let stuck_report = seen
+        .iter()
+        .find_map(|event| match event {
+            AgentEvent::CniCallStuck(stuck) if stuck.plugin == "stuck-plugin" => Some(stuck),
+            _ => None,
+        })
+        .expect("the plugin running past the stuck threshold is reported");
+    assert_eq!(stuck_report.pod_name.as_deref(), Some("web-3"));
+    assert!(stuck_report.running_seconds >= 1.0);
+
+    assert!(
+        cni_call(&seen, "outside-plugin").is_none(),
+        "a binary outside the CNI directories is ignored"
+    );
+
+    let metrics = scrape(agent.metrics_addr()).await;
+    assert!(metrics.contains(
+        r#"lastgasp_cni_call_duration_seconds_count{plugin="slow-plugin",command="ADD",result="success"} 1"#
+    ));
+    assert!(
+        metrics.contains(r#"lastgasp_cni_calls_in_flight{plugin="stuck-plugin",command="ADD"} 0"#)
+    );
+    agent.shutdown().await;
+}
+
+fn write_kmsg(line: &str) {
+    fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/kmsg")
+        .and_then(|mut kmsg| kmsg.write_all(line.as_bytes()))
+        .expect("write /dev/kmsg");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_panic_line_sends_a_last_gasp_datagram() {
+    let controller = UdpSocket::bind("127.0.0.1:0").unwrap();
+    controller
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let agent = start_agent(None, Some(controller.local_addr().unwrap())).await;
+    let mut events = agent.subscribe();
+    let nonce = format!("lastgasp test {}", std::process::id());
+    let panic_message = format!("Kernel panic - not syncing: {nonce}");
+    write_kmsg(&format!("<0>{panic_message}\n"));
+    write_kmsg("<0>lastgasp test context line\n");
+
+    let mut datagram = [0u8; 2048];
+    let len = controller
+        .recv(&mut datagram)
+        .expect("a last-gasp datagram");
+    let key = AuthKey::HmacSha256(b"test-key".to_vec());
+    let first = wire::decode(&datagram[..len], &key).expect("a valid, authenticated report");
+    assert_eq!(first.kind, "kernel_panic");
+    assert_eq!(first.message, panic_message);
+    assert_eq!(first.node, "test-node");
+    assert_eq!(first.boot_id, procfs::boot_id().unwrap());
+    assert_eq!(first.source, "console");
+
+    let len = controller.recv(&mut datagram).expect("a context update");
+    let second = wire::decode(&datagram[..len], &key).unwrap();
+    assert_eq!(second.seq, first.seq + 1);
+    assert_eq!(second.message, panic_message);
+    assert!(
+        second
+            .context
+            .iter()
+            .any(|line| line.contains("lastgasp test context line")),
+        "{:?}",
+        second.context
+    );
+    assert!(wire::decode(&datagram[..len], &AuthKey::HmacSha256(b"wrong".to_vec())).is_err());
+
+    let seen = collect_until(&mut events, Duration::from_secs(5), |seen| {
+        seen.iter()
+            .any(|event| matches!(event, AgentEvent::Kernel(k) if k.message == panic_message))
+    })
+    .await;
+    let panic = seen
+        .iter()
+        .find_map(|event| match event {
+            AgentEvent::Kernel(kernel) if kernel.message == panic_message => Some(kernel),
+            _ => None,
+        })
+        .expect("a kernel_panic event");
+    assert_eq!(panic.kind, KernelEventKind::Panic);
+    assert_eq!(
+        AgentEvent::Kernel(panic.clone()).to_json()["kind"],
+        "kernel_panic"
+    );
+    agent.shutdown().await;
+}
+
+async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_pass_promtool_check() {
+    let bin = CniBin::new("metrics");
+    let plugin = bin.script("cni/bin/bridge", "exit 0");
+    let agent = start_agent(Some(&bin.dir()), None).await;
+    let mut events = agent.subscribe();
+    // Some traffic first, so the histograms and labelled families have samples.
+    invoke_plugin(&plugin, "ADD", "metrics-0").wait().unwrap();
+    let (_, netlink) = block_in_recvfrom(
+        "lg-nl-metrics",
+        netlink_route_socket,
+        Duration::from_millis(20),
+    );
+    netlink.join().unwrap();
+    collect_until(&mut events, Duration::from_secs(5), |seen| {
+        cni_call(seen, "bridge").is_some()
+    })
+    .await;
+
+    let body = scrape(agent.metrics_addr()).await;
+    for family in [
+        "lastgasp_netlink_recv_duration_seconds_bucket{",
+        "lastgasp_cni_call_duration_seconds_bucket{",
+        "lastgasp_cni_calls_in_flight{",
+        "lastgasp_probe_info{",
+        "lastgasp_ebpf_dropped_events_total{",
+    ] {
+        assert!(body.contains(family), "{family} missing from:\n{body}");
+    }
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus) is installed");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let output = promtool.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "promtool check metrics failed:\n{}{}\n{body}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    agent.shutdown().await;
+}

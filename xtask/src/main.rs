@@ -1,0 +1,113 @@
+//! Project tasks: `cargo xtask setup | run | test`.
+//!
+//! `setup` installs what building the eBPF programs needs (nightly's rust-src, bpf-linker
+//! 0.10.3) and, for the tests, promtool; `run` and `test` call it first, so a fresh
+//! machine needs nothing else.
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+/// bpf-linker 0.10.3 links with rustc's own LLVM; newer releases need a system LLVM.
+const BPF_LINKER_VERSION: &str = "0.10.3";
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the eBPF toolchain pieces and the test tools that are missing.
+    Setup,
+    /// Build (release) and run `lastgasp` with the given arguments, e.g. `-- agent --standalone`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every test: unit tests and the integration tests that load eBPF into this kernel (root).
+    Test,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup(true),
+        Task::Run { args } => {
+            setup(false)?;
+            let mut cargo = Command::new("cargo");
+            cargo.args(["run", "--release", "--package", "lastgasp", "--"]);
+            cargo.args(args);
+            run(&mut cargo)
+        }
+        Task::Test => {
+            setup(true)?;
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } != 0 {
+                bail!("the tests load eBPF programs into the kernel: run them as root");
+            }
+            run(Command::new("cargo").arg("test"))
+        }
+    }
+}
+
+fn setup(for_tests: bool) -> anyhow::Result<()> {
+    let installed = output(
+        "rustup",
+        &["component", "list", "--toolchain", "nightly", "--installed"],
+    )
+    .unwrap_or_default();
+    if !installed.lines().any(|line| line.starts_with("rust-src")) {
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))
+        .context("installing the nightly toolchain with rust-src (eBPF builds need it)")?;
+    }
+    let linker = output("bpf-linker", &["--version"]).unwrap_or_default();
+    if !linker.contains(BPF_LINKER_VERSION) {
+        run(Command::new("cargo").args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+            "--force",
+        ]))
+        .context("installing bpf-linker")?;
+    }
+    if for_tests && output("promtool", &["--version"]).is_none() {
+        run(Command::new("apt-get").arg("update")).context("apt-get update")?;
+        run(Command::new("apt-get").args([
+            "install",
+            "-y",
+            "--no-install-recommends",
+            "prometheus",
+        ]))
+        .context("installing promtool (Debian package prometheus)")?;
+    }
+    Ok(())
+}
+
+fn output(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program).args(args).output().ok()?;
+    out.status.success().then(|| {
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    })
+}
+
+fn run(command: &mut Command) -> anyhow::Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("starting {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}
