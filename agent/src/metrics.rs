@@ -137,7 +137,7 @@ impl AgentMetrics {
         );
         registry.register(
             "probe_info",
-            "Each probe, how it is attached (tracepoint, kprobe, fentry) and whether it is",
+            "Each probe, how it is attached (tracepoint, kprobe, fentry) and whether it attached",
             metrics.probe_info.clone(),
         );
         registry.register(

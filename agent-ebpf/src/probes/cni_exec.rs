@@ -13,6 +13,7 @@ use aya_ebpf::{
     macros::tracepoint,
     programs::TracePointContext,
 };
+use aya_log_ebpf::warn;
 use lastgasp_common::{
     CNI_DIR_LEN, CNI_DIRS, CNI_ENV_LEN, CniExec, Drop, EventHeader, EventKind, FILENAME_LEN,
 };
@@ -69,6 +70,10 @@ fn try_exec(ctx: &TracePointContext) -> Option<()> {
     let now = unsafe { bpf_ktime_get_ns() };
     if CNI_CALLS.insert(tgid, now, 0).is_err() {
         count_drop(Drop::CniCallsFull);
+        warn!(
+            ctx,
+            "CNI call table full: the exit of pid {} will not be seen", tgid
+        );
     }
     exec.header = EventHeader {
         kind: EventKind::CniExec as u32,

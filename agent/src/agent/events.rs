@@ -196,7 +196,7 @@ impl EventLog {
                 if let serde_json::Value::Object(fields) = &mut value {
                     let now = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
                     fields.insert("timestamp".into(), now.into());
-                    fields.insert("level".into(), "WARN".into());
+                    fields.insert("level".into(), self.level(event).into());
                     fields.insert("target".into(), "lastgasp::event".into());
                 }
                 let mut line = value.to_string();
@@ -204,9 +204,21 @@ impl EventLog {
                 // One write per line, under stdout's lock, so lines never interleave.
                 let _ = std::io::stdout().lock().write_all(line.as_bytes());
             }
-            LogFormat::Text => {
-                tracing::warn!(kind = event.kind(), "{}", event.summary());
-            }
+            LogFormat::Text => match self.level(event) {
+                "INFO" => tracing::info!(kind = event.kind(), "{}", event.summary()),
+                "ERROR" => tracing::error!(kind = event.kind(), "{}", event.summary()),
+                _ => tracing::warn!(kind = event.kind(), "{}", event.summary()),
+            },
+        }
+    }
+
+    /// Completed calls are routine, hangs and kernel trouble are not, a panic is the worst.
+    fn level(&self, event: &AgentEvent) -> &'static str {
+        match event {
+            AgentEvent::CniCall(call) if call.result == "success" => "INFO",
+            AgentEvent::NetlinkHangCleared(_) => "INFO",
+            AgentEvent::Kernel(kernel) if kernel.kind.is_fatal() => "ERROR",
+            _ => "WARN",
         }
     }
 }

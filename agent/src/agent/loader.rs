@@ -192,7 +192,7 @@ fn tracepoints(
             return ProbeStatus {
                 probe,
                 mode: None,
-                detail: Some(format!("tracepoint {category}:{name}: {error}")),
+                detail: Some(format!("tracepoint {category}:{name}: {error:#}")),
             };
         }
     }
@@ -238,13 +238,13 @@ fn attach_panic(ebpf: &mut Ebpf) -> ProbeStatus {
         Ok(()) => ProbeStatus {
             probe: "panic",
             mode: Some(AttachMode::Kprobe),
-            detail: Some(format!("fentry refused: {fentry_error}")),
+            detail: Some(format!("fentry refused: {fentry_error:#}")),
         },
         Err(kprobe_error) => ProbeStatus {
             probe: "panic",
             mode: None,
             detail: Some(format!(
-                "fentry refused: {fentry_error}; kprobe refused: {kprobe_error}; \
+                "fentry refused: {fentry_error:#}; kprobe refused: {kprobe_error:#}; \
                  panics are still seen on the console tracepoint"
             )),
         },
