@@ -1,14 +1,18 @@
 //! Every map the programs share with each other and with userspace.
 
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
-use lastgasp_common::{DROP_KINDS, Drop, LatencyHistogram, NETLINK_PROTOCOLS, RecvThread};
+use lastgasp_common::{
+    DROP_KINDS, Drop, LatencyHistogram, NETLINK_PROTOCOLS, RECV_SLOTS, RecvThread,
+};
 
-/// Per-thread recv state, keyed by thread id. Bounded; a thread's entry goes when it exits.
+/// Per-thread recv state, slot `tid % RECV_SLOTS`; userspace reads it through mmap.
 #[map]
-pub static RECV_THREADS: LruHashMap<u32, RecvThread> = LruHashMap::with_max_entries(65536, 0);
+pub static RECV_THREADS: Array<RecvThread> =
+    Array::with_max_entries(RECV_SLOTS as u32, BPF_F_MMAPABLE);
 
 /// Completed netlink recv latencies, indexed by netlink protocol.
 #[map]

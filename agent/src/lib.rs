@@ -1,6 +1,7 @@
 //! lastgasp: an eBPF node agent and Kubernetes controller that explain why nodes die or hang.
 
 pub mod agent;
+pub mod controller;
 pub mod kernel_log;
 pub mod metrics;
 pub mod procfs;

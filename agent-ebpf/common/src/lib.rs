@@ -83,9 +83,14 @@ impl RecvSyscall {
 /// A socket that is not AF_NETLINK, or a file that is not a socket.
 pub const NOT_NETLINK: i32 = -1;
 
-/// Per-thread state of the recv probes (LRU map `RECV_THREADS`, keyed by thread id).
-/// Updated in place on every call: entries are only created on a thread's first
-/// traced call and removed when the thread exits, never per call.
+/// Slots of the per-thread recv state; a thread uses slot `tid % RECV_SLOTS`.
+pub const RECV_SLOTS: usize = 16384;
+
+/// Per-thread state of the recv probes: one slot of the mmap-able array `RECV_THREADS`,
+/// indexed by `tid % RECV_SLOTS`, updated in place on every call, with no map insert or
+/// delete. A thread takes its slot over when the slot's owner has no call in flight, so
+/// an in-flight call (a hang) is never evicted; a colliding thread's call is then not
+/// traced and counted as a drop. The slot is released when its thread exits.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RecvThread {
@@ -95,13 +100,14 @@ pub struct RecvThread {
     /// spares the socket walk for threads that keep receiving on the same socket.
     pub cached_file: u64,
     pub cached_protocol: i32,
+    /// The thread owning the slot; 0 when free.
+    pub tid: u32,
     pub tgid: u32,
     pub fd: i32,
     /// Netlink protocol of the in-flight call.
     pub protocol: i32,
     /// [`RecvSyscall`] of the in-flight call.
     pub syscall: u32,
-    pub _pad: u32,
 }
 
 /// Completed netlink recv latencies for one protocol (per-CPU array `RECV_LATENCY`).
@@ -120,8 +126,8 @@ pub enum Drop {
     EventsRingFull = 0,
     /// The kernel-log ring buffer was full.
     KernelLogRingFull = 1,
-    /// The per-thread recv map refused a new thread.
-    RecvThreadsFull = 2,
+    /// A thread's recv slot was held by another thread's in-flight call.
+    RecvSlotBusy = 2,
     /// The in-flight CNI call map refused a new call.
     CniCallsFull = 3,
 }
@@ -132,7 +138,7 @@ impl Drop {
     pub const ALL: [Drop; DROP_KINDS] = [
         Drop::EventsRingFull,
         Drop::KernelLogRingFull,
-        Drop::RecvThreadsFull,
+        Drop::RecvSlotBusy,
         Drop::CniCallsFull,
     ];
 }

@@ -3,7 +3,8 @@
 //! Enter: classify the socket (cached per thread), and for netlink remember when the call began.
 //! Exit: feed the latency histogram; send calls slower than `slow_recv_ns` to userspace.
 //! Userspace scans `RECV_THREADS` for calls still in flight: that is where hangs are found.
-//! The per-thread entry is updated in place, so a call costs two lookups and no map churn.
+//! The per-thread slot is an array element updated in place: the verifier inlines array
+//! lookups, so a call costs no helper call for its state and no map insert or delete.
 
 use aya_ebpf::{
     EbpfContext,
@@ -12,8 +13,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use lastgasp_common::{
-    Drop, EventHeader, EventKind, LATENCY_BUCKETS, NETLINK_PROTOCOLS, NOT_NETLINK, RecvSyscall,
-    RecvThread, SlowRecv,
+    Drop, EventHeader, EventKind, LATENCY_BUCKETS, NETLINK_PROTOCOLS, NOT_NETLINK, RECV_SLOTS,
+    RecvSyscall, SlowRecv,
 };
 
 use super::kernel::{current_file, read};
@@ -79,22 +80,18 @@ fn try_enter(ctx: &TracePointContext, syscall: RecvSyscall) -> Option<()> {
     let fd = field::<u64>(ctx, ENTER_FD_OFFSET) as i32;
     let pid_tgid = bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
-    let thread = match RECV_THREADS.get_ptr_mut(tid) {
-        Some(thread) => thread,
-        None => {
-            let fresh = RecvThread {
-                cached_protocol: NOT_NETLINK,
-                ..RecvThread::default()
-            };
-            if RECV_THREADS.insert(tid, fresh, 0).is_err() {
-                count_drop(Drop::RecvThreadsFull);
-                return None;
-            }
-            RECV_THREADS.get_ptr_mut(tid)?
+    // SAFETY: array value pointer; a slot is written only by the thread that owns it.
+    let thread = unsafe { &mut *RECV_THREADS.get_ptr_mut(tid % RECV_SLOTS as u32)? };
+    if thread.tid != tid {
+        if thread.start_ns != 0 {
+            // Another thread's call is in flight here; it may be the hang we are looking for.
+            count_drop(Drop::RecvSlotBusy);
+            return None;
         }
-    };
-    // SAFETY: map value pointer; only this thread writes its own entry.
-    let thread = unsafe { &mut *thread };
+        thread.tid = tid;
+        thread.cached_file = 0;
+        thread.cached_protocol = NOT_NETLINK;
+    }
     let file = current_file(fd).unwrap_or(0);
     if file != thread.cached_file {
         thread.cached_file = file;
@@ -144,10 +141,10 @@ fn netlink_protocol(file: u64) -> i32 {
 fn try_exit(ctx: &TracePointContext) -> Option<()> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
-    // SAFETY: map value pointer; only this thread writes its own entry.
-    let thread = unsafe { &mut *RECV_THREADS.get_ptr_mut(tid)? };
+    // SAFETY: array value pointer; a slot is written only by the thread that owns it.
+    let thread = unsafe { &mut *RECV_THREADS.get_ptr_mut(tid % RECV_SLOTS as u32)? };
     let start_ns = thread.start_ns;
-    if start_ns == 0 {
+    if start_ns == 0 || thread.tid != tid {
         return None;
     }
     thread.start_ns = 0;

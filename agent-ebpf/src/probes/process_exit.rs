@@ -6,7 +6,7 @@ use aya_ebpf::{
     macros::tracepoint,
     programs::TracePointContext,
 };
-use lastgasp_common::{CniExit, Drop, EventHeader, EventKind};
+use lastgasp_common::{CniExit, Drop, EventHeader, EventKind, RECV_SLOTS};
 
 use super::kernel::{current_task, read};
 use crate::{
@@ -25,9 +25,13 @@ fn try_exit() -> Option<()> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
     let tgid = (pid_tgid >> 32) as u32;
-    // A lock-free lookup first: most exiting threads never received on a socket.
-    if RECV_THREADS.get_ptr(tid).is_some() {
-        let _ = RECV_THREADS.remove(tid);
+    if let Some(slot) = RECV_THREADS.get_ptr_mut(tid % RECV_SLOTS as u32) {
+        // SAFETY: array value pointer; the exiting thread owns its slot.
+        let slot = unsafe { &mut *slot };
+        if slot.tid == tid {
+            slot.tid = 0;
+            slot.start_ns = 0;
+        }
     }
     // A process's CNI call ends when its thread-group leader exits.
     if tid != tgid {

@@ -31,7 +31,7 @@ use crate::{
 };
 
 /// Longest wait between two looks at the ring buffer.
-const POLL_INTERVAL: Duration = Duration::from_millis(10);
+const POLL_INTERVAL: Duration = Duration::from_millis(25);
 
 pub struct ConsoleWatcher {
     pub last_gasp: Option<LastGasp>,

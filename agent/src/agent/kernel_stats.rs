@@ -102,7 +102,7 @@ fn drop_reason(kind: Drop) -> &'static str {
     match kind {
         Drop::EventsRingFull => "events_ring_full",
         Drop::KernelLogRingFull => "kernel_log_ring_full",
-        Drop::RecvThreadsFull => "recv_threads_map_full",
+        Drop::RecvSlotBusy => "recv_slot_busy",
         Drop::CniCallsFull => "cni_calls_map_full",
     }
 }

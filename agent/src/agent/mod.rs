@@ -26,7 +26,7 @@ use std::{
 use anyhow::Context as _;
 use aya::{
     Ebpf,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    maps::{MapData, PerCpuArray, RingBuf},
 };
 use prometheus_client::registry::Registry;
 use tokio::{io::unix::AsyncFd, sync::broadcast, task::JoinHandle};
@@ -38,7 +38,7 @@ use self::{
     kernel_stats::KernelStats,
     last_gasp::{LastGasp, NodeIdentity},
     loader::{ProbeSettings, ProbeStatus},
-    netlink::HangTracker,
+    netlink::{HangTracker, RecvSlots},
     records::Record,
 };
 use crate::{
@@ -103,7 +103,12 @@ impl Agent {
 
         let events_ring: RingBuf<MapData> = take_map(&mut ebpf, "EVENTS")?;
         let kernel_log_ring: RingBuf<MapData> = take_map(&mut ebpf, "KERNEL_LOG")?;
-        let threads: BpfHashMap<MapData, u32, _> = take_map(&mut ebpf, "RECV_THREADS")?;
+        let threads = match ebpf.take_map("RECV_THREADS") {
+            Some(aya::maps::Map::Array(data)) => {
+                RecvSlots::map(data).context("mapping RECV_THREADS into memory")?
+            }
+            _ => anyhow::bail!("map RECV_THREADS missing from the eBPF object or not an array"),
+        };
         registry.register_collector(Box::new(KernelStats {
             latency: Mutex::new(take_map::<PerCpuArray<MapData, _>>(
                 &mut ebpf,

@@ -1,10 +1,17 @@
 //! Netlink recv hangs: scans the probes' per-thread state for calls in flight longer than the
 //! threshold, names the thread, process, container and kernel stack, and reports when they clear.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    io,
+    os::fd::{AsFd as _, AsRawFd as _},
+    ptr::NonNull,
+    sync::Arc,
+    time::Duration,
+};
 
-use aya::maps::{HashMap as BpfHashMap, MapData};
-use lastgasp_common::{NOT_NETLINK, RecvSyscall, RecvThread, SlowRecv};
+use aya::maps::MapData;
+use lastgasp_common::{NOT_NETLINK, RECV_SLOTS, RecvSyscall, RecvThread, SlowRecv};
 
 use super::{
     events::{AgentEvent, NetlinkHang, NetlinkHangCleared},
@@ -53,6 +60,59 @@ fn syscall_name(syscall: u32) -> &'static str {
     }
 }
 
+/// The probes' per-thread slots (`RECV_THREADS`), mapped read-only into the agent so a scan
+/// reads memory instead of making a syscall per slot.
+pub struct RecvSlots {
+    slots: NonNull<RecvThread>,
+    len: usize,
+    _map: MapData,
+}
+
+// SAFETY: the mapping is owned by this value and only read.
+unsafe impl Send for RecvSlots {}
+
+impl RecvSlots {
+    pub fn map(map: MapData) -> io::Result<Self> {
+        let len = RECV_SLOTS * size_of::<RecvThread>();
+        // SAFETY: maps the array's values (BPF_F_MMAPABLE) read-only and shared.
+        let address = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if address == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self {
+            slots: NonNull::new(address.cast()).expect("mmap succeeded"),
+            len,
+            _map: map,
+        })
+    }
+
+    /// The slots with a netlink call in flight. The kernel writes them concurrently, so a
+    /// slot may be read mid-update; the next scan sees it settled.
+    fn in_flight(&self) -> impl Iterator<Item = RecvThread> + '_ {
+        (0..RECV_SLOTS).filter_map(|index| {
+            // SAFETY: index < RECV_SLOTS, inside the mapping; volatile because the kernel writes it.
+            let slot = unsafe { self.slots.as_ptr().add(index).read_volatile() };
+            (slot.start_ns != 0 && slot.tid != 0 && slot.protocol != NOT_NETLINK).then_some(slot)
+        })
+    }
+}
+
+impl Drop for RecvSlots {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `map` mapped.
+        unsafe { libc::munmap(self.slots.as_ptr().cast(), self.len) };
+    }
+}
+
 /// A hang reported and not yet cleared.
 struct Reported {
     start_ns: u64,
@@ -66,7 +126,7 @@ struct Reported {
 }
 
 pub struct HangTracker {
-    threads: BpfHashMap<MapData, u32, RecvThread>,
+    threads: RecvSlots,
     threshold: Duration,
     reported: HashMap<u32, Reported>,
     metrics: Arc<AgentMetrics>,
@@ -74,11 +134,7 @@ pub struct HangTracker {
 }
 
 impl HangTracker {
-    pub fn new(
-        threads: BpfHashMap<MapData, u32, RecvThread>,
-        threshold: Duration,
-        metrics: Arc<AgentMetrics>,
-    ) -> Self {
+    pub fn new(threads: RecvSlots, threshold: Duration, metrics: Arc<AgentMetrics>) -> Self {
         Self {
             threads,
             threshold,
@@ -97,13 +153,11 @@ impl HangTracker {
     pub fn scan(&mut self, now_ns: u64) -> Vec<AgentEvent> {
         let threshold_ns = self.threshold.as_nanos() as u64;
         let mut events = Vec::new();
-        let mut in_flight = HashMap::new();
-        for entry in self.threads.iter() {
-            let Ok((tid, thread)) = entry else { continue };
-            if thread.start_ns != 0 && thread.protocol != NOT_NETLINK {
-                in_flight.insert(tid, thread);
-            }
-        }
+        let in_flight: HashMap<u32, RecvThread> = self
+            .threads
+            .in_flight()
+            .map(|thread| (thread.tid, thread))
+            .collect();
         for (&tid, thread) in &in_flight {
             let age_ns = now_ns.saturating_sub(thread.start_ns);
             if age_ns < threshold_ns {
