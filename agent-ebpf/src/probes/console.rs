@@ -3,6 +3,7 @@
 
 use aya_ebpf::{
     EbpfContext,
+    bindings::BPF_RB_NO_WAKEUP,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_buf},
     macros::tracepoint,
     programs::TracePointContext,
@@ -59,6 +60,8 @@ fn try_console(ctx: &TracePointContext) -> Option<()> {
         event.discard(0);
         return None;
     }
-    event.submit(0);
+    // No wake-up: the reader drains the ring on a short timer, so a log storm costs the
+    // agent one wake-up per tick instead of one per line.
+    event.submit(BPF_RB_NO_WAKEUP as u64);
     Some(())
 }

@@ -2,6 +2,7 @@
 //! The console tracepoint sees the panic line too; this fires first, before anything is printed.
 
 use aya_ebpf::{
+    bindings::BPF_RB_NO_WAKEUP,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes},
     macros::{fentry, kprobe},
     programs::{FEntryContext, ProbeContext},
@@ -48,6 +49,6 @@ fn report(format: *const u8, probe: PanicProbe) -> Option<()> {
     if unsafe { bpf_probe_read_kernel_str_bytes(format, &mut call.format) }.is_err() {
         call.format[0] = 0;
     }
-    event.submit(0);
+    event.submit(BPF_RB_NO_WAKEUP as u64);
     Some(())
 }

@@ -53,6 +53,9 @@ pub(super) fn json_response(code: StatusCode, body: &Value) -> Response {
 
 type Query = HashMap<String, String>;
 
+/// How many requests [`App::log`] keeps; the older half is dropped when full.
+const LOG_LIMIT: usize = 100_000;
+
 struct Request<'a> {
     method: &'a Method,
     path: &'a str,
@@ -94,17 +97,19 @@ async fn handle(
     let response =
         dispatch(&app, &request, &mut routed).unwrap_or_else(IntoResponse::into_response);
     tracing::debug!(%method, %uri, status = response.status().as_u16(), "request");
-    app.log
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(RequestRecord {
-            method: method.to_string(),
-            uri: uri.to_string(),
-            verb: routed.verb.map(str::to_string),
-            resource: routed.resource,
-            status: response.status().as_u16(),
-            at: Instant::now(),
-        });
+    let mut log = app.log.lock().unwrap_or_else(|e| e.into_inner());
+    // Bounded so a long-running hand-started server does not grow without end.
+    if log.len() >= LOG_LIMIT {
+        log.drain(..LOG_LIMIT / 2);
+    }
+    log.push(RequestRecord {
+        method: method.to_string(),
+        uri: uri.to_string(),
+        verb: routed.verb.map(str::to_string),
+        resource: routed.resource,
+        status: response.status().as_u16(),
+        at: Instant::now(),
+    });
     response
 }
 

@@ -170,7 +170,8 @@ preferences: {{}}
         &self.app.faults
     }
 
-    /// Every request handled so far, in order of completion (watches: when the stream started).
+    /// Requests handled so far (the latest 100 000 at most), in order of completion
+    /// (watches: when the stream started).
     pub fn requests(&self) -> Vec<RequestRecord> {
         self.app
             .log
