@@ -6,6 +6,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use lastgasp::{
     agent::{self, AgentConfig, events::EventLog},
+    controller::{Controller, ControllerConfig, policy::Policy},
     procfs,
     telemetry::{self, LogFormat},
     wire::AuthKey,
@@ -27,6 +28,47 @@ enum Command {
     /// Watch this node's kernel with eBPF: netlink recv hangs, CNI plugin calls, kernel panics
     /// and oopses. Logs every event and serves Prometheus metrics.
     Agent(AgentArgs),
+    /// Receive last-gasp reports and netconsole streams; on a node's kernel panic, mark its pods
+    /// and the node with the reason, then delete them at once.
+    Controller(ControllerArgs),
+}
+
+#[derive(Debug, Args)]
+struct ControllerArgs {
+    /// UDP address for the kernel's netconsole stream (plain and extended formats).
+    #[arg(long, default_value = "0.0.0.0:6666")]
+    netconsole_addr: SocketAddr,
+    /// UDP address for the agents' last-gasp reports.
+    #[arg(long, default_value = "0.0.0.0:6667")]
+    report_addr: SocketAddr,
+    /// Address of the Prometheus metrics endpoint (`/metrics`, and `/healthz`).
+    #[arg(long, default_value = "0.0.0.0:9466")]
+    metrics_addr: SocketAddr,
+    /// File with the HMAC-SHA256 key the agents sign reports with (raw bytes, e.g. a mounted
+    /// Secret). Without it, only unauthenticated reports are accepted.
+    #[arg(long)]
+    auth_key_file: Option<PathBuf>,
+    /// How far to go: mark only, mark and delete the pods, or also delete the node.
+    #[arg(long, value_enum, default_value_t = Policy::DeletePodsAndNode)]
+    policy: Policy,
+    /// Log what would be written to Kubernetes and write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Pods of one node written concurrently.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Circuit breaker: at most this many nodes acted on per window; beyond, mark only.
+    #[arg(long, default_value_t = 3)]
+    breaker_max_nodes: usize,
+    /// Circuit breaker window.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    breaker_window: Duration,
+    /// On netconsole-only evidence, delete only once the node's Lease in kube-node-lease is stale.
+    #[arg(long)]
+    require_corroboration: bool,
+    /// A node Lease not renewed for this long is stale.
+    #[arg(long, default_value = "40s", value_parser = humantime::parse_duration)]
+    node_lease_stale_after: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -64,7 +106,50 @@ async fn main() -> anyhow::Result<()> {
     telemetry::init(cli.log_format);
     match cli.command {
         Command::Agent(args) => run_agent(args, cli.log_format).await,
+        Command::Controller(args) => run_controller(args).await,
     }
+}
+
+async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to Kubernetes (in-cluster, or KUBECONFIG)")?;
+    let controller = Controller::start(
+        client,
+        ControllerConfig {
+            netconsole_addr: args.netconsole_addr,
+            report_addr: args.report_addr,
+            metrics_addr: args.metrics_addr,
+            auth_key: read_auth_key(args.auth_key_file.as_deref())?,
+            policy: args.policy,
+            dry_run: args.dry_run,
+            concurrency: args.concurrency,
+            breaker_max_nodes: args.breaker_max_nodes,
+            breaker_window: args.breaker_window,
+            require_corroboration: args.require_corroboration,
+            node_lease_stale_after: args.node_lease_stale_after,
+            leader: None,
+            reporter: "lastgasp-controller".into(),
+        },
+    )
+    .await?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    tracing::info!("stopping");
+    controller.shutdown();
+    Ok(())
+}
+
+fn read_auth_key(path: Option<&std::path::Path>) -> anyhow::Result<AuthKey> {
+    Ok(match path {
+        Some(path) => AuthKey::HmacSha256(
+            std::fs::read(path).with_context(|| format!("reading --auth-key-file {path:?}"))?,
+        ),
+        None => AuthKey::None,
+    })
 }
 
 async fn run_agent(args: AgentArgs, log_format: LogFormat) -> anyhow::Result<()> {
@@ -81,12 +166,7 @@ async fn run_agent(args: AgentArgs, log_format: LogFormat) -> anyhow::Result<()>
         Some(address) => Some(resolve(address)?),
         None => None,
     };
-    let auth_key = match &args.auth_key_file {
-        Some(path) => AuthKey::HmacSha256(
-            std::fs::read(path).with_context(|| format!("reading --auth-key-file {path:?}"))?,
-        ),
-        None => AuthKey::None,
-    };
+    let auth_key = read_auth_key(args.auth_key_file.as_deref())?;
     agent::run(
         AgentConfig {
             node_name,

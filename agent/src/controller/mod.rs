@@ -1,4 +1,400 @@
 //! The controller: turns last-gasp reports and netconsole streams into termination reasons
-//! on pods and nodes.
+//! on pods and nodes, then deletes them at once instead of after Kubernetes' timeouts.
+//!
+//! Data flows one way: datagrams (`ingest`) → evidence → incidents (one per node and boot)
+//! → policy and circuit breaker → per-node executor (`actions`) → Kubernetes.
 
+pub mod actions;
+pub mod cluster;
+pub mod incidents;
+pub mod ingest;
+pub mod leader;
+pub mod metrics;
 pub mod netconsole;
+pub mod policy;
+pub mod reasons;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use k8s_openapi::{api::coordination::v1::Lease, jiff::Timestamp};
+use kube::{
+    Api, Client, ResourceExt as _,
+    runtime::events::{Recorder, Reporter},
+};
+use prometheus_client::registry::Registry;
+use tokio::{
+    net::UdpSocket,
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+
+use self::{
+    actions::{Actions, StoredIncident},
+    cluster::ClusterCache,
+    incidents::{Evidence, Incident, Incidents, Observed},
+    metrics::{ControllerMetrics, KindSourceLabels},
+    policy::{CircuitBreaker, Plan, Policy},
+    reasons::{ANNOTATION_INCIDENT_RECORD, Source},
+};
+use crate::{metrics as http, wire::AuthKey};
+
+pub struct ControllerConfig {
+    pub netconsole_addr: SocketAddr,
+    pub report_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub auth_key: AuthKey,
+    pub policy: Policy,
+    pub dry_run: bool,
+    /// Pods of one node written concurrently.
+    pub concurrency: usize,
+    /// At most this many nodes acted on (deleted) per `breaker_window`.
+    pub breaker_max_nodes: usize,
+    pub breaker_window: Duration,
+    /// Delete on netconsole-only evidence only once the node's Lease is stale.
+    pub require_corroboration: bool,
+    /// A node Lease not renewed for this long is stale.
+    pub node_lease_stale_after: Duration,
+    /// Whether this replica may write; `None` means always (a single replica).
+    pub leader: Option<watch::Receiver<bool>>,
+    /// The controller's name on Events.
+    pub reporter: String,
+}
+
+/// A running controller.
+pub struct Controller {
+    netconsole_addr: SocketAddr,
+    report_addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Controller {
+    pub async fn start(client: Client, config: ControllerConfig) -> anyhow::Result<Self> {
+        let mut registry = Registry::with_prefix("lastgasp");
+        let metrics = ControllerMetrics::register(&mut registry);
+
+        let netconsole_socket = UdpSocket::bind(config.netconsole_addr)
+            .await
+            .with_context(|| format!("binding --netconsole-addr {}", config.netconsole_addr))?;
+        let report_socket = UdpSocket::bind(config.report_addr)
+            .await
+            .with_context(|| format!("binding --report-addr {}", config.report_addr))?;
+        let listener = http::bind(config.metrics_addr)
+            .await
+            .with_context(|| format!("binding --metrics-addr {}", config.metrics_addr))?;
+        let (netconsole_addr, report_addr) =
+            (netconsole_socket.local_addr()?, report_socket.local_addr()?);
+        let metrics_addr = listener.local_addr()?;
+
+        let (cluster, watches) = ClusterCache::start(client.clone());
+        let mut tasks = Vec::from(watches);
+        cluster.wait_synced().await;
+        tracing::info!(
+            nodes = cluster.nodes().len(),
+            %netconsole_addr,
+            %report_addr,
+            %metrics_addr,
+            "cluster cache synced; listening"
+        );
+
+        let (evidence_tx, evidence_rx) = mpsc::channel(1024);
+        tasks.push(tokio::spawn(ingest::netconsole(
+            netconsole_socket,
+            cluster.clone(),
+            evidence_tx.clone(),
+            metrics.clone(),
+        )));
+        tasks.push(tokio::spawn(ingest::reports(
+            report_socket,
+            config.auth_key.clone(),
+            cluster.clone(),
+            evidence_tx,
+            metrics.clone(),
+        )));
+        let registry = Arc::new(registry);
+        tasks.push(tokio::spawn(async move {
+            if let Err(error) = http::serve(listener, registry).await {
+                tracing::error!(%error, "metrics server stopped");
+            }
+        }));
+
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: config.reporter.clone(),
+                instance: None,
+            },
+        );
+        let actions = Arc::new(Actions::new(
+            client.clone(),
+            recorder,
+            cluster.clone(),
+            metrics.clone(),
+            config.concurrency,
+            config.dry_run,
+        ));
+        let leader = config
+            .leader
+            .clone()
+            .unwrap_or_else(|| watch::channel(true).1);
+        let decisions = Decisions {
+            incidents: Incidents::default(),
+            breaker: CircuitBreaker::new(config.breaker_max_nodes, config.breaker_window),
+            executors: HashMap::new(),
+            policy: config.policy,
+            require_corroboration: config.require_corroboration,
+            node_lease_stale_after: config.node_lease_stale_after,
+            client,
+            actions,
+            leader,
+            metrics,
+        };
+        tasks.push(tokio::spawn(decisions.run(evidence_rx, cluster)));
+        Ok(Self {
+            netconsole_addr,
+            report_addr,
+            metrics_addr,
+            tasks,
+        })
+    }
+
+    pub fn netconsole_addr(&self) -> SocketAddr {
+        self.netconsole_addr
+    }
+
+    pub fn report_addr(&self) -> SocketAddr {
+        self.report_addr
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    /// Stops every task; writes in flight stop where they are (a restart finishes them).
+    pub fn shutdown(self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Runs one node's incident, again whenever it is updated.
+struct Executor {
+    updates: watch::Sender<(Incident, Plan)>,
+    task: JoinHandle<()>,
+}
+
+/// The decision stage: evidence in, one executor per node out.
+struct Decisions {
+    incidents: Incidents,
+    breaker: CircuitBreaker,
+    executors: HashMap<String, Executor>,
+    policy: Policy,
+    require_corroboration: bool,
+    node_lease_stale_after: Duration,
+    client: Client,
+    actions: Arc<Actions>,
+    leader: watch::Receiver<bool>,
+    metrics: Arc<ControllerMetrics>,
+}
+
+impl Decisions {
+    async fn run(mut self, mut evidence: mpsc::Receiver<Evidence>, cluster: ClusterCache) {
+        self.resume(&cluster);
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        let mut leader = self.leader.clone();
+        loop {
+            tokio::select! {
+                received = evidence.recv() => match received {
+                    Some(evidence) => self.decide(evidence),
+                    None => return,
+                },
+                _ = leader.changed() => {
+                    self.metrics.leader.set(i64::from(*leader.borrow_and_update()));
+                }
+                _ = tick.tick() => self.incidents.expire(Instant::now()),
+            }
+            self.metrics
+                .breaker_open
+                .set(i64::from(self.breaker.is_open(Instant::now())));
+        }
+    }
+
+    /// Picks up incidents recorded on nodes that still exist: a restart finishes the job.
+    fn resume(&mut self, cluster: &ClusterCache) {
+        self.metrics.leader.set(i64::from(*self.leader.borrow()));
+        for node in cluster.nodes() {
+            let Some(stored) = node.annotations().get(ANNOTATION_INCIDENT_RECORD) else {
+                continue;
+            };
+            match serde_json::from_str::<StoredIncident>(stored) {
+                Ok(stored) => {
+                    tracing::info!(
+                        node = node.name_any(),
+                        id = stored.record.id,
+                        "resuming incident"
+                    );
+                    let incident = self.incidents.resume(stored.record, Instant::now());
+                    self.execute(incident, stored.plan.into());
+                }
+                Err(error) => {
+                    tracing::warn!(node = node.name_any(), %error, "unreadable incident record")
+                }
+            }
+        }
+    }
+
+    fn decide(&mut self, evidence: Evidence) {
+        let labels = KindSourceLabels {
+            kind: evidence.kind.as_str().into(),
+            source: evidence.source.as_str().into(),
+        };
+        self.metrics.kernel_reports.get_or_create(&labels).inc();
+        if !evidence.kind.is_fatal() {
+            tracing::warn!(
+                node = evidence.node,
+                kind = evidence.kind.as_str(),
+                message = evidence.message,
+                "non-fatal kernel failure reported; the node is left alone"
+            );
+            return;
+        }
+        let source = evidence.source;
+        let (observed, incident) = self.incidents.observe(evidence);
+        match observed {
+            Observed::New => {
+                self.metrics.incidents.get_or_create(&labels).inc();
+                let plan = if self.breaker.admit(Instant::now()) {
+                    Plan::from_policy(self.policy)
+                } else {
+                    self.metrics.breaker_held_back.inc();
+                    tracing::warn!(
+                        node = incident.record.node,
+                        "circuit breaker open: marking only, nothing is deleted"
+                    );
+                    Plan::MARK_ONLY
+                };
+                tracing::error!(
+                    node = incident.record.node,
+                    id = incident.record.id,
+                    source = source.as_str(),
+                    message = incident.record.message,
+                    "kernel panic: acting on the node"
+                );
+                self.execute(incident, plan);
+            }
+            Observed::Merged { new_source: true } => {
+                self.metrics.incidents.get_or_create(&labels).inc();
+                tracing::info!(
+                    node = incident.record.node,
+                    source = source.as_str(),
+                    "another channel confirms the incident"
+                );
+                if let Some(executor) = self.executors.get(&incident.record.node) {
+                    executor
+                        .updates
+                        .send_modify(|(current, _)| *current = incident);
+                }
+            }
+            Observed::Merged { new_source: false } => {}
+        }
+    }
+
+    /// Hands the incident to its node's executor, which runs it and runs it again when the
+    /// incident changes.
+    fn execute(&mut self, incident: Incident, plan: Plan) {
+        let node = incident.record.node.clone();
+        if let Some(executor) = self.executors.get(&node)
+            && !executor.task.is_finished()
+        {
+            executor.updates.send_replace((incident, plan));
+            return;
+        }
+        let (sender, updates) = watch::channel((incident, plan));
+        let task = tokio::spawn(run_executor(
+            updates,
+            self.actions.clone(),
+            self.leader.clone(),
+            self.client.clone(),
+            self.require_corroboration,
+            self.node_lease_stale_after,
+        ));
+        self.executors.insert(
+            node,
+            Executor {
+                updates: sender,
+                task,
+            },
+        );
+    }
+}
+
+async fn run_executor(
+    mut updates: watch::Receiver<(Incident, Plan)>,
+    actions: Arc<Actions>,
+    mut leader: watch::Receiver<bool>,
+    client: Client,
+    require_corroboration: bool,
+    stale_after: Duration,
+) {
+    loop {
+        let (incident, plan) = updates.borrow_and_update().clone();
+        if leader.wait_for(|leading| *leading).await.is_err() {
+            return;
+        }
+        let deletes = plan.delete_pods || plan.delete_node;
+        let uncorroborated =
+            require_corroboration && deletes && !incident.record.sources.contains(&Source::Agent);
+        if uncorroborated && !node_lease_stale(&client, &incident.record.node, stale_after).await {
+            tracing::warn!(
+                node = incident.record.node,
+                "netconsole-only evidence and the node's Lease is fresh: marking, deletion waits"
+            );
+            actions.execute(&incident, Plan::MARK_ONLY).await;
+            // Look again when the incident changes (the agent confirms) or in a while.
+            tokio::select! {
+                changed = updates.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+            continue;
+        }
+        actions.execute(&incident, plan).await;
+        if updates.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Whether the node's heartbeat Lease in `kube-node-lease` has not been renewed recently
+/// (or is missing). Errors count as fresh: when in doubt, do not delete.
+async fn node_lease_stale(client: &Client, node: &str, stale_after: Duration) -> bool {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+    match leases.get_opt(node).await {
+        Ok(None) => true,
+        Ok(Some(lease)) => {
+            let Some(renewed) = lease.spec.and_then(|spec| spec.renew_time) else {
+                return true;
+            };
+            let age = Timestamp::now().duration_since(renewed.0);
+            age.as_secs_f64() > stale_after.as_secs_f64()
+        }
+        Err(error) => {
+            tracing::warn!(node, %error, "reading the node Lease failed");
+            false
+        }
+    }
+}

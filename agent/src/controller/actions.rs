@@ -1,0 +1,341 @@
+//! The Kubernetes writes of an incident, in order: the node's annotations and Event (the
+//! durable record of the decision), then every pod concurrently — annotations, Event,
+//! `DisruptionTarget` condition, deletion — then the node's deletion.
+//!
+//! Every step is idempotent, so running an incident again (after a merge, or after a
+//! controller restart) finishes what is left without duplicate Events. Transient API errors
+//! are retried with back-off until they succeed.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    future::Future,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::{
+    Api, Client, Resource as _, ResourceExt as _,
+    api::{DeleteParams, Patch, PatchParams, Preconditions},
+    runtime::events::{Event, EventType, Recorder},
+};
+use prometheus_client::metrics::{counter::Counter, family::Family};
+use serde_json::json;
+
+use super::{
+    cluster::ClusterCache,
+    incidents::{Incident, IncidentRecord},
+    metrics::{ControllerMetrics, ObjectLabels},
+    policy::Plan,
+    reasons::{
+        ANNOTATION_INCIDENT, ANNOTATION_INCIDENT_RECORD, ANNOTATION_REASON, ANNOTATION_REASON_CODE,
+        ANNOTATION_SOURCE, ANNOTATION_TIME, CONDITION_TYPE, FIELD_MANAGER, condition_reason,
+        reason_text, sources_label,
+    },
+};
+
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+pub struct Actions {
+    client: Client,
+    recorder: Recorder,
+    cluster: ClusterCache,
+    metrics: Arc<ControllerMetrics>,
+    concurrency: usize,
+    dry_run: bool,
+    /// Objects this process already published an Event for, by incident id; objects marked
+    /// by an earlier process are recognised by their annotation instead.
+    evented: Mutex<HashSet<(String, String)>>,
+}
+
+impl Actions {
+    pub fn new(
+        client: Client,
+        recorder: Recorder,
+        cluster: ClusterCache,
+        metrics: Arc<ControllerMetrics>,
+        concurrency: usize,
+        dry_run: bool,
+    ) -> Self {
+        Self {
+            client,
+            recorder,
+            cluster,
+            metrics,
+            concurrency: concurrency.max(1),
+            dry_run,
+            evented: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Carries out an incident's plan. Returns once every write has succeeded or is moot.
+    pub async fn execute(&self, incident: &Incident, plan: Plan) {
+        let record = &incident.record;
+        if self.dry_run {
+            self.log_dry_run(record, plan);
+            return;
+        }
+        let Some(node) = self.cluster.node(&record.node) else {
+            tracing::info!(node = record.node, "node already gone; nothing to mark");
+            return;
+        };
+        self.mark_node(&node, record, plan).await;
+
+        let pods = self.cluster.pods_on(&record.node);
+        futures::stream::iter(pods)
+            .for_each_concurrent(self.concurrency, |pod| self.handle_pod(pod, record, plan))
+            .await;
+
+        if plan.delete_node {
+            let api: Api<Node> = Api::all(self.client.clone());
+            let params = delete_now(node.uid());
+            if self
+                .retry("delete node", || api.delete(&record.node, &params))
+                .await
+                .is_some()
+            {
+                self.count(&self.metrics.deleted, "node");
+                tracing::info!(node = record.node, "node deleted");
+            }
+        }
+        self.metrics
+            .time_to_last_write
+            .observe(incident.first_datagram.elapsed().as_secs_f64());
+    }
+
+    async fn mark_node(&self, node: &Node, record: &IncidentRecord, plan: Plan) {
+        let api: Api<Node> = Api::all(self.client.clone());
+        let mut annotations = reason_annotations(record);
+        annotations.insert(
+            ANNOTATION_INCIDENT_RECORD.into(),
+            serde_json::to_string(&StoredIncident {
+                record: record.clone(),
+                plan: plan.into(),
+            })
+            .expect("records serialize"),
+        );
+        let patch = json!({ "metadata": { "annotations": annotations } });
+        let (params, patch) = (PatchParams::default(), Patch::Merge(&patch));
+        let marked = self
+            .retry("annotate node", || api.patch(&record.node, &params, &patch))
+            .await
+            .is_some();
+        if !marked {
+            return;
+        }
+        if self.first_event(node.annotations(), record, "Node", &record.node) {
+            self.count(&self.metrics.marked, "node");
+            self.publish(&node.object_ref(&()), record, "MarkedForDeletion")
+                .await;
+        }
+    }
+
+    async fn handle_pod(&self, pod: Arc<Pod>, record: &IncidentRecord, plan: Plan) {
+        let namespace = pod.namespace().unwrap_or_default();
+        let name = pod.name_any();
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &namespace);
+
+        let patch = json!({ "metadata": { "annotations": reason_annotations(record) } });
+        let (params, patch) = (PatchParams::default(), Patch::Merge(&patch));
+        let annotated = self
+            .retry("annotate pod", || api.patch(&name, &params, &patch))
+            .await;
+        if annotated.is_none() {
+            return;
+        }
+        let key = format!("{namespace}/{name}");
+        if self.first_event(pod.annotations(), record, "Pod", &key) {
+            self.count(&self.metrics.marked, "pod");
+            self.publish(&pod.object_ref(&()), record, "Terminating")
+                .await;
+        }
+
+        let condition = json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": { "name": name, "namespace": namespace },
+            "status": { "conditions": [{
+                "type": CONDITION_TYPE,
+                "status": "True",
+                "reason": condition_reason(record.kind()),
+                "message": reason_text(&record.node, record.kind(), &record.message),
+                "lastTransitionTime": record.time,
+            }]}
+        });
+        let (params, condition) = (
+            PatchParams::apply(FIELD_MANAGER).force(),
+            Patch::Apply(&condition),
+        );
+        // A refused condition is logged by `retry`; the pod is still deleted: its reason is
+        // already in its annotations.
+        self.retry("set pod condition", || {
+            api.patch_status(&name, &params, &condition)
+        })
+        .await;
+
+        if plan.delete_pods {
+            let params = delete_now(pod.uid());
+            if self
+                .retry("delete pod", || api.delete(&name, &params))
+                .await
+                .is_some()
+            {
+                self.count(&self.metrics.deleted, "pod");
+            }
+        }
+    }
+
+    /// Whether this object still needs its Event for this incident: not yet published by
+    /// this process, and not marked with the incident by an earlier one.
+    fn first_event(
+        &self,
+        annotations: &BTreeMap<String, String>,
+        record: &IncidentRecord,
+        kind: &str,
+        key: &str,
+    ) -> bool {
+        if annotations.get(ANNOTATION_INCIDENT) == Some(&record.id) {
+            return false;
+        }
+        self.evented
+            .lock()
+            .expect("evented lock")
+            .insert((record.id.clone(), format!("{kind}/{key}")))
+    }
+
+    async fn publish(
+        &self,
+        reference: &k8s_openapi::api::core::v1::ObjectReference,
+        record: &IncidentRecord,
+        action: &str,
+    ) {
+        let event = Event {
+            type_: EventType::Warning,
+            reason: condition_reason(record.kind()),
+            note: Some(reason_text(&record.node, record.kind(), &record.message)),
+            action: action.into(),
+            secondary: None,
+        };
+        self.retry("publish event", || self.recorder.publish(&event, reference))
+            .await;
+    }
+
+    /// Runs a write until it succeeds; `None` when it failed for good or the object is gone.
+    async fn retry<T, F, Fut>(&self, what: &str, mut write: F) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, kube::Error>>,
+    {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match write().await {
+                Ok(value) => return Some(value),
+                Err(kube::Error::Api(status)) if status.code == 404 => return None,
+                Err(error) if transient(&error) => {
+                    self.metrics.write_retries.inc();
+                    tracing::warn!(%error, what, ?backoff, "write failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Err(error) => {
+                    tracing::error!(%error, what, "write refused; giving up on it");
+                    return None;
+                }
+            }
+        }
+    }
+
+    fn count(&self, family: &Family<ObjectLabels, Counter>, object: &str) {
+        family
+            .get_or_create(&ObjectLabels {
+                object: object.into(),
+            })
+            .inc();
+    }
+
+    fn log_dry_run(&self, record: &IncidentRecord, plan: Plan) {
+        let pods = self.cluster.pods_on(&record.node);
+        tracing::info!(
+            node = record.node,
+            reason = reason_text(&record.node, record.kind(), &record.message),
+            annotations = ?reason_annotations(record),
+            pods = pods.len(),
+            delete_pods = plan.delete_pods,
+            delete_node = plan.delete_node,
+            "dry run: would annotate the node and its pods, set DisruptionTarget, publish Events"
+        );
+        for pod in pods {
+            tracing::info!(
+                node = record.node,
+                pod = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any()),
+                "dry run: would mark{}",
+                if plan.delete_pods { " and delete" } else { "" }
+            );
+        }
+    }
+}
+
+/// Conflicts, throttling, server errors and connection trouble pass; the rest does not.
+fn transient(error: &kube::Error) -> bool {
+    match error {
+        kube::Error::Api(status) => matches!(status.code, 409 | 429) || status.code >= 500,
+        kube::Error::HyperError(_) | kube::Error::Service(_) => true,
+        _ => false,
+    }
+}
+
+fn delete_now(uid: Option<String>) -> DeleteParams {
+    DeleteParams {
+        grace_period_seconds: Some(0),
+        preconditions: Some(Preconditions {
+            uid,
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    }
+}
+
+fn reason_annotations(record: &IncidentRecord) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            ANNOTATION_REASON.to_owned(),
+            reason_text(&record.node, record.kind(), &record.message),
+        ),
+        (ANNOTATION_REASON_CODE.to_owned(), record.code.clone()),
+        (ANNOTATION_SOURCE.to_owned(), sources_label(&record.sources)),
+        (ANNOTATION_TIME.to_owned(), record.time.clone()),
+        (ANNOTATION_INCIDENT.to_owned(), record.id.clone()),
+    ])
+}
+
+/// The node's record of an incident: enough to finish it after a controller restart.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct StoredIncident {
+    pub record: IncidentRecord,
+    pub plan: StoredPlan,
+}
+
+#[derive(Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct StoredPlan {
+    pub delete_pods: bool,
+    pub delete_node: bool,
+}
+
+impl From<Plan> for StoredPlan {
+    fn from(plan: Plan) -> Self {
+        Self {
+            delete_pods: plan.delete_pods,
+            delete_node: plan.delete_node,
+        }
+    }
+}
+
+impl From<StoredPlan> for Plan {
+    fn from(plan: StoredPlan) -> Self {
+        Self {
+            delete_pods: plan.delete_pods,
+            delete_node: plan.delete_node,
+        }
+    }
+}

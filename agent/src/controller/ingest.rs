@@ -1,0 +1,230 @@
+//! The two UDP inputs: the kernel's netconsole stream and the agents' last-gasp reports.
+//! Both turn datagrams into [`Evidence`] for known nodes; everything else is counted and dropped.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::{net::UdpSocket, sync::mpsc};
+
+use super::{
+    cluster::ClusterCache,
+    incidents::Evidence,
+    metrics::{ChannelLabels, ControllerMetrics},
+    netconsole::{KernelReport, Limits, PanicWatch, Reassembler, WatchLimits},
+    reasons::Source,
+};
+use crate::{
+    kernel_log::KernelEventKind,
+    wire::{self, AuthKey, WireError},
+};
+
+const NETCONSOLE: &str = "netconsole";
+const REPORT: &str = "report";
+
+/// Receives netconsole datagrams; only those from a node's address are parsed.
+pub async fn netconsole(
+    socket: UdpSocket,
+    cluster: ClusterCache,
+    evidence: mpsc::Sender<Evidence>,
+    metrics: Arc<ControllerMetrics>,
+) {
+    let mut reassembler = Reassembler::new(Limits::default());
+    let mut watch: PanicWatch<String> = PanicWatch::new(WatchLimits::default());
+    let mut buffer = vec![0u8; 65536];
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let reports = tokio::select! {
+            received = socket.recv_from(&mut buffer) => {
+                let Ok((len, from)) = received else { continue };
+                metrics.datagrams.get_or_create(&ChannelLabels { channel: NETCONSOLE.into() }).inc();
+                let Some(node) = cluster.node_by_address(from.ip()) else {
+                    metrics.drop_datagram(NETCONSOLE, "unknown_sender");
+                    continue;
+                };
+                let now = Instant::now();
+                match reassembler.push(from, &buffer[..len], now) {
+                    Ok(records) => records
+                        .iter()
+                        .flat_map(|record| watch.push(node.clone(), record, now))
+                        .collect(),
+                    Err(error) => {
+                        tracing::debug!(%from, %error, "unparsable netconsole datagram");
+                        metrics.drop_datagram(NETCONSOLE, "unparsable");
+                        continue;
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                let now = Instant::now();
+                let mut reports: Vec<(String, KernelReport)> = Vec::new();
+                for (from, record) in reassembler.expire(now) {
+                    if let Some(node) = cluster.node_by_address(from.ip()) {
+                        reports.extend(watch.push(node, &record, now));
+                    }
+                }
+                reports.extend(watch.poll(now));
+                reports
+            }
+        };
+        for (node, report) in reports {
+            let evidence_item = Evidence {
+                node,
+                boot_id: None,
+                source: Source::Netconsole,
+                kind: report.kind,
+                message: report.message,
+                context: report.context,
+                first_datagram: report.first_seen,
+            };
+            if evidence.send(evidence_item).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Remembers the highest sequence number accepted per (node, boot), so a captured datagram
+/// sent again is rejected. Bounded: the oldest boots are forgotten first.
+#[derive(Debug)]
+pub struct ReplayGuard {
+    highest: HashMap<(String, String), u64>,
+    order: VecDeque<(String, String)>,
+    capacity: usize,
+}
+
+impl ReplayGuard {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            highest: HashMap::new(),
+            order: VecDeque::new(),
+            capacity,
+        }
+    }
+
+    /// Accepts `seq` if it is above every one seen for this node and boot.
+    pub fn accept(&mut self, node: &str, boot_id: &str, seq: u64) -> bool {
+        let key = (node.to_owned(), boot_id.to_owned());
+        match self.highest.get_mut(&key) {
+            Some(highest) if seq <= *highest => false,
+            Some(highest) => {
+                *highest = seq;
+                true
+            }
+            None => {
+                if self.order.len() >= self.capacity
+                    && let Some(oldest) = self.order.pop_front()
+                {
+                    self.highest.remove(&oldest);
+                }
+                self.order.push_back(key.clone());
+                self.highest.insert(key, seq);
+                true
+            }
+        }
+    }
+}
+
+fn kind_of(report_kind: &str) -> Option<KernelEventKind> {
+    KernelEventKind::ALL
+        .into_iter()
+        .find(|kind| kind.event_kind() == report_kind)
+}
+
+/// Receives last-gasp reports: authenticated, not replayed, about a known node.
+pub async fn reports(
+    socket: UdpSocket,
+    key: AuthKey,
+    cluster: ClusterCache,
+    evidence: mpsc::Sender<Evidence>,
+    metrics: Arc<ControllerMetrics>,
+) {
+    let mut replay = ReplayGuard::new(65536);
+    let mut buffer = vec![0u8; 65536];
+    loop {
+        let Ok((len, from)) = socket.recv_from(&mut buffer).await else {
+            continue;
+        };
+        let first_datagram = Instant::now();
+        metrics
+            .datagrams
+            .get_or_create(&ChannelLabels {
+                channel: REPORT.into(),
+            })
+            .inc();
+        let report = match wire::decode(&buffer[..len], &key) {
+            Ok(report) => report,
+            Err(error) => {
+                reject(&metrics, from, &error);
+                continue;
+            }
+        };
+        if cluster.node(&report.node).is_none() {
+            tracing::warn!(%from, node = report.node, "report about a node that does not exist");
+            metrics.drop_datagram(REPORT, "unknown_node");
+            continue;
+        }
+        if !replay.accept(&report.node, &report.boot_id, report.seq) {
+            tracing::warn!(%from, node = report.node, seq = report.seq, "replayed report rejected");
+            metrics.drop_datagram(REPORT, "replay");
+            continue;
+        }
+        let Some(kind) = kind_of(&report.kind) else {
+            metrics.drop_datagram(REPORT, "unknown_kind");
+            continue;
+        };
+        let evidence_item = Evidence {
+            node: report.node,
+            boot_id: Some(report.boot_id),
+            source: Source::Agent,
+            kind,
+            message: report.message,
+            context: report.context,
+            first_datagram,
+        };
+        if evidence.send(evidence_item).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn reject(metrics: &ControllerMetrics, from: SocketAddr, error: &WireError) {
+    let reason = match error {
+        WireError::BadMac => "bad_mac",
+        WireError::AuthSchemeMismatch { .. } => "auth_scheme_mismatch",
+        _ => "malformed",
+    };
+    tracing::warn!(%from, %error, "last-gasp datagram rejected");
+    metrics.drop_datagram(REPORT, reason);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_guard_takes_each_sequence_once_and_forgets_oldest_boots() {
+        let mut guard = ReplayGuard::new(2);
+        assert!(guard.accept("a", "boot", 5));
+        assert!(!guard.accept("a", "boot", 5));
+        assert!(!guard.accept("a", "boot", 4));
+        assert!(guard.accept("a", "boot", 6));
+        assert!(guard.accept("a", "other-boot", 1));
+        assert!(guard.accept("b", "boot", 1));
+        // ("a", "boot") was the oldest and is forgotten.
+        assert!(guard.accept("a", "boot", 1));
+    }
+
+    #[test]
+    fn report_kinds_map_back_to_kernel_kinds() {
+        assert_eq!(kind_of("kernel_panic"), Some(KernelEventKind::Panic));
+        assert_eq!(
+            kind_of("kernel_oom_kill"),
+            Some(KernelEventKind::OutOfMemory)
+        );
+        assert_eq!(kind_of("nonsense"), None);
+    }
+}

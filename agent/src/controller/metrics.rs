@@ -1,0 +1,134 @@
+//! The controller's Prometheus metrics.
+
+use std::sync::Arc;
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindSourceLabels {
+    pub kind: String,
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChannelLabels {
+    pub channel: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DropLabels {
+    pub channel: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ObjectLabels {
+    pub object: String,
+}
+
+pub struct ControllerMetrics {
+    pub incidents: Family<KindSourceLabels, Counter>,
+    pub kernel_reports: Family<KindSourceLabels, Counter>,
+    pub marked: Family<ObjectLabels, Counter>,
+    pub deleted: Family<ObjectLabels, Counter>,
+    pub time_to_last_write: Histogram,
+    pub datagrams: Family<ChannelLabels, Counter>,
+    pub dropped: Family<DropLabels, Counter>,
+    pub write_retries: Counter,
+    pub breaker_open: Gauge,
+    pub breaker_held_back: Counter,
+    pub leader: Gauge,
+}
+
+impl ControllerMetrics {
+    pub fn register(registry: &mut Registry) -> Arc<Self> {
+        let metrics = Self {
+            incidents: Family::default(),
+            kernel_reports: Family::default(),
+            marked: Family::default(),
+            deleted: Family::default(),
+            // 10 ms to ~5.5 min.
+            time_to_last_write: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
+            datagrams: Family::default(),
+            dropped: Family::default(),
+            write_retries: Counter::default(),
+            breaker_open: Gauge::default(),
+            breaker_held_back: Counter::default(),
+            leader: Gauge::default(),
+        };
+        registry.register(
+            "controller_incidents",
+            "Node incidents (kernel panics) opened, by kind and by each channel that reported them",
+            metrics.incidents.clone(),
+        );
+        registry.register(
+            "controller_kernel_reports",
+            "Kernel failures reported for known nodes, fatal or not, by kind and channel",
+            metrics.kernel_reports.clone(),
+        );
+        registry.register(
+            "controller_marked_objects",
+            "Pods and nodes given a termination reason",
+            metrics.marked.clone(),
+        );
+        registry.register(
+            "controller_deleted_objects",
+            "Pods and nodes deleted",
+            metrics.deleted.clone(),
+        );
+        registry.register(
+            "controller_incident_last_write_seconds",
+            "Time from an incident's first datagram to its last Kubernetes write",
+            metrics.time_to_last_write.clone(),
+        );
+        registry.register(
+            "controller_datagrams_received",
+            "UDP datagrams received, by channel (netconsole, report)",
+            metrics.datagrams.clone(),
+        );
+        registry.register(
+            "controller_datagrams_dropped",
+            "UDP datagrams dropped, by channel and reason",
+            metrics.dropped.clone(),
+        );
+        registry.register(
+            "controller_write_retries",
+            "Kubernetes writes retried after a transient error",
+            metrics.write_retries.clone(),
+        );
+        registry.register(
+            "controller_circuit_breaker_open",
+            "1 while the circuit breaker holds back deletions",
+            metrics.breaker_open.clone(),
+        );
+        registry.register(
+            "controller_circuit_breaker_held_back",
+            "Incidents only marked because the circuit breaker was open",
+            metrics.breaker_held_back.clone(),
+        );
+        registry.register(
+            "controller_leader",
+            "1 while this replica is the leader and may write",
+            metrics.leader.clone(),
+        );
+        Arc::new(metrics)
+    }
+
+    pub fn drop_datagram(&self, channel: &str, reason: &str) {
+        self.dropped
+            .get_or_create(&DropLabels {
+                channel: channel.into(),
+                reason: reason.into(),
+            })
+            .inc();
+    }
+}

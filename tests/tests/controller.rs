@@ -1,0 +1,600 @@
+//! The controller against the in-repo Kubernetes API test server over real HTTP, fed real
+//! netconsole captures and real last-gasp datagrams over UDP on loopback. Node B's InternalIP
+//! is 127.0.0.2 and node A's 127.0.0.3, so datagrams sent from those addresses come "from" them.
+
+use std::{
+    net::{SocketAddr, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use base64::Engine as _;
+use lastgasp::{
+    controller::{Controller, ControllerConfig, policy::Policy},
+    wire::{self, AuthKey, Report},
+};
+use lastgasp_tests::apiserver::{ApiServer, Matcher};
+use serde_json::{Value, json};
+
+const PANIC: &str = "Kernel panic - not syncing: sysrq triggered crash";
+const REASON_B: &str =
+    "node node-b kernel panic: Kernel panic - not syncing: sysrq triggered crash";
+const KEY: &[u8] = b"controller-test-key";
+
+fn seed(server: &ApiServer) {
+    for (node, ip) in [("node-a", "127.0.0.3"), ("node-b", "127.0.0.2")] {
+        server
+            .put_json(
+                "nodes",
+                json!({
+                    "apiVersion": "v1", "kind": "Node",
+                    "metadata": { "name": node },
+                    "status": { "addresses": [
+                        { "type": "InternalIP", "address": ip },
+                        { "type": "Hostname", "address": node },
+                    ]}
+                }),
+            )
+            .unwrap();
+    }
+    for (pod, node) in [
+        ("b-0", "node-b"),
+        ("b-1", "node-b"),
+        ("b-2", "node-b"),
+        ("a-0", "node-a"),
+        ("a-1", "node-a"),
+    ] {
+        server
+            .put_json(
+                "pods",
+                json!({
+                    "apiVersion": "v1", "kind": "Pod",
+                    "metadata": { "name": pod, "namespace": "team" },
+                    "spec": { "nodeName": node, "containers": [{ "name": "app", "image": "app" }] },
+                    "status": { "phase": "Running", "conditions": [{ "type": "Ready", "status": "True" }] }
+                }),
+            )
+            .unwrap();
+    }
+}
+
+async fn start(server: &ApiServer, policy: Policy, breaker_max_nodes: usize) -> Controller {
+    Controller::start(
+        server.client().await.unwrap(),
+        ControllerConfig {
+            netconsole_addr: "127.0.0.1:0".parse().unwrap(),
+            report_addr: "127.0.0.1:0".parse().unwrap(),
+            metrics_addr: "127.0.0.1:0".parse().unwrap(),
+            auth_key: AuthKey::HmacSha256(KEY.to_vec()),
+            policy,
+            dry_run: false,
+            concurrency: 8,
+            breaker_max_nodes,
+            breaker_window: Duration::from_secs(600),
+            require_corroboration: false,
+            node_lease_stale_after: Duration::from_secs(40),
+            leader: None,
+            reporter: "lastgasp-controller".into(),
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// The real capture of a panicking Debian 6.1 kernel, datagram by datagram: (format, payload).
+fn capture() -> Vec<(String, Vec<u8>)> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/testdata/netconsole/debian-6.1-cloud-sysrq-crash.jsonl"
+    );
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let datagram: Value = serde_json::from_str(line).unwrap();
+            (
+                datagram["format"].as_str().unwrap().to_owned(),
+                base64::engine::general_purpose::STANDARD
+                    .decode(datagram["payload_b64"].as_str().unwrap())
+                    .unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Sends the capture from `ip`, the plain and extended targets from two ports as the kernel does.
+fn replay_netconsole(ip: &str, to: SocketAddr) {
+    let plain = UdpSocket::bind((ip, 0)).unwrap();
+    let extended = UdpSocket::bind((ip, 0)).unwrap();
+    for (format, payload) in capture() {
+        let socket = if format == "plain" { &plain } else { &extended };
+        socket.send_to(&payload, to).unwrap();
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+fn report(node: &str, seq: u64) -> Vec<u8> {
+    wire::encode(
+        &Report {
+            node: node.into(),
+            boot_id: "boot-1".into(),
+            seq,
+            sent_at_ms: 0,
+            kind: "kernel_panic".into(),
+            source: "console".into(),
+            message: PANIC.into(),
+            context: vec!["CPU: 0 PID: 1 Comm: sh".into()],
+            kernel_release: None,
+        },
+        &AuthKey::HmacSha256(KEY.to_vec()),
+    )
+    .unwrap()
+}
+
+fn send_report(datagram: &[u8], to: SocketAddr) {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .send_to(datagram, to)
+        .unwrap();
+}
+
+async fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn gone(server: &ApiServer, resource: &str, namespace: Option<&str>, name: &str) -> bool {
+    server
+        .get_json(resource, namespace, name)
+        .unwrap()
+        .is_none()
+}
+
+fn annotation<'a>(object: &'a Value, key: &str) -> Option<&'a str> {
+    object["metadata"]["annotations"][key].as_str()
+}
+
+/// Every Event the controller published about an object, from the API server's store.
+fn events_about(server: &ApiServer, kind: &str, name: &str) -> Vec<Value> {
+    server
+        .list_json("events", None)
+        .unwrap()
+        .into_iter()
+        .filter(|event| event["regarding"]["kind"] == kind && event["regarding"]["name"] == name)
+        .collect()
+}
+
+/// Writes (anything but reads) the controller made to one object, from the request log.
+fn writes_to(server: &ApiServer, path_fragment: &str) -> Vec<String> {
+    server
+        .requests()
+        .into_iter()
+        .filter(|request| request.method != "GET" && request.uri.contains(path_fragment))
+        .map(|request| format!("{} {}", request.method, request.uri))
+        .collect()
+}
+
+async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response.split_once("\r\n\r\n").unwrap().1.to_owned()
+}
+
+/// Watches pods and nodes from before the controller acts, to see their last state on deletion.
+struct LastStates {
+    deleted: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LastStates {
+    async fn start(server: &ApiServer) -> Self {
+        use futures::StreamExt as _;
+        use k8s_openapi::api::core::v1::{Node, Pod};
+        use kube::{Api, runtime::watcher};
+        let client = server.client().await.unwrap();
+        let deleted = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = deleted.clone();
+        let task = tokio::spawn(async move {
+            let pods = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
+                .filter_map(|event| async move {
+                    match event {
+                        Ok(watcher::Event::Delete(pod)) => serde_json::to_value(pod).ok(),
+                        _ => None,
+                    }
+                });
+            let nodes = watcher(Api::<Node>::all(client), watcher::Config::default()).filter_map(
+                |event| async move {
+                    match event {
+                        Ok(watcher::Event::Delete(node)) => serde_json::to_value(node).ok(),
+                        _ => None,
+                    }
+                },
+            );
+            let mut both = std::pin::pin!(futures::stream::select(pods, nodes));
+            while let Some(object) = both.next().await {
+                sink.lock().unwrap().push(object);
+            }
+        });
+        // Let the watches list before anything changes.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Self { deleted, task }
+    }
+
+    fn last_state(&self, name: &str) -> Value {
+        self.deleted
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|object| object["metadata"]["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no deletion of {name} was seen"))
+    }
+}
+
+impl Drop for LastStates {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_netconsole_panic_marks_and_deletes_the_node_and_its_pods_only() {
+    let server = ApiServer::start().await.unwrap();
+    seed(&server);
+    let watch = LastStates::start(&server).await;
+    let controller = start(&server, Policy::DeletePodsAndNode, 3).await;
+
+    let sent = Instant::now();
+    replay_netconsole("127.0.0.2", controller.netconsole_addr());
+    wait_for("node-b deleted", Duration::from_secs(15), || {
+        gone(&server, "nodes", None, "node-b")
+    })
+    .await;
+    println!("replay start to node deleted: {:?}", sent.elapsed());
+    wait_for("the watch to see node-b go", Duration::from_secs(5), || {
+        watch.deleted.lock().unwrap().len() >= 4
+    })
+    .await;
+
+    for pod in ["b-0", "b-1", "b-2"] {
+        assert!(gone(&server, "pods", Some("team"), pod), "{pod} deleted");
+        let last = watch.last_state(pod);
+        assert_eq!(
+            annotation(&last, "lastgasp.io/termination-reason"),
+            Some(REASON_B)
+        );
+        assert_eq!(
+            annotation(&last, "lastgasp.io/termination-reason-code"),
+            Some("KernelPanic")
+        );
+        assert_eq!(
+            annotation(&last, "lastgasp.io/termination-source"),
+            Some("netconsole")
+        );
+        assert!(annotation(&last, "lastgasp.io/termination-time").is_some());
+        let conditions = last["status"]["conditions"].as_array().unwrap();
+        let disruption = conditions
+            .iter()
+            .find(|c| c["type"] == "DisruptionTarget")
+            .expect("DisruptionTarget condition");
+        assert_eq!(disruption["status"], "True");
+        assert_eq!(disruption["reason"], "NodeKernelPanic");
+        assert!(
+            conditions.iter().any(|c| c["type"] == "Ready"),
+            "kubelet's own conditions are untouched"
+        );
+        let events = events_about(&server, "Pod", pod);
+        assert_eq!(events.len(), 1, "one Event on {pod}");
+        assert_eq!(events[0]["type"], "Warning");
+        assert_eq!(events[0]["reason"], "NodeKernelPanic");
+        assert_eq!(events[0]["note"], REASON_B);
+        // Annotations are written before the deletion.
+        let writes = writes_to(&server, &format!("/pods/{pod}"));
+        let annotated = writes.iter().position(|w| w.starts_with("PATCH")).unwrap();
+        let deleted = writes.iter().position(|w| w.starts_with("DELETE")).unwrap();
+        assert!(annotated < deleted, "{writes:?}");
+    }
+    let node = watch.last_state("node-b");
+    assert_eq!(
+        annotation(&node, "lastgasp.io/termination-reason"),
+        Some(REASON_B)
+    );
+    assert_eq!(events_about(&server, "Node", "node-b").len(), 1);
+
+    for pod in ["a-0", "a-1"] {
+        let untouched = server.get_json("pods", Some("team"), pod).unwrap().unwrap();
+        assert!(annotation(&untouched, "lastgasp.io/termination-reason").is_none());
+        assert!(writes_to(&server, &format!("/pods/{pod}")).is_empty());
+    }
+    assert!(server.get_json("nodes", None, "node-a").unwrap().is_some());
+
+    let metrics = scrape(controller.metrics_addr()).await;
+    assert!(
+        metrics
+            .contains(r#"lastgasp_controller_incidents_total{kind="panic",source="netconsole"} 1"#)
+    );
+    assert!(metrics.contains(r#"lastgasp_controller_deleted_objects_total{object="pod"} 3"#));
+    assert!(metrics.contains(r#"lastgasp_controller_deleted_objects_total{object="node"} 1"#));
+    assert!(metrics.contains("lastgasp_controller_incident_last_write_seconds_count 1"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_report_acts_too_and_both_channels_make_one_incident() {
+    let server = ApiServer::start().await.unwrap();
+    seed(&server);
+    let controller = start(&server, Policy::Annotate, 3).await;
+
+    send_report(&report("node-b", 1), controller.report_addr());
+    wait_for(
+        "pods marked from the agent report",
+        Duration::from_secs(10),
+        || {
+            server
+                .get_json("pods", Some("team"), "b-2")
+                .unwrap()
+                .is_some_and(|pod| {
+                    annotation(&pod, "lastgasp.io/termination-reason") == Some(REASON_B)
+                })
+        },
+    )
+    .await;
+    replay_netconsole("127.0.0.2", controller.netconsole_addr());
+    wait_for(
+        "netconsole merged into the incident",
+        Duration::from_secs(10),
+        || {
+            ["b-0", "b-1", "b-2"].iter().all(|pod| {
+                let pod = server.get_json("pods", Some("team"), pod).unwrap().unwrap();
+                annotation(&pod, "lastgasp.io/termination-source") == Some("agent,netconsole")
+            })
+        },
+    )
+    .await;
+    // Let any late duplicate writes land before counting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    for pod in ["b-0", "b-1", "b-2"] {
+        let pod_json = server.get_json("pods", Some("team"), pod).unwrap().unwrap();
+        let conditions = pod_json["status"]["conditions"].as_array().unwrap();
+        assert_eq!(
+            conditions
+                .iter()
+                .filter(|c| c["type"] == "DisruptionTarget")
+                .count(),
+            1
+        );
+        assert_eq!(
+            events_about(&server, "Pod", pod).len(),
+            1,
+            "one Event on {pod}"
+        );
+    }
+    let node = server.get_json("nodes", None, "node-b").unwrap().unwrap();
+    let record: Value =
+        serde_json::from_str(annotation(&node, "lastgasp.io/incident-record").unwrap()).unwrap();
+    assert_eq!(record["record"]["sources"], json!(["agent", "netconsole"]));
+    assert_eq!(record["record"]["boot_id"], "boot-1");
+    assert_eq!(events_about(&server, "Node", "node-b").len(), 1);
+    assert!(writes_to(&server, "/pods/a-").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn strangers_bad_macs_and_replays_write_nothing() {
+    let server = ApiServer::start().await.unwrap();
+    seed(&server);
+    let controller = start(&server, Policy::Annotate, 3).await;
+
+    // 127.0.0.9 is no node's address.
+    replay_netconsole("127.0.0.9", controller.netconsole_addr());
+    let mut forged = report("node-b", 1);
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    send_report(&forged, controller.report_addr());
+    let unsigned = wire::encode(
+        &wire::decode(&report("node-b", 2), &AuthKey::HmacSha256(KEY.to_vec())).unwrap(),
+        &AuthKey::None,
+    )
+    .unwrap();
+    send_report(&unsigned, controller.report_addr());
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let writes = || {
+        server
+            .requests()
+            .into_iter()
+            .filter(|request| request.method != "GET")
+            .count()
+    };
+    assert_eq!(writes(), 0, "nothing written for strangers and forgeries");
+
+    let genuine = report("node-b", 10);
+    send_report(&genuine, controller.report_addr());
+    wait_for(
+        "the genuine report acted on",
+        Duration::from_secs(10),
+        || !events_about(&server, "Pod", "b-2").is_empty(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after_genuine = writes();
+    send_report(&genuine, controller.report_addr());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(writes(), after_genuine, "a replayed report writes nothing");
+
+    let metrics = scrape(controller.metrics_addr()).await;
+    for dropped in [
+        r#"lastgasp_controller_datagrams_dropped_total{channel="netconsole",reason="unknown_sender"}"#,
+        r#"lastgasp_controller_datagrams_dropped_total{channel="report",reason="bad_mac"} 1"#,
+        r#"lastgasp_controller_datagrams_dropped_total{channel="report",reason="auth_scheme_mismatch"} 1"#,
+        r#"lastgasp_controller_datagrams_dropped_total{channel="report",reason="replay"} 1"#,
+    ] {
+        assert!(
+            metrics.contains(dropped),
+            "{dropped} missing from:\n{metrics}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_from_one_node_does_not_delay_a_panic_from_another() {
+    let server = ApiServer::start().await.unwrap();
+    seed(&server);
+    let controller = start(&server, Policy::DeletePods, 3).await;
+    let target = controller.netconsole_addr();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooding = stop.clone();
+    let flood = std::thread::spawn(move || {
+        let socket = UdpSocket::bind(("127.0.0.3", 0)).unwrap();
+        let mut sent = 0u64;
+        while !flooding.load(std::sync::atomic::Ordering::Relaxed) && sent < 200_000 {
+            let line = format!("[ 1.{sent:06}] eth0: link flapping, message {sent}\n");
+            let _ = socket.send_to(line.as_bytes(), target);
+            sent += 1;
+        }
+        sent
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    replay_netconsole("127.0.0.2", target);
+    wait_for(
+        "node-b's pods deleted during the flood",
+        Duration::from_secs(15),
+        || {
+            ["b-0", "b-1", "b-2"]
+                .iter()
+                .all(|pod| gone(&server, "pods", Some("team"), pod))
+        },
+    )
+    .await;
+    let took = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let flooded = flood.join().unwrap();
+    println!("panic acted on in {took:?} while node-a flooded {flooded} datagrams");
+    assert!(
+        flooded > 1000,
+        "the flood ran alongside ({flooded} datagrams)"
+    );
+    assert!(
+        server
+            .get_json("pods", Some("team"), "a-0")
+            .unwrap()
+            .is_some()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn api_errors_are_retried_until_done() {
+    let server = ApiServer::start().await.unwrap();
+    seed(&server);
+    server
+        .faults()
+        .fail_next(Matcher::any().verb("patch").resource("pods"), 4, 500);
+    server
+        .faults()
+        .fail_next(Matcher::any().verb("delete").resource("pods"), 2, 503);
+    let controller = start(&server, Policy::DeletePods, 3).await;
+    send_report(&report("node-b", 1), controller.report_addr());
+    wait_for(
+        "pods deleted despite errors",
+        Duration::from_secs(20),
+        || {
+            ["b-0", "b-1", "b-2"]
+                .iter()
+                .all(|pod| gone(&server, "pods", Some("team"), pod))
+        },
+    )
+    .await;
+    for pod in ["b-0", "b-1", "b-2"] {
+        assert_eq!(events_about(&server, "Pod", pod).len(), 1);
+    }
+    let metrics = scrape(controller.metrics_addr()).await;
+    let retries: u64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("lastgasp_controller_write_retries_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retries >= 4, "{retries} retries");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_circuit_breaker_caps_nodes_acted_on() {
+    let server = ApiServer::start().await.unwrap();
+    seed(&server);
+    let controller = start(&server, Policy::DeletePodsAndNode, 1).await;
+    send_report(&report("node-b", 1), controller.report_addr());
+    wait_for("node-b deleted", Duration::from_secs(10), || {
+        gone(&server, "nodes", None, "node-b")
+    })
+    .await;
+    send_report(&report("node-a", 1), controller.report_addr());
+    wait_for("node-a marked", Duration::from_secs(10), || {
+        ["a-0", "a-1"].iter().all(|pod| {
+            server
+                .get_json("pods", Some("team"), pod)
+                .unwrap()
+                .is_some_and(|pod| annotation(&pod, "lastgasp.io/termination-reason").is_some())
+        })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(server.get_json("nodes", None, "node-a").unwrap().is_some());
+    assert!(
+        server
+            .get_json("pods", Some("team"), "a-0")
+            .unwrap()
+            .is_some()
+    );
+    let metrics = scrape(controller.metrics_addr()).await;
+    assert!(metrics.contains("lastgasp_controller_circuit_breaker_open 1"));
+    assert!(metrics.contains("lastgasp_controller_circuit_breaker_held_back_total 1"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_controller_finishes_the_job_without_duplicates() {
+    let server = ApiServer::start().await.unwrap();
+    seed(&server);
+    // The first controller can mark but not delete.
+    server
+        .faults()
+        .fail_next(Matcher::any().verb("delete").resource("pods"), 10_000, 500);
+    let first = start(&server, Policy::DeletePodsAndNode, 3).await;
+    send_report(&report("node-b", 1), first.report_addr());
+    wait_for(
+        "pods marked by the first controller",
+        Duration::from_secs(10),
+        || {
+            ["b-0", "b-1", "b-2"]
+                .iter()
+                .all(|pod| events_about(&server, "Pod", pod).len() == 1)
+        },
+    )
+    .await;
+    first.shutdown();
+    server.faults().clear();
+
+    let second = start(&server, Policy::DeletePodsAndNode, 3).await;
+    wait_for(
+        "the second controller finishes",
+        Duration::from_secs(15),
+        || gone(&server, "nodes", None, "node-b"),
+    )
+    .await;
+    for pod in ["b-0", "b-1", "b-2"] {
+        assert!(gone(&server, "pods", Some("team"), pod));
+        assert_eq!(
+            events_about(&server, "Pod", pod).len(),
+            1,
+            "no duplicate Event on {pod}"
+        );
+    }
+    assert_eq!(events_about(&server, "Node", "node-b").len(), 1);
+    drop(second);
+}
