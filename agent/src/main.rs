@@ -4,9 +4,14 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use kube::runtime::events::Reporter;
 use lastgasp::{
     agent::{self, AgentConfig, events::EventLog},
-    controller::{Controller, ControllerConfig, policy::Policy},
+    controller::{
+        Controller, ControllerConfig,
+        leader::{self, LeaderConfig, LeaderElection},
+        policy::Policy,
+    },
     procfs,
     telemetry::{self, LogFormat},
     wire::AuthKey,
@@ -69,6 +74,19 @@ struct ControllerArgs {
     /// A node Lease not renewed for this long is stale.
     #[arg(long, default_value = "40s", value_parser = humantime::parse_duration)]
     node_lease_stale_after: Duration,
+    /// Run several replicas: only the holder of the leader Lease writes to Kubernetes.
+    #[arg(long)]
+    leader_election: bool,
+    /// Namespace of the leader Lease (and of this replica's pod).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "lastgasp-system")]
+    leader_election_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(long, default_value = "lastgasp-controller")]
+    leader_election_lease: String,
+    /// This replica's pod name: its leader identity, and the pod it labels
+    /// `lastgasp.io/leader=true` while leading (default: the hostname).
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -114,6 +132,33 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to Kubernetes (in-cluster, or KUBECONFIG)")?;
+    let identity = match args.pod_name.clone() {
+        Some(name) => name,
+        None => procfs::hostname().context("reading the hostname for --pod-name")?,
+    };
+    let election = args.leader_election.then(|| {
+        LeaderElection::start(
+            client.clone(),
+            LeaderConfig {
+                namespace: args.leader_election_namespace.clone(),
+                lease_name: args.leader_election_lease.clone(),
+                identity: identity.clone(),
+                lease_duration: Duration::from_secs(15),
+                renew_interval: Duration::from_secs(5),
+                retry_interval: Duration::from_secs(2),
+            },
+        )
+    });
+    let leader = election.as_ref().map(LeaderElection::is_leader);
+    let labeller = match (&leader, &args.pod_name) {
+        (Some(leading), Some(pod)) => Some(tokio::spawn(leader::label_own_pod(
+            client.clone(),
+            args.leader_election_namespace.clone(),
+            pod.clone(),
+            leading.clone(),
+        ))),
+        _ => None,
+    };
     let controller = Controller::start(
         client,
         ControllerConfig {
@@ -128,8 +173,11 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
             breaker_window: args.breaker_window,
             require_corroboration: args.require_corroboration,
             node_lease_stale_after: args.node_lease_stale_after,
-            leader: None,
-            reporter: "lastgasp-controller".into(),
+            leader,
+            reporter: Reporter {
+                controller: "lastgasp-controller".into(),
+                instance: Some(identity),
+            },
         },
     )
     .await?;
@@ -140,6 +188,12 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     }
     tracing::info!("stopping");
     controller.shutdown();
+    if let Some(labeller) = labeller {
+        labeller.abort();
+    }
+    if let Some(election) = election {
+        election.stop().await;
+    }
     Ok(())
 }
 

@@ -58,26 +58,36 @@ fn seed(server: &ApiServer) {
 }
 
 async fn start(server: &ApiServer, policy: Policy, breaker_max_nodes: usize) -> Controller {
-    Controller::start(
-        server.client().await.unwrap(),
-        ControllerConfig {
-            netconsole_addr: "127.0.0.1:0".parse().unwrap(),
-            report_addr: "127.0.0.1:0".parse().unwrap(),
-            metrics_addr: "127.0.0.1:0".parse().unwrap(),
-            auth_key: AuthKey::HmacSha256(KEY.to_vec()),
-            policy,
-            dry_run: false,
-            concurrency: 8,
-            breaker_max_nodes,
-            breaker_window: Duration::from_secs(600),
-            require_corroboration: false,
-            node_lease_stale_after: Duration::from_secs(40),
-            leader: None,
-            reporter: "lastgasp-controller".into(),
-        },
-    )
+    start_configured(server, |config| {
+        config.policy = policy;
+        config.breaker_max_nodes = breaker_max_nodes;
+    })
     .await
-    .unwrap()
+}
+
+async fn start_configured(
+    server: &ApiServer,
+    configure: impl FnOnce(&mut ControllerConfig),
+) -> Controller {
+    let mut config = ControllerConfig {
+        netconsole_addr: "127.0.0.1:0".parse().unwrap(),
+        report_addr: "127.0.0.1:0".parse().unwrap(),
+        metrics_addr: "127.0.0.1:0".parse().unwrap(),
+        auth_key: AuthKey::HmacSha256(KEY.to_vec()),
+        policy: Policy::DeletePodsAndNode,
+        dry_run: false,
+        concurrency: 8,
+        breaker_max_nodes: 3,
+        breaker_window: Duration::from_secs(600),
+        require_corroboration: false,
+        node_lease_stale_after: Duration::from_secs(40),
+        leader: None,
+        reporter: "lastgasp-controller".to_owned().into(),
+    };
+    configure(&mut config);
+    Controller::start(server.client().await.unwrap(), config)
+        .await
+        .unwrap()
 }
 
 /// The real capture of a panicking Debian 6.1 kernel, datagram by datagram: (format, payload).
@@ -597,4 +607,212 @@ async fn a_restarted_controller_finishes_the_job_without_duplicates() {
     }
     assert_eq!(events_about(&server, "Node", "node-b").len(), 1);
     drop(second);
+}
+
+fn put_node_lease(server: &ApiServer, node: &str, renewed: Duration) {
+    let renew_time = jiff::Timestamp::now() - jiff::SignedDuration::try_from(renewed).unwrap();
+    server
+        .put_json(
+            "leases",
+            json!({
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": { "name": node, "namespace": "kube-node-lease" },
+                "spec": {
+                    "holderIdentity": node,
+                    "leaseDurationSeconds": 40,
+                    "renewTime": renew_time.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+                }
+            }),
+        )
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn netconsole_only_evidence_waits_for_a_stale_node_lease() {
+    let server = ApiServer::start().await.unwrap();
+    seed(&server);
+    put_node_lease(&server, "node-b", Duration::ZERO);
+    let controller = start_configured(&server, |config| {
+        config.policy = Policy::DeletePods;
+        config.require_corroboration = true;
+    })
+    .await;
+    replay_netconsole("127.0.0.2", controller.netconsole_addr());
+    wait_for("pods marked", Duration::from_secs(10), || {
+        ["b-0", "b-1", "b-2"]
+            .iter()
+            .all(|pod| events_about(&server, "Pod", pod).len() == 1)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for pod in ["b-0", "b-1", "b-2"] {
+        assert!(
+            server
+                .get_json("pods", Some("team"), pod)
+                .unwrap()
+                .is_some(),
+            "{pod} kept while node-b's Lease is fresh"
+        );
+    }
+    put_node_lease(&server, "node-b", Duration::from_secs(600));
+    wait_for(
+        "pods deleted once the Lease is stale",
+        Duration::from_secs(10),
+        || {
+            ["b-0", "b-1", "b-2"]
+                .iter()
+                .all(|pod| gone(&server, "pods", Some("team"), pod))
+        },
+    )
+    .await;
+    for pod in ["b-0", "b-1", "b-2"] {
+        assert_eq!(events_about(&server, "Pod", pod).len(), 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dry_run_writes_nothing() {
+    let server = ApiServer::start().await.unwrap();
+    seed(&server);
+    let controller = start_configured(&server, |config| config.dry_run = true).await;
+    replay_netconsole("127.0.0.2", controller.netconsole_addr());
+    send_report(&report("node-b", 1), controller.report_addr());
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let metrics = scrape(controller.metrics_addr()).await;
+    assert!(
+        metrics.contains(r#"lastgasp_controller_incidents_total{kind="panic",source="agent"} 1"#)
+    );
+    let writes: Vec<_> = server
+        .requests()
+        .into_iter()
+        .filter(|request| request.method != "GET")
+        .collect();
+    assert!(writes.is_empty(), "{writes:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pods_of_a_node_are_written_concurrently() {
+    let server = ApiServer::start().await.unwrap();
+    seed(&server);
+    for i in 0..110 {
+        server
+            .put_json(
+                "pods",
+                json!({
+                    "apiVersion": "v1", "kind": "Pod",
+                    "metadata": { "name": format!("many-{i}"), "namespace": "team" },
+                    "spec": { "nodeName": "node-b", "containers": [{ "name": "app", "image": "app" }] },
+                }),
+            )
+            .unwrap();
+    }
+    let controller = start_configured(&server, |config| {
+        config.policy = Policy::DeletePods;
+        config.concurrency = 16;
+    })
+    .await;
+    server.faults().set_latency(Duration::from_millis(100));
+    let started = Instant::now();
+    send_report(&report("node-b", 1), controller.report_addr());
+    wait_for("113 pods deleted", Duration::from_secs(60), || {
+        server
+            .list_json("pods", Some("team"))
+            .unwrap()
+            .iter()
+            .all(|pod| pod["spec"]["nodeName"] != "node-b")
+    })
+    .await;
+    println!(
+        "113 pods marked and deleted in {:?} with 100 ms per request",
+        started.elapsed()
+    );
+    // Serialised, the pod annotations alone would take 113 × 100 ms; concurrently, many
+    // arrive within one request's latency of each other.
+    let annotations: Vec<Instant> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PATCH" && r.resource.as_deref() == Some("pods"))
+        .map(|r| r.at)
+        .collect();
+    assert_eq!(annotations.len(), 113);
+    let most_in_flight = annotations
+        .iter()
+        .map(|start| {
+            annotations
+                .iter()
+                .filter(|other| other.duration_since(*start) < Duration::from_millis(50))
+                .count()
+        })
+        .max()
+        .unwrap();
+    assert!(
+        most_in_flight >= 8,
+        "at most {most_in_flight} pod writes overlapped"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_the_leader_writes() {
+    use lastgasp::controller::leader::{LeaderConfig, LeaderElection};
+    let server = ApiServer::start().await.unwrap();
+    seed(&server);
+    let mut replicas = Vec::new();
+    for identity in ["replica-1", "replica-2"] {
+        let election = LeaderElection::start(
+            server.client().await.unwrap(),
+            LeaderConfig {
+                namespace: "lastgasp-system".into(),
+                lease_name: "lastgasp-controller".into(),
+                identity: identity.into(),
+                lease_duration: Duration::from_secs(2),
+                renew_interval: Duration::from_millis(300),
+                retry_interval: Duration::from_millis(100),
+            },
+        );
+        let leader = election.is_leader();
+        let controller = start_configured(&server, |config| {
+            config.policy = Policy::Annotate;
+            config.leader = Some(leader);
+            config.reporter = kube::runtime::events::Reporter {
+                controller: "lastgasp-controller".into(),
+                instance: Some(identity.into()),
+            };
+        })
+        .await;
+        replicas.push((identity, election, controller));
+    }
+    wait_for("a leader", Duration::from_secs(5), || {
+        replicas
+            .iter()
+            .any(|(_, election, _)| *election.is_leader().borrow())
+    })
+    .await;
+    let leader = replicas
+        .iter()
+        .find(|(_, election, _)| *election.is_leader().borrow())
+        .map(|(identity, _, _)| *identity)
+        .unwrap();
+    // Datagrams may reach any replica: send the report to both.
+    let datagram = report("node-b", 1);
+    for (_, _, controller) in &replicas {
+        send_report(&datagram, controller.report_addr());
+    }
+    wait_for("pods marked", Duration::from_secs(10), || {
+        ["b-0", "b-1", "b-2"]
+            .iter()
+            .all(|pod| !events_about(&server, "Pod", pod).is_empty())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for pod in ["b-0", "b-1", "b-2"] {
+        let events = events_about(&server, "Pod", pod);
+        assert_eq!(events.len(), 1, "one Event on {pod}");
+        assert_eq!(
+            events[0]["reportingInstance"], leader,
+            "written by the leader"
+        );
+    }
+    for (_, election, _) in replicas {
+        election.stop().await;
+    }
 }

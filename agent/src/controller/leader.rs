@@ -309,3 +309,39 @@ impl Campaign {
 fn is_conflict(error: &kube::Error) -> bool {
     matches!(error, kube::Error::Api(status) if status.code == 409)
 }
+
+/// Label the leader puts on its own pod, so the Service for the UDP inputs can select it.
+pub const LEADER_LABEL: &str = "lastgasp.io/leader";
+
+/// Keeps `lastgasp.io/leader` on this replica's pod equal to whether it leads: the UDP
+/// Service selects `lastgasp.io/leader=true`, so datagrams reach the replica that may write.
+pub async fn label_own_pod(
+    client: kube::Client,
+    namespace: String,
+    pod: String,
+    mut leading: watch::Receiver<bool>,
+) {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client, &namespace);
+    loop {
+        let value = if *leading.borrow_and_update() {
+            "true"
+        } else {
+            "false"
+        };
+        let patch = serde_json::json!({ "metadata": { "labels": { LEADER_LABEL: value } } });
+        let params = kube::api::PatchParams::default();
+        while let Err(error) = pods
+            .patch(&pod, &params, &kube::api::Patch::Merge(&patch))
+            .await
+        {
+            warn!(%error, pod, "labelling this replica's pod failed; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if leading.has_changed().unwrap_or(true) {
+                break;
+            }
+        }
+        if leading.changed().await.is_err() {
+            return;
+        }
+    }
+}

@@ -62,8 +62,8 @@ pub struct ControllerConfig {
     pub node_lease_stale_after: Duration,
     /// Whether this replica may write; `None` means always (a single replica).
     pub leader: Option<watch::Receiver<bool>>,
-    /// The controller's name on Events.
-    pub reporter: String,
+    /// The controller (and replica) named on Events.
+    pub reporter: Reporter,
 }
 
 /// A running controller.
@@ -124,13 +124,7 @@ impl Controller {
             }
         }));
 
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: config.reporter.clone(),
-                instance: None,
-            },
-        );
+        let recorder = Recorder::new(client.clone(), config.reporter.clone());
         let actions = Arc::new(Actions::new(
             client.clone(),
             recorder,
