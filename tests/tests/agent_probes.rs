@@ -22,6 +22,7 @@ use lastgasp::{
     procfs,
     wire::{self, AuthKey},
 };
+use lastgasp_tests::scrape;
 use tokio::sync::broadcast;
 
 const HANG_THRESHOLD: Duration = Duration::from_millis(500);
@@ -391,20 +392,6 @@ async fn a_panic_line_sends_a_last_gasp_datagram() {
         "kernel_panic"
     );
     agent.shutdown().await;
-}
-
-async fn scrape(addr: SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread")]

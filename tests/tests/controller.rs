@@ -12,7 +12,10 @@ use lastgasp::{
     controller::{Controller, ControllerConfig, policy::Policy},
     wire::{self, AuthKey, Report},
 };
-use lastgasp_tests::apiserver::{ApiServer, Matcher};
+use lastgasp_tests::{
+    apiserver::{ApiServer, Matcher},
+    scrape,
+};
 use serde_json::{Value, json};
 
 const PANIC: &str = "Kernel panic - not syncing: sysrq triggered crash";
@@ -184,18 +187,6 @@ fn writes_to(server: &ApiServer, path_fragment: &str) -> Vec<String> {
         .filter(|request| request.method != "GET" && request.uri.contains(path_fragment))
         .map(|request| format!("{} {}", request.method, request.uri))
         .collect()
-}
-
-async fn scrape(addr: SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response.split_once("\r\n\r\n").unwrap().1.to_owned()
 }
 
 /// Watches pods and nodes from before the controller acts, to see their last state on deletion.

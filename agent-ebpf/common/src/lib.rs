@@ -178,6 +178,19 @@ pub struct EventHeader {
     pub ktime_ns: u64,
 }
 
+impl EventHeader {
+    /// A header for the current task, from `bpf_get_current_pid_tgid`'s value.
+    pub const fn new(kind: EventKind, pid_tgid: u64, ktime_ns: u64) -> Self {
+        Self {
+            kind: kind as u32,
+            tgid: (pid_tgid >> 32) as u32,
+            tid: pid_tgid as u32,
+            _pad: 0,
+            ktime_ns,
+        }
+    }
+}
+
 /// A netlink recv call that lasted at least `slow_recv_ns`, sent when it returned.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]

@@ -75,13 +75,7 @@ fn try_exec(ctx: &TracePointContext) -> Option<()> {
             "CNI call table full: the exit of pid {} will not be seen", tgid
         );
     }
-    exec.header = EventHeader {
-        kind: EventKind::CniExec as u32,
-        tgid,
-        tid: pid_tgid as u32,
-        _pad: 0,
-        ktime_ns: now,
-    };
+    exec.header = EventHeader::new(EventKind::CniExec, pid_tgid, now);
     exec.filename_len = filename_len as u32;
     exec._pad = 0;
     copy_environment(exec);
@@ -98,16 +92,11 @@ fn in_cni_dir(filename: &[u8; FILENAME_LEN]) -> bool {
         if len == 0 || len > CNI_DIR_LEN {
             continue;
         }
-        let mut matched = true;
-        for i in 0..CNI_DIR_LEN {
-            if i >= len {
-                break;
-            }
-            if filename[i] != dir.path[i] {
-                matched = false;
-                break;
-            }
-        }
+        let matched = filename
+            .iter()
+            .zip(dir.path.iter())
+            .take(len)
+            .all(|(name, prefix)| name == prefix);
         if matched {
             return true;
         }

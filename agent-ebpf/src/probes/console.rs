@@ -35,15 +35,9 @@ fn try_console(ctx: &TracePointContext) -> Option<()> {
     };
     // SAFETY: reserved ring-buffer memory, written field by field before submit.
     let line = unsafe { &mut *event.as_mut_ptr() };
-    let pid_tgid = bpf_get_current_pid_tgid();
-    line.header = EventHeader {
-        kind: EventKind::ConsoleLine as u32,
-        tgid: (pid_tgid >> 32) as u32,
-        tid: pid_tgid as u32,
-        _pad: 0,
-        // SAFETY: helper without preconditions.
-        ktime_ns: unsafe { bpf_ktime_get_ns() },
-    };
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    line.header = EventHeader::new(EventKind::ConsoleLine, bpf_get_current_pid_tgid(), now);
     line.len = len as u32;
     line._pad = 0;
     // The verifier must see the copy's size bounded on the very register passed to the

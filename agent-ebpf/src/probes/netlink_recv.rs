@@ -170,13 +170,7 @@ fn try_exit(ctx: &TracePointContext) -> Option<()> {
         return None;
     };
     event.write(SlowRecv {
-        header: EventHeader {
-            kind: EventKind::SlowRecv as u32,
-            tgid: (pid_tgid >> 32) as u32,
-            tid,
-            _pad: 0,
-            ktime_ns: now,
-        },
+        header: EventHeader::new(EventKind::SlowRecv, pid_tgid, now),
         duration_ns,
         ret: field::<i64>(ctx, EXIT_RET_OFFSET),
         fd: thread.fd,

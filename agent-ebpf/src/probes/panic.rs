@@ -34,15 +34,9 @@ fn report(format: *const u8, probe: PanicProbe) -> Option<()> {
     };
     // SAFETY: reserved ring-buffer memory, written field by field before submit.
     let call = unsafe { &mut *event.as_mut_ptr() };
-    let pid_tgid = bpf_get_current_pid_tgid();
-    call.header = EventHeader {
-        kind: EventKind::PanicCall as u32,
-        tgid: (pid_tgid >> 32) as u32,
-        tid: pid_tgid as u32,
-        _pad: 0,
-        // SAFETY: helper without preconditions.
-        ktime_ns: unsafe { bpf_ktime_get_ns() },
-    };
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    call.header = EventHeader::new(EventKind::PanicCall, bpf_get_current_pid_tgid(), now);
     call.probe = probe as u32;
     call._pad = 0;
     // SAFETY: reads a kernel string with fault handling.

@@ -46,14 +46,8 @@ fn try_exit() -> Option<()> {
         return None;
     };
     event.write(CniExit {
-        header: EventHeader {
-            kind: EventKind::CniExit as u32,
-            tgid,
-            tid,
-            _pad: 0,
-            // SAFETY: helper without preconditions.
-            ktime_ns: unsafe { bpf_ktime_get_ns() },
-        },
+        // SAFETY: helper without preconditions.
+        header: EventHeader::new(EventKind::CniExit, pid_tgid, unsafe { bpf_ktime_get_ns() }),
         exit_code,
         _pad: 0,
     });
