@@ -1,0 +1,846 @@
+//! The deployment material in `deploy/`: the kustomizations render and validate against
+//! Kubernetes' schemas, the controller's RBAC allows every API call a real controller makes
+//! (and nothing it does not make), the alert rules pass promtool and its unit tests, and every
+//! metric the dashboard and the alerts use is exported by the real agent and controller.
+//!
+//! Needs, besides root (the agent loads eBPF): `kubectl` (for `kubectl kustomize`),
+//! `kubernetes-validate` (PyPI) and `promtool` (Debian package `prometheus`).
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    fs,
+    net::{SocketAddr, UdpSocket},
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+
+use base64::Engine as _;
+use lastgasp::{
+    agent::{Agent, AgentConfig, events::AgentEvent},
+    controller::{
+        Controller, ControllerConfig,
+        leader::{self, LeaderConfig, LeaderElection},
+        policy::Policy,
+    },
+    metrics::{AgentMetrics, ReasonLabels},
+    wire::{self, AuthKey, Report},
+};
+use lastgasp_tests::apiserver::ApiServer;
+use prometheus_client::registry::Registry;
+use serde_json::{Value, json};
+
+/// The newest Kubernetes release `kubernetes-validate` 1.37.0 ships schemas for.
+const KUBERNETES_VERSION: &str = "1.37.0";
+const NAMESPACE: &str = "lastgasp-system";
+const CONTROLLER_SA: &str = "lastgasp-controller";
+const KEY: &[u8] = b"deploy-test-key";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the workspace")
+        .to_path_buf()
+}
+
+/// How to get each external tool, for the failure message when one is missing.
+fn install_hint(program: &str) -> &'static str {
+    match program {
+        "kubectl" => "install kubectl (https://kubernetes.io/docs/tasks/tools/)",
+        "kubernetes-validate" => "pip install kubernetes-validate==1.37.0",
+        "promtool" => "apt-get install prometheus (Debian), or run `cargo xtask setup`",
+        _ => "install it",
+    }
+}
+
+/// Runs a tool from the workspace root, panicking with a clear message if it is missing or
+/// fails.
+fn run(program: &str, args: &[&str]) -> Output {
+    let output = Command::new(program)
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .unwrap_or_else(|error| {
+            panic!(
+                "cannot run `{program}` ({error}): {}",
+                install_hint(program)
+            )
+        });
+    assert!(
+        output.status.success(),
+        "`{program} {}` failed ({}):\n{}{}",
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// `kubectl kustomize <dir>`: the rendered YAML and its documents.
+fn kustomize(dir: &str) -> (String, Vec<Value>) {
+    let yaml = String::from_utf8(run("kubectl", &["kustomize", dir]).stdout).unwrap();
+    let documents = serde_saphyr::from_multiple(&yaml)
+        .unwrap_or_else(|error| panic!("{dir} renders unparsable YAML: {error}"));
+    (yaml, documents)
+}
+
+fn yaml_file(relative: &str) -> Value {
+    let text = fs::read_to_string(repo().join(relative)).unwrap();
+    serde_saphyr::from_str(&text).unwrap_or_else(|error| panic!("{relative}: {error}"))
+}
+
+fn find<'a>(documents: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    documents
+        .iter()
+        .find(|doc| doc["kind"] == kind && doc["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} rendered"))
+}
+
+fn controller_args(documents: &[Value]) -> Vec<String> {
+    let deployment = find(documents, "Deployment", "lastgasp-controller");
+    serde_json::from_value(deployment["spec"]["template"]["spec"]["containers"][0]["args"].clone())
+        .unwrap()
+}
+
+#[test]
+fn kustomizations_render_and_validate() {
+    for dir in ["deploy/base", "deploy/overlays/annotate-only"] {
+        let (yaml, documents) = kustomize(dir);
+        assert!(documents.len() > 10, "{dir} renders only {documents:?}");
+        let file = std::env::temp_dir().join(format!(
+            "lastgasp-deploy-{}-{}.yaml",
+            dir.replace('/', "-"),
+            std::process::id()
+        ));
+        fs::write(&file, &yaml).unwrap();
+        let output = run(
+            "kubernetes-validate",
+            &[
+                "--kubernetes-version",
+                KUBERNETES_VERSION,
+                "--strict",
+                "--quiet",
+                file.to_str().unwrap(),
+            ],
+        );
+        fs::remove_file(&file).unwrap();
+        // A kind without a schema is only a warning there: nothing in these may go unchecked.
+        let report =
+            String::from_utf8_lossy(&output.stdout) + String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !report.contains("WARN") && !report.contains("ERROR"),
+            "{dir}: {report}"
+        );
+    }
+    // The monitoring objects need the Prometheus Operator's CRDs, which have no schemas
+    // there: they must render, and their Grafana ConfigMap carries the dashboard as it is.
+    let (_, documents) = kustomize("deploy/monitoring");
+    let dashboard = find(&documents, "ConfigMap", "lastgasp-dashboard");
+    assert_eq!(
+        dashboard["data"]["lastgasp.json"].as_str().unwrap(),
+        fs::read_to_string(repo().join("deploy/monitoring/dashboard/lastgasp.json")).unwrap()
+    );
+}
+
+#[test]
+fn annotate_only_overlay_sets_the_policy_and_the_base_does_not() {
+    let base = controller_args(&kustomize("deploy/base").1);
+    let overlay = controller_args(&kustomize("deploy/overlays/annotate-only").1);
+    assert!(
+        !base.iter().any(|arg| arg.starts_with("--policy")),
+        "base sets a policy: {base:?}"
+    );
+    assert!(
+        overlay
+            .windows(2)
+            .any(|pair| pair[0] == "--policy" && pair[1] == "annotate"),
+        "overlay args lack `--policy annotate`: {overlay:?}"
+    );
+    assert_eq!(&overlay[..base.len()], &base[..], "the overlay only adds");
+}
+
+#[test]
+fn alert_rules_pass_promtool_and_match_the_prometheus_rule() {
+    run(
+        "promtool",
+        &[
+            "check",
+            "rules",
+            "deploy/monitoring/rules/lastgasp.rules.yml",
+        ],
+    );
+    run(
+        "promtool",
+        &[
+            "test",
+            "rules",
+            "deploy/monitoring/rules/lastgasp.rules.test.yml",
+        ],
+    );
+    let rules = yaml_file("deploy/monitoring/rules/lastgasp.rules.yml");
+    let prometheus_rule = yaml_file("deploy/monitoring/prometheusrule.yaml");
+    assert_eq!(prometheus_rule["kind"], "PrometheusRule");
+    assert_eq!(
+        prometheus_rule["spec"]["groups"], rules["groups"],
+        "the PrometheusRule's groups differ from rules/lastgasp.rules.yml"
+    );
+    let alerts: BTreeSet<&str> = rules["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|group| group["rules"].as_array().unwrap())
+        .filter_map(|rule| rule["alert"].as_str())
+        .collect();
+    assert_eq!(
+        alerts,
+        BTreeSet::from([
+            "LastgaspAgentDown",
+            "LastgaspCNICallsStuck",
+            "LastgaspControllerCircuitBreakerOpen",
+            "LastgaspNetlinkRecvHung",
+            "LastgaspNodeKernelPanic",
+        ])
+    );
+}
+
+// ---- Metric names: the dashboard's and the alerts' against the live binary's. ----
+
+/// Every `lastgasp_*` identifier in a PromQL expression.
+fn metric_names(expr: &str, into: &mut BTreeSet<String>) {
+    let is_ident = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+    for (start, _) in expr.match_indices("lastgasp_") {
+        if expr[..start].chars().next_back().is_some_and(is_ident) {
+            continue;
+        }
+        let name: String = expr[start..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+            .collect();
+        into.insert(name);
+    }
+}
+
+/// Every string under an `expr` key, at any depth.
+fn exprs(value: &Value, into: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            for (key, value) in map {
+                match (key.as_str(), value) {
+                    ("expr", Value::String(expr)) => into.push(expr.clone()),
+                    _ => exprs(value, into),
+                }
+            }
+        }
+        Value::Array(values) => values.iter().for_each(|value| exprs(value, into)),
+        _ => {}
+    }
+}
+
+/// The series names a scrape can contain: every sample's name, and for every family (its
+/// `# TYPE` line) the names of its type. A family without samples is not printed at all, so
+/// the scraped process must have had the activity that creates them.
+fn exported_series(exposition: &str, into: &mut BTreeSet<String>) {
+    for line in exposition.lines() {
+        if let Some(declaration) = line.strip_prefix("# TYPE ") {
+            let (family, kind) = declaration.split_once(' ').unwrap();
+            match kind {
+                "counter" => {
+                    let base = family.strip_suffix("_total").unwrap_or(family);
+                    into.insert(format!("{base}_total"));
+                }
+                "histogram" => {
+                    for suffix in ["_bucket", "_sum", "_count"] {
+                        into.insert(format!("{family}{suffix}"));
+                    }
+                }
+                _ => {
+                    into.insert(family.to_owned());
+                }
+            }
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let end = line.find(['{', ' ']).unwrap_or(line.len());
+            into.insert(line[..end].to_owned());
+        }
+    }
+}
+
+async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
+}
+
+async fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The agent, driven so that its families have samples: a CNI plugin call that gets stuck,
+/// a netlink recvfrom that hangs, and a panic line in /dev/kmsg (a kernel event and a
+/// last-gasp datagram).
+async fn agent_exposition() -> String {
+    let root = std::env::temp_dir().join(format!("lastgasp-deploy-cni-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&root);
+    fs::create_dir_all(&root).unwrap();
+    let plugin = root.join("bridge");
+    fs::write(&plugin, "#!/bin/sh\nsleep 1\n").unwrap();
+    fs::set_permissions(&plugin, fs::Permissions::from_mode(0o755)).unwrap();
+    let gasps = UdpSocket::bind("127.0.0.1:0").unwrap();
+    gasps
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+
+    let agent = Agent::start(AgentConfig {
+        node_name: "deploy-test".into(),
+        metrics_addr: "127.0.0.1:0".parse().unwrap(),
+        controller: Some(gasps.local_addr().unwrap()),
+        auth_key: AuthKey::HmacSha256(KEY.to_vec()),
+        netlink_hang_threshold: Duration::from_millis(300),
+        cni_bin_dirs: vec![root.clone()],
+        cni_stuck_threshold: Duration::from_millis(300),
+    })
+    .await
+    .expect("agent starts (the tests must run as root)");
+    let mut events = agent.subscribe();
+    let mut cni = Command::new(&plugin)
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_ARGS", "K8S_POD_NAMESPACE=team;K8S_POD_NAME=deploy-0")
+        .spawn()
+        .unwrap();
+    let netlink = std::thread::spawn(|| netlink_recvfrom(Duration::from_secs(1)));
+    let panic = format!(
+        "Kernel panic - not syncing: lastgasp deploy test {}",
+        std::process::id()
+    );
+    fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/kmsg")
+        .and_then(|mut kmsg| {
+            std::io::Write::write_all(&mut kmsg, format!("<0>{panic}\n").as_bytes())
+        })
+        .expect("write /dev/kmsg");
+    gasps
+        .recv(&mut [0u8; 2048])
+        .expect("a last-gasp datagram for the panic line");
+
+    let mut seen = BTreeSet::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while seen.len() < 4 {
+            match events.recv().await {
+                Ok(AgentEvent::CniCallStuck(_)) => seen.insert("cni_call_stuck"),
+                Ok(AgentEvent::CniCall(_)) => seen.insert("cni_call"),
+                Ok(AgentEvent::NetlinkHang(_)) => seen.insert("netlink_hang"),
+                Ok(AgentEvent::Kernel(kernel)) if kernel.message == panic => seen.insert("panic"),
+                _ => false,
+            };
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("agent activity not all reported, only {seen:?}"));
+    assert!(cni.wait().unwrap().success());
+    netlink.join().unwrap();
+
+    let body = scrape(agent.metrics_addr()).await;
+    agent.shutdown().await;
+    fs::remove_dir_all(&root).unwrap();
+    body
+}
+
+/// A blocking recvfrom on a NETLINK_ROUTE socket that nothing answers, for `timeout`.
+fn netlink_recvfrom(timeout: Duration) {
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: a fresh socket, valid option and receive buffers, then close.
+    unsafe {
+        let fd = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        );
+        let mut buf = [0u8; 64];
+        libc::recvfrom(
+            fd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            0,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        );
+        libc::close(fd);
+    }
+}
+
+/// `lastgasp_agent_dropped_events_total` counts records lost in the ring buffer, which a test
+/// cannot cause on purpose: its name comes from the agent's own registration code instead.
+fn agent_drops_exposition() -> String {
+    let mut registry = Registry::with_prefix("lastgasp");
+    let metrics = AgentMetrics::register(&mut registry);
+    metrics
+        .agent_drops
+        .get_or_create(&ReasonLabels {
+            reason: "bad_record".into(),
+        })
+        .inc();
+    let mut body = String::new();
+    prometheus_client::encoding::text::encode(&mut body, &registry).unwrap();
+    body
+}
+
+fn seed(server: &ApiServer) {
+    server
+        .put_json(
+            "nodes",
+            json!({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": { "name": "node-b" },
+                "status": { "addresses": [{ "type": "InternalIP", "address": "127.0.0.2" }] }
+            }),
+        )
+        .unwrap();
+    // Two pods on node-b, and this controller replica's own pod (on another node).
+    for (name, namespace, node) in [
+        ("b-0", "team", "node-b"),
+        ("b-1", "team", "node-b"),
+        ("lastgasp-controller-0", NAMESPACE, "node-c"),
+    ] {
+        server
+            .put_json(
+                "pods",
+                json!({
+                    "apiVersion": "v1", "kind": "Pod",
+                    "metadata": { "name": name, "namespace": namespace },
+                    "spec": { "nodeName": node, "containers": [{ "name": "app", "image": "app" }] },
+                    "status": { "phase": "Running" }
+                }),
+            )
+            .unwrap();
+    }
+}
+
+fn controller_config(policy: Policy) -> ControllerConfig {
+    ControllerConfig {
+        netconsole_addr: "127.0.0.1:0".parse().unwrap(),
+        report_addr: "127.0.0.1:0".parse().unwrap(),
+        metrics_addr: "127.0.0.1:0".parse().unwrap(),
+        auth_key: AuthKey::HmacSha256(KEY.to_vec()),
+        policy,
+        dry_run: false,
+        concurrency: 4,
+        breaker_max_nodes: 3,
+        breaker_window: Duration::from_secs(600),
+        require_corroboration: false,
+        node_lease_stale_after: Duration::from_secs(40),
+        leader: None,
+        reporter: "lastgasp-controller".to_owned().into(),
+    }
+}
+
+/// The controller, with one authenticated last-gasp report that it acts on (marking and
+/// deleting pods) and one malformed datagram that it drops.
+async fn controller_exposition() -> String {
+    let server = ApiServer::start().await.unwrap();
+    seed(&server);
+    let controller = Controller::start(
+        server.client().await.unwrap(),
+        controller_config(Policy::DeletePods),
+    )
+    .await
+    .unwrap();
+    let datagram = wire::encode(
+        &Report {
+            node: "node-b".into(),
+            boot_id: "boot-1".into(),
+            seq: 1,
+            sent_at_ms: 0,
+            kind: "kernel_panic".into(),
+            source: "console".into(),
+            message: "Kernel panic - not syncing: sysrq triggered crash".into(),
+            context: Vec::new(),
+            kernel_release: None,
+        },
+        &AuthKey::HmacSha256(KEY.to_vec()),
+    )
+    .unwrap();
+    let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sender
+        .send_to(b"not a report", controller.report_addr())
+        .unwrap();
+    sender.send_to(&datagram, controller.report_addr()).unwrap();
+    wait_for("node-b's pods deleted", Duration::from_secs(10), || {
+        ["b-0", "b-1"].iter().all(|pod| {
+            server
+                .get_json("pods", Some("team"), pod)
+                .unwrap()
+                .is_none()
+        })
+    })
+    .await;
+    scrape(controller.metrics_addr()).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dashboard_and_alerts_use_only_exported_metrics() {
+    let mut expressions = Vec::new();
+    let dashboard: Value = serde_json::from_str(
+        &fs::read_to_string(repo().join("deploy/monitoring/dashboard/lastgasp.json")).unwrap(),
+    )
+    .unwrap();
+    exprs(&dashboard, &mut expressions);
+    exprs(
+        &yaml_file("deploy/monitoring/rules/lastgasp.rules.yml"),
+        &mut expressions,
+    );
+    let mut used = BTreeSet::new();
+    for expr in &expressions {
+        metric_names(expr, &mut used);
+    }
+    assert!(used.len() > 20, "too few metrics found: {used:?}");
+
+    let mut exported = BTreeSet::new();
+    let agent = agent_exposition().await;
+    let controller = controller_exposition().await;
+    exported_series(&agent, &mut exported);
+    exported_series(&agent_drops_exposition(), &mut exported);
+    exported_series(&controller, &mut exported);
+    let unknown: Vec<&String> = used.difference(&exported).collect();
+    assert!(
+        unknown.is_empty(),
+        "used in deploy/monitoring but not exported: {unknown:?}\nexported: {exported:?}"
+    );
+}
+
+// ---- RBAC: every request of a real controller is allowed by the rendered roles. ----
+
+/// One API request as RBAC sees it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Access {
+    verb: String,
+    group: String,
+    /// With the subresource, e.g. `pods/status`.
+    resource: String,
+    namespace: Option<String>,
+    name: Option<String>,
+}
+
+/// Reads group, namespace and name from a request's path, the way the API server routes it.
+fn access(verb: &str, resource: &str, uri: &str) -> Access {
+    let path = uri.split('?').next().unwrap();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, rest) = match segments.as_slice() {
+        ["api", "v1", rest @ ..] => ("", rest),
+        ["apis", group, _version, rest @ ..] => (*group, rest),
+        _ => panic!("not a resource path: {uri}"),
+    };
+    let (namespace, rest) = match rest {
+        ["namespaces", namespace, tail @ ..] if !tail.is_empty() => (Some(*namespace), tail),
+        _ => (None, rest),
+    };
+    Access {
+        verb: verb.to_owned(),
+        group: group.to_owned(),
+        resource: resource.to_owned(),
+        namespace: namespace.map(str::to_owned),
+        name: rest.get(1).map(|name| (*name).to_owned()),
+    }
+}
+
+fn strings(value: &Value) -> Vec<&str> {
+    value
+        .as_array()
+        .map(|values| values.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
+}
+
+fn rule_allows(rule: &Value, access: &Access) -> bool {
+    let has = |field: &str, wanted: &str| {
+        strings(&rule[field])
+            .iter()
+            .any(|value| *value == "*" || *value == wanted)
+    };
+    let names = strings(&rule["resourceNames"]);
+    has("apiGroups", &access.group)
+        && has("resources", &access.resource)
+        && has("verbs", &access.verb)
+        && (names.is_empty()
+            || access
+                .name
+                .as_deref()
+                .is_some_and(|name| names.contains(&name)))
+}
+
+/// The rendered rules that apply to the controller's ServiceAccount, with the namespace they
+/// apply in (`None`: every namespace, and cluster-scoped resources).
+fn controller_rules(documents: &[Value]) -> Vec<(Option<String>, Value)> {
+    let binds_controller = |binding: &Value| {
+        binding["subjects"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|subject| {
+                subject["kind"] == "ServiceAccount"
+                    && subject["name"] == CONTROLLER_SA
+                    && subject["namespace"] == NAMESPACE
+            })
+    };
+    let role = |kind: &str, name: &str, namespace: Option<&str>| {
+        documents
+            .iter()
+            .find(|doc| {
+                doc["kind"] == kind
+                    && doc["metadata"]["name"] == name
+                    && doc["metadata"]["namespace"].as_str() == namespace
+            })
+            .unwrap_or_else(|| panic!("binding to missing {kind} {name}"))
+    };
+    let mut rules = Vec::new();
+    for binding in documents.iter().filter(|doc| binds_controller(doc)) {
+        let role_ref = &binding["roleRef"];
+        let (kind, name) = (
+            role_ref["kind"].as_str().unwrap(),
+            role_ref["name"].as_str().unwrap(),
+        );
+        let (scope, role) = match binding["kind"].as_str().unwrap() {
+            "ClusterRoleBinding" => (None, role("ClusterRole", name, None)),
+            "RoleBinding" => {
+                let namespace = binding["metadata"]["namespace"].as_str().unwrap();
+                let role = match kind {
+                    "Role" => role("Role", name, Some(namespace)),
+                    _ => role("ClusterRole", name, None),
+                };
+                (Some(namespace.to_owned()), role)
+            }
+            other => panic!("{other} binds the controller"),
+        };
+        for rule in role["rules"].as_array().unwrap() {
+            rules.push((scope.clone(), rule.clone()));
+        }
+    }
+    rules
+}
+
+fn allowed(rules: &[(Option<String>, Value)], access: &Access) -> bool {
+    rules.iter().any(|(scope, rule)| {
+        (scope.is_none() || *scope == access.namespace) && rule_allows(rule, access)
+    })
+}
+
+/// The capture of a panicking Debian 6.1 kernel's netconsole stream, sent from `ip`.
+fn replay_netconsole(ip: &str, to: SocketAddr) {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/testdata/netconsole/debian-6.1-cloud-sysrq-crash.jsonl"
+    );
+    let plain = UdpSocket::bind((ip, 0)).unwrap();
+    let extended = UdpSocket::bind((ip, 0)).unwrap();
+    for line in fs::read_to_string(path).unwrap().lines() {
+        let datagram: Value = serde_json::from_str(line).unwrap();
+        let payload = base64::engine::general_purpose::STANDARD
+            .decode(datagram["payload_b64"].as_str().unwrap())
+            .unwrap();
+        let socket = if datagram["format"] == "plain" {
+            &plain
+        } else {
+            &extended
+        };
+        socket.send_to(&payload, to).unwrap();
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn controller_rbac_allows_every_call_and_nothing_unused() {
+    let server = ApiServer::start().await.unwrap();
+    seed(&server);
+    // node-b's heartbeat Lease, stale: `--require-corroboration` reads it, then deletes.
+    let renewed = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(600);
+    server
+        .put_json(
+            "leases",
+            json!({
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": { "name": "node-b", "namespace": "kube-node-lease" },
+                "spec": {
+                    "holderIdentity": "node-b",
+                    "leaseDurationSeconds": 40,
+                    "renewTime": renewed.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+                }
+            }),
+        )
+        .unwrap();
+
+    // What `lastgasp controller --leader-election --require-corroboration` runs, with the
+    // default lease name and this replica's pod.
+    let election = LeaderElection::start(
+        server.client().await.unwrap(),
+        LeaderConfig {
+            namespace: NAMESPACE.into(),
+            lease_name: "lastgasp-controller".into(),
+            identity: "lastgasp-controller-0".into(),
+            lease_duration: Duration::from_secs(2),
+            renew_interval: Duration::from_millis(200),
+            retry_interval: Duration::from_millis(100),
+        },
+    );
+    let labeller = tokio::spawn(leader::label_own_pod(
+        server.client().await.unwrap(),
+        NAMESPACE.into(),
+        "lastgasp-controller-0".into(),
+        election.is_leader(),
+    ));
+    let mut config = controller_config(Policy::DeletePodsAndNode);
+    config.require_corroboration = true;
+    config.leader = Some(election.is_leader());
+    let controller = Controller::start(server.client().await.unwrap(), config)
+        .await
+        .unwrap();
+    wait_for("own pod labelled leader", Duration::from_secs(10), || {
+        server
+            .get_json("pods", Some(NAMESPACE), "lastgasp-controller-0")
+            .unwrap()
+            .unwrap()["metadata"]["labels"][leader::LEADER_LABEL]
+            == "true"
+    })
+    .await;
+
+    replay_netconsole("127.0.0.2", controller.netconsole_addr());
+    wait_for(
+        "node-b and its pods deleted",
+        Duration::from_secs(15),
+        || {
+            server.get_json("nodes", None, "node-b").unwrap().is_none()
+                && ["b-0", "b-1"].iter().all(|pod| {
+                    server
+                        .get_json("pods", Some("team"), pod)
+                        .unwrap()
+                        .is_none()
+                })
+        },
+    )
+    .await;
+    // A renewal (an update of the Lease) after the take-over (its create).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    election.stop().await;
+    labeller.abort();
+    drop(controller);
+
+    let made: BTreeSet<Access> = server
+        .requests()
+        .into_iter()
+        .filter_map(|request| {
+            Some(access(
+                request.verb.as_deref()?,
+                request.resource.as_deref()?,
+                &request.uri,
+            ))
+        })
+        .collect();
+    let (_, documents) = kustomize("deploy/base");
+    let rules = controller_rules(&documents);
+    let refused: Vec<&Access> = made
+        .iter()
+        .filter(|access| !allowed(&rules, access))
+        .collect();
+    assert!(refused.is_empty(), "RBAC refuses: {refused:#?}");
+
+    // Least privilege: every granted verb is used, but the Event series patch, which
+    // kube's Recorder sends only for an Event repeated within its cache window.
+    let mut used: HashMap<(String, String), BTreeSet<String>> = HashMap::new();
+    for access in &made {
+        used.entry((access.group.clone(), access.resource.clone()))
+            .or_default()
+            .insert(access.verb.clone());
+    }
+    for (_, rule) in &rules {
+        for group in strings(&rule["apiGroups"]) {
+            for resource in strings(&rule["resources"]) {
+                for verb in strings(&rule["verbs"]) {
+                    let exempt = (group, resource, verb) == ("events.k8s.io", "events", "patch");
+                    assert!(
+                        exempt
+                            || used
+                                .get(&(group.to_owned(), resource.to_owned()))
+                                .is_some_and(|verbs| verbs.contains(verb)),
+                        "RBAC grants `{verb}` on {group}/{resource}, which the controller never used"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn access_reads_group_namespace_and_name() {
+    assert_eq!(
+        access(
+            "patch",
+            "pods/status",
+            "/api/v1/namespaces/team/pods/b-0/status?force=true"
+        ),
+        Access {
+            verb: "patch".into(),
+            group: String::new(),
+            resource: "pods/status".into(),
+            namespace: Some("team".into()),
+            name: Some("b-0".into()),
+        }
+    );
+    assert_eq!(
+        access("watch", "nodes", "/api/v1/nodes?watch=true"),
+        Access {
+            verb: "watch".into(),
+            group: String::new(),
+            resource: "nodes".into(),
+            namespace: None,
+            name: None,
+        }
+    );
+    assert_eq!(
+        access(
+            "create",
+            "leases",
+            "/apis/coordination.k8s.io/v1/namespaces/lastgasp-system/leases"
+        ),
+        Access {
+            verb: "create".into(),
+            group: "coordination.k8s.io".into(),
+            resource: "leases".into(),
+            namespace: Some("lastgasp-system".into()),
+            name: None,
+        }
+    );
+}
+
+#[test]
+fn metric_names_are_read_from_promql() {
+    let mut names = BTreeSet::new();
+    metric_names(
+        r#"histogram_quantile(0.99, sum by (le) (rate(lastgasp_a_bucket{x="lastgasp-agent"}[5m]))) / my_lastgasp_b + lastgasp_c_total"#,
+        &mut names,
+    );
+    assert_eq!(
+        names,
+        BTreeSet::from([
+            "lastgasp_a_bucket".to_owned(),
+            "lastgasp_c_total".to_owned()
+        ])
+    );
+}
