@@ -217,7 +217,8 @@ impl Decisions {
                     Some(evidence) => self.decide(evidence),
                     None => return,
                 },
-                _ = leader.changed() => {
+                // Without leader election the sender is gone: the branch then stays disabled.
+                Ok(()) = leader.changed() => {
                     self.metrics.leader.set(i64::from(*leader.borrow_and_update()));
                 }
                 _ = tick.tick() => self.incidents.expire(Instant::now()),
