@@ -1,6 +1,7 @@
 //! Shared test support: the Kubernetes API test server and helpers used by tests/tests/.
 
 pub mod apiserver;
+pub mod blocking;
 
 /// The body of `GET /metrics` from an agent or controller, over plain HTTP/1.1.
 pub async fn scrape(addr: std::net::SocketAddr) -> String {

@@ -2,14 +2,12 @@
 //! netlink and UDP sockets, real execs of CNI plugins and real lines in /dev/kmsg.
 
 use std::{
-    ffi::CString,
     fs,
     io::Write as _,
     net::{SocketAddr, UdpSocket},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::Command,
-    thread,
     time::{Duration, Instant},
 };
 
@@ -22,7 +20,10 @@ use lastgasp::{
     procfs,
     wire::{self, AuthKey},
 };
-use lastgasp_tests::scrape;
+use lastgasp_tests::{
+    blocking::{block_in_recvfrom, netlink_route_socket, udp_socket},
+    scrape,
+};
 use tokio::sync::broadcast;
 
 const HANG_THRESHOLD: Duration = Duration::from_millis(500);
@@ -58,81 +59,6 @@ async fn collect_until(
         }
     }
     seen
-}
-
-fn gettid() -> u32 {
-    // SAFETY: no arguments, no side effects.
-    unsafe { libc::gettid() as u32 }
-}
-
-fn name_thread(name: &str) {
-    let name = CString::new(name).unwrap();
-    // SAFETY: PR_SET_NAME with a NUL-terminated name of at most 16 bytes.
-    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
-}
-
-/// Blocks in `recvfrom` on a fresh socket for `timeout` (SO_RCVTIMEO), in a named thread.
-/// Returns the thread's id once it is about to block, and the handle.
-fn block_in_recvfrom(
-    name: &'static str,
-    socket: fn() -> i32,
-    timeout: Duration,
-) -> (u32, thread::JoinHandle<()>) {
-    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
-    let handle = thread::spawn(move || {
-        name_thread(name);
-        let fd = socket();
-        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        let tv = libc::timeval {
-            tv_sec: timeout.as_secs() as i64,
-            tv_usec: timeout.subsec_micros() as i64,
-        };
-        // SAFETY: valid fd and option buffer.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                size_of::<libc::timeval>() as u32,
-            )
-        };
-        tid_tx.send(gettid()).unwrap();
-        let mut buf = [0u8; 4096];
-        // SAFETY: valid fd and buffer; returns -1/EAGAIN at the timeout.
-        unsafe {
-            libc::recvfrom(
-                fd,
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                0,
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-            );
-            libc::close(fd);
-        }
-    });
-    (tid_rx.recv().unwrap(), handle)
-}
-
-fn netlink_route_socket() -> i32 {
-    // SAFETY: plain socket creation and bind to an auto-assigned port id.
-    unsafe {
-        let fd = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE);
-        let mut addr: libc::sockaddr_nl = std::mem::zeroed();
-        addr.nl_family = libc::AF_NETLINK as u16;
-        libc::bind(
-            fd,
-            (&addr as *const libc::sockaddr_nl).cast(),
-            size_of::<libc::sockaddr_nl>() as u32,
-        );
-        fd
-    }
-}
-
-fn udp_socket() -> i32 {
-    use std::os::fd::IntoRawFd as _;
-    UdpSocket::bind("127.0.0.1:0").unwrap().into_raw_fd()
 }
 
 #[tokio::test(flavor = "multi_thread")]

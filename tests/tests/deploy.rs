@@ -27,7 +27,10 @@ use lastgasp::{
     metrics::{AgentMetrics, ReasonLabels},
     wire::{self, AuthKey, Report},
 };
-use lastgasp_tests::apiserver::ApiServer;
+use lastgasp_tests::{
+    apiserver::ApiServer,
+    blocking::{block_in_recvfrom, netlink_route_socket},
+};
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 
@@ -320,7 +323,8 @@ async fn agent_exposition() -> String {
         .env("CNI_ARGS", "K8S_POD_NAMESPACE=team;K8S_POD_NAME=deploy-0")
         .spawn()
         .unwrap();
-    let netlink = std::thread::spawn(|| netlink_recvfrom(Duration::from_secs(1)));
+    let (_, netlink) =
+        block_in_recvfrom("lg-nl-deploy", netlink_route_socket, Duration::from_secs(1));
     let panic = format!(
         "Kernel panic - not syncing: lastgasp deploy test {}",
         std::process::id()
@@ -357,36 +361,6 @@ async fn agent_exposition() -> String {
     agent.shutdown().await;
     fs::remove_dir_all(&root).unwrap();
     body
-}
-
-/// A blocking recvfrom on a NETLINK_ROUTE socket that nothing answers, for `timeout`.
-fn netlink_recvfrom(timeout: Duration) {
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
-    };
-    // SAFETY: a fresh socket, valid option and receive buffers, then close.
-    unsafe {
-        let fd = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE);
-        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            size_of::<libc::timeval>() as libc::socklen_t,
-        );
-        let mut buf = [0u8; 64];
-        libc::recvfrom(
-            fd,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            0,
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-        );
-        libc::close(fd);
-    }
 }
 
 /// `lastgasp_agent_dropped_events_total` counts records lost in the ring buffer, which a test
