@@ -1,7 +1,7 @@
 //! Project tasks: `cargo xtask setup | run | test`.
 //!
 //! `setup` installs what building the eBPF programs needs (nightly's rust-src, bpf-linker
-//! 0.10.3) and, for the tests, promtool; `run` and `test` call it first, so a fresh
+//! 0.10.3) and, for the tests, promtool and kubernetes-validate; `run` and `test` call it first, so a fresh
 //! machine needs nothing else.
 
 use std::process::Command;
@@ -11,6 +11,8 @@ use clap::{Parser, Subcommand};
 
 /// bpf-linker 0.10.3 links with rustc's own LLVM; newer releases need a system LLVM.
 const BPF_LINKER_VERSION: &str = "0.10.3";
+/// Validates the rendered manifests offline; 1.37.0 ships the newest Kubernetes schemas.
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 
 #[derive(Parser)]
 struct Cli {
@@ -81,6 +83,16 @@ fn setup(for_tests: bool) -> anyhow::Result<()> {
             "--force",
         ]))
         .context("installing bpf-linker")?;
+    }
+    if for_tests && output("kubernetes-validate", &["--version"]).is_none() {
+        run(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
+        ]))
+        .context("installing kubernetes-validate (PyPI) for the manifest tests")?;
     }
     if for_tests && output("promtool", &["--version"]).is_none() {
         run(Command::new("apt-get").arg("update")).context("apt-get update")?;
