@@ -92,9 +92,12 @@ struct ControllerArgs {
 #[derive(Debug, Args)]
 struct AgentArgs {
     /// Run without Kubernetes: attach to the local kernel, log events, serve metrics.
+    /// Without it the agent uses in-cluster credentials (or KUBECONFIG) to name the pod and
+    /// container of hung threads, watching only this node's pods.
     #[arg(long)]
     standalone: bool,
-    /// Name of this node in reports (default: the hostname).
+    /// Name of this node, in reports and for the pod watch (default: the hostname; in a
+    /// DaemonSet set NODE_NAME from spec.nodeName).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
     /// Address of the Prometheus metrics endpoint (`/metrics`, and `/healthz`).
@@ -207,11 +210,6 @@ fn read_auth_key(path: Option<&std::path::Path>) -> anyhow::Result<AuthKey> {
 }
 
 async fn run_agent(args: AgentArgs, log_format: LogFormat) -> anyhow::Result<()> {
-    if !args.standalone {
-        anyhow::bail!(
-            "only --standalone is available in this version: in-cluster mode is not built yet"
-        );
-    }
     let node_name = match args.node_name {
         Some(name) => name,
         None => procfs::hostname().context("reading the hostname for --node-name")?,
@@ -221,6 +219,15 @@ async fn run_agent(args: AgentArgs, log_format: LogFormat) -> anyhow::Result<()>
         None => None,
     };
     let auth_key = read_auth_key(args.auth_key_file.as_deref())?;
+    let cluster = if args.standalone {
+        None
+    } else {
+        Some(
+            kube::Client::try_default()
+                .await
+                .context("connecting to Kubernetes (in-cluster, or KUBECONFIG); use --standalone to run without it")?,
+        )
+    };
     agent::run(
         AgentConfig {
             node_name,
@@ -230,6 +237,7 @@ async fn run_agent(args: AgentArgs, log_format: LogFormat) -> anyhow::Result<()>
             netlink_hang_threshold: args.netlink_hang_threshold,
             cni_bin_dirs: args.cni_bin_dirs,
             cni_stuck_threshold: args.cni_stuck_threshold,
+            cluster,
         },
         EventLog::new(log_format),
     )

@@ -16,27 +16,30 @@ pub fn cmdline(pid: u32) -> io::Result<String> {
     Ok(text.trim_end_matches('\0').replace('\0', " "))
 }
 
-/// The process's cgroup path: the v2 unified entry, else the first v1 hierarchy's.
+/// The process's cgroup path that says most: one naming a container (on hybrid hosts the v1
+/// hierarchies may name it while the unified entry is `/`), else the v2 unified entry, else
+/// the first v1 hierarchy's.
 pub fn cgroup(pid: u32) -> io::Result<String> {
     let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
     Ok(parse_cgroup(&text).unwrap_or_default().to_owned())
 }
 
 fn parse_cgroup(text: &str) -> Option<&str> {
-    let mut first = None;
-    for line in text.lines() {
-        let mut fields = line.splitn(3, ':');
-        let (Some(id), Some(_controllers), Some(path)) =
-            (fields.next(), fields.next(), fields.next())
-        else {
-            continue;
-        };
-        if id == "0" {
-            return Some(path);
-        }
-        first.get_or_insert(path);
-    }
-    first
+    let entries: Vec<(&str, &str)> = text
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.splitn(3, ':');
+            let id = fields.next()?;
+            let _controllers = fields.next()?;
+            Some((id, fields.next()?))
+        })
+        .collect();
+    entries
+        .iter()
+        .find(|(_, path)| container_id(path).is_some())
+        .or_else(|| entries.iter().find(|(id, _)| *id == "0"))
+        .or_else(|| entries.first())
+        .map(|(_, path)| *path)
 }
 
 /// The container id in a cgroup path: the last 64-hex-digit run, as containerd, CRI-O
@@ -111,13 +114,18 @@ mod tests {
     }
 
     #[test]
-    fn cgroup_prefers_the_unified_hierarchy() {
+    fn cgroup_prefers_a_container_then_the_unified_hierarchy() {
         let v1 = "12:pids:/kubepods/pod1/abc\n11:memory:/kubepods/pod1/abc\n";
         assert_eq!(parse_cgroup(v1), Some("/kubepods/pod1/abc"));
         let hybrid = "1:name=systemd:/init.scope\n0::/system.slice/containerd.service\n";
         assert_eq!(
             parse_cgroup(hybrid),
             Some("/system.slice/containerd.service")
+        );
+        let hybrid_container = format!("4:memory:/kubepods/besteffort/pod1/{ID}\n0::/\n");
+        assert_eq!(
+            parse_cgroup(&hybrid_container),
+            Some(format!("/kubepods/besteffort/pod1/{ID}").as_str())
         );
     }
 

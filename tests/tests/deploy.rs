@@ -314,6 +314,7 @@ async fn agent_exposition() -> String {
         netlink_hang_threshold: Duration::from_millis(300),
         cni_bin_dirs: vec![root.clone()],
         cni_stuck_threshold: Duration::from_millis(300),
+        cluster: None,
     })
     .await
     .expect("agent starts (the tests must run as root)");

@@ -4,6 +4,7 @@ use std::{io::Write, time::SystemTime};
 
 use serde::Serialize;
 
+use super::pods::ContainerRef;
 use crate::{kernel_log::KernelEventKind, telemetry::LogFormat};
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -14,6 +15,9 @@ pub struct NetlinkHang {
     pub cmdline: String,
     pub cgroup: String,
     pub container_id: Option<String>,
+    /// In a cluster: `pod_namespace`, `pod_name` and `container` of that container.
+    #[serde(flatten)]
+    pub container: Option<ContainerRef>,
     /// Netlink protocol name, e.g. `route`, `generic`.
     pub protocol: &'static str,
     pub protocol_number: i32,
@@ -139,7 +143,7 @@ impl AgentEvent {
     fn summary(&self) -> String {
         match self {
             Self::NetlinkHang(h) => format!(
-                "netlink {} {} on fd {} in flight {:.1}s: pid {} tid {} ({}) container {}",
+                "netlink {} {} on fd {} in flight {:.1}s: pid {} tid {} ({}) in {}",
                 h.protocol,
                 h.syscall,
                 h.fd,
@@ -147,7 +151,12 @@ impl AgentEvent {
                 h.pid,
                 h.tid,
                 h.comm,
-                h.container_id.as_deref().unwrap_or("-"),
+                match (&h.container, &h.container_id) {
+                    (Some(c), _) =>
+                        format!("pod {}/{} container {}", c.namespace, c.pod, c.container),
+                    (None, Some(id)) => format!("container {id}"),
+                    (None, None) => "no container".to_owned(),
+                },
             ),
             Self::NetlinkHangCleared(c) => format!(
                 "netlink {} {} returned after {:.1}s: pid {} tid {} ({})",

@@ -9,6 +9,7 @@ pub mod kernel_stats;
 pub mod last_gasp;
 pub mod loader;
 pub mod netlink;
+pub mod pods;
 pub mod records;
 
 use std::{
@@ -39,6 +40,7 @@ use self::{
     last_gasp::{LastGasp, NodeIdentity},
     loader::{ProbeSettings, ProbeStatus},
     netlink::{HangTracker, RecvSlots},
+    pods::PodIndex,
     records::Record,
 };
 use crate::{
@@ -56,6 +58,9 @@ pub struct AgentConfig {
     pub netlink_hang_threshold: Duration,
     pub cni_bin_dirs: Vec<PathBuf>,
     pub cni_stuck_threshold: Duration,
+    /// In a cluster: the client to watch this node's pods with, to name the pod and
+    /// container of a hung thread. `None` runs without Kubernetes.
+    pub cluster: Option<kube::Client>,
 }
 
 /// A running agent. Dropping it without [`Agent::shutdown`] also detaches the probes.
@@ -138,7 +143,17 @@ impl Agent {
         }
         .spawn(kernel_log_ring, stop.clone())?;
 
-        let hangs = HangTracker::new(threads, config.netlink_hang_threshold, metrics.clone());
+        let pods = config.cluster.map(|client| {
+            let (pods, watch) = PodIndex::start(client, &config.node_name);
+            tasks.push(watch);
+            pods
+        });
+        let hangs = HangTracker::new(
+            threads,
+            config.netlink_hang_threshold,
+            pods,
+            metrics.clone(),
+        );
         let cni = CniTracker::new(config.cni_stuck_threshold, metrics.clone());
         tasks.push(tokio::spawn(events_loop(
             async_fd(events_ring)?,

@@ -15,6 +15,7 @@ use lastgasp_common::{NOT_NETLINK, RECV_SLOTS, RecvSyscall, RecvThread, SlowRecv
 
 use super::{
     events::{AgentEvent, NetlinkHang, NetlinkHangCleared},
+    pods::PodIndex,
     records::c_text,
 };
 use crate::{
@@ -128,16 +129,23 @@ struct Reported {
 pub struct HangTracker {
     threads: RecvSlots,
     threshold: Duration,
+    pods: Option<PodIndex>,
     reported: HashMap<u32, Reported>,
     metrics: Arc<AgentMetrics>,
     comms: LabelLimiter,
 }
 
 impl HangTracker {
-    pub fn new(threads: RecvSlots, threshold: Duration, metrics: Arc<AgentMetrics>) -> Self {
+    pub fn new(
+        threads: RecvSlots,
+        threshold: Duration,
+        pods: Option<PodIndex>,
+        metrics: Arc<AgentMetrics>,
+    ) -> Self {
         Self {
             threads,
             threshold,
+            pods,
             reported: HashMap::new(),
             metrics,
             comms: LabelLimiter::default(),
@@ -240,12 +248,18 @@ impl HangTracker {
             .get_or_create(&labels)
             .inc();
         self.count_hang(thread.protocol);
+        let container_id = procfs::container_id(&cgroup).map(str::to_owned);
+        let container = container_id
+            .as_deref()
+            .zip(self.pods.as_ref())
+            .and_then(|(id, pods)| pods.container(id));
         let event = NetlinkHang {
             pid,
             tid,
             comm: comm.clone(),
             cmdline: procfs::cmdline(pid).unwrap_or_default(),
-            container_id: procfs::container_id(&cgroup).map(str::to_owned),
+            container_id,
+            container,
             cgroup,
             protocol: protocol_name(thread.protocol),
             protocol_number: thread.protocol,

@@ -1,0 +1,133 @@
+//! In-cluster attribution: the pods bound to this node (one watch, field selector
+//! `spec.nodeName`), indexed by container id, so a hung thread is named by namespace, pod
+//! and container from the container id in its cgroup path.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api, Client, ResourceExt as _,
+    runtime::{WatchStreamExt as _, watcher},
+};
+use serde::Serialize;
+use tokio::task::JoinHandle;
+
+/// The container a process runs in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ContainerRef {
+    #[serde(rename = "pod_namespace")]
+    pub namespace: String,
+    #[serde(rename = "pod_name")]
+    pub pod: String,
+    pub container: String,
+}
+
+/// Container ids of this node's pods.
+#[derive(Clone, Debug, Default)]
+pub struct PodIndex {
+    by_container: Arc<RwLock<HashMap<String, ContainerRef>>>,
+}
+
+impl PodIndex {
+    /// Watches the pods bound to `node` until the handle is aborted.
+    pub fn start(client: Client, node: &str) -> (Self, JoinHandle<()>) {
+        let index = Self::default();
+        let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+        let events = watcher(Api::<Pod>::all(client), config).default_backoff();
+        let by_container = index.by_container.clone();
+        let task = tokio::spawn(async move {
+            let mut pods: HashMap<(String, String), Vec<(String, ContainerRef)>> = HashMap::new();
+            let mut events = std::pin::pin!(events);
+            while let Some(event) = events.next().await {
+                match event {
+                    Ok(watcher::Event::Init) => pods.clear(),
+                    Ok(watcher::Event::InitApply(pod) | watcher::Event::Apply(pod)) => {
+                        pods.insert(key(&pod), containers(&pod));
+                    }
+                    Ok(watcher::Event::Delete(pod)) => {
+                        pods.remove(&key(&pod));
+                    }
+                    Ok(watcher::Event::InitDone) => {}
+                    Err(error) => {
+                        tracing::warn!(%error, "pod watch failed; retrying");
+                        continue;
+                    }
+                }
+                *by_container.write().expect("pod index lock") =
+                    pods.values().flatten().cloned().collect();
+            }
+        });
+        (index, task)
+    }
+
+    pub fn container(&self, container_id: &str) -> Option<ContainerRef> {
+        self.by_container
+            .read()
+            .expect("pod index lock")
+            .get(container_id)
+            .cloned()
+    }
+}
+
+fn key(pod: &Pod) -> (String, String) {
+    (pod.namespace().unwrap_or_default(), pod.name_any())
+}
+
+/// Every container of the pod that has an id: `<runtime>://<id>` in its status.
+fn containers(pod: &Pod) -> Vec<(String, ContainerRef)> {
+    let Some(status) = &pod.status else {
+        return Vec::new();
+    };
+    [
+        &status.container_statuses,
+        &status.init_container_statuses,
+        &status.ephemeral_container_statuses,
+    ]
+    .into_iter()
+    .flatten()
+    .flatten()
+    .filter_map(|container| {
+        let id = container.container_id.as_deref()?;
+        let (_runtime, id) = id.split_once("://")?;
+        Some((
+            id.to_owned(),
+            ContainerRef {
+                namespace: pod.namespace().unwrap_or_default(),
+                pod: pod.name_any(),
+                container: container.name.clone(),
+            },
+        ))
+    })
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_ids_come_from_every_kind_of_container_status() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "web-0", "namespace": "shop" },
+            "status": {
+                "containerStatuses": [
+                    { "name": "app", "containerID": "containerd://aaaa", "image": "", "imageID": "", "ready": true, "restartCount": 0 },
+                    { "name": "starting", "image": "", "imageID": "", "ready": false, "restartCount": 0 }
+                ],
+                "initContainerStatuses": [
+                    { "name": "init", "containerID": "cri-o://bbbb", "image": "", "imageID": "", "ready": false, "restartCount": 0 }
+                ]
+            }
+        }))
+        .unwrap();
+        let found: HashMap<_, _> = containers(&pod).into_iter().collect();
+        assert_eq!(found.len(), 2);
+        assert_eq!(found["aaaa"].container, "app");
+        assert_eq!(found["bbbb"].pod, "web-0");
+        assert_eq!(found["bbbb"].namespace, "shop");
+    }
+}
