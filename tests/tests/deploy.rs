@@ -30,6 +30,7 @@ use lastgasp::{
 use lastgasp_tests::{
     apiserver::ApiServer,
     blocking::{block_in_recvfrom, netlink_route_socket},
+    scrape,
 };
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
@@ -38,6 +39,7 @@ use serde_json::{Value, json};
 const KUBERNETES_VERSION: &str = "1.37.0";
 const NAMESPACE: &str = "lastgasp-system";
 const CONTROLLER_SA: &str = "lastgasp-controller";
+const AGENT_SA: &str = "lastgasp-agent";
 const KEY: &[u8] = b"deploy-test-key";
 
 fn repo() -> PathBuf {
@@ -267,20 +269,6 @@ fn exported_series(exposition: &str, into: &mut BTreeSet<String>) {
             into.insert(line[..end].to_owned());
         }
     }
-}
-
-async fn scrape(addr: SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_owned()
 }
 
 async fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
@@ -562,9 +550,9 @@ fn rule_allows(rule: &Value, access: &Access) -> bool {
                 .is_some_and(|name| names.contains(&name)))
 }
 
-/// The rendered rules that apply to the controller's ServiceAccount, with the namespace they
-/// apply in (`None`: every namespace, and cluster-scoped resources).
-fn controller_rules(documents: &[Value]) -> Vec<(Option<String>, Value)> {
+/// The rendered rules that apply to a ServiceAccount of ours, with the namespace they apply
+/// in (`None`: every namespace, and cluster-scoped resources).
+fn rules_of(documents: &[Value], service_account: &str) -> Vec<(Option<String>, Value)> {
     let binds_controller = |binding: &Value| {
         binding["subjects"]
             .as_array()
@@ -572,7 +560,7 @@ fn controller_rules(documents: &[Value]) -> Vec<(Option<String>, Value)> {
             .flatten()
             .any(|subject| {
                 subject["kind"] == "ServiceAccount"
-                    && subject["name"] == CONTROLLER_SA
+                    && subject["name"] == service_account
                     && subject["namespace"] == NAMESPACE
             })
     };
@@ -603,7 +591,7 @@ fn controller_rules(documents: &[Value]) -> Vec<(Option<String>, Value)> {
                 };
                 (Some(namespace.to_owned()), role)
             }
-            other => panic!("{other} binds the controller"),
+            other => panic!("{other} binds {service_account}"),
         };
         for rule in role["rules"].as_array().unwrap() {
             rules.push((scope.clone(), rule.clone()));
@@ -729,7 +717,7 @@ async fn controller_rbac_allows_every_call_and_nothing_unused() {
         })
         .collect();
     let (_, documents) = kustomize("deploy/base");
-    let rules = controller_rules(&documents);
+    let rules = rules_of(&documents, CONTROLLER_SA);
     let refused: Vec<&Access> = made
         .iter()
         .filter(|access| !allowed(&rules, access))
@@ -818,4 +806,70 @@ fn metric_names_are_read_from_promql() {
             "lastgasp_c_total".to_owned()
         ])
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_rbac_allows_exactly_its_pod_watch() {
+    let server = ApiServer::start().await.unwrap();
+    seed(&server);
+    // What the DaemonSet runs: the in-cluster agent, watching its own node's pods.
+    let agent = Agent::start(AgentConfig {
+        node_name: "node-b".into(),
+        metrics_addr: "127.0.0.1:0".parse().unwrap(),
+        controller: None,
+        auth_key: AuthKey::None,
+        netlink_hang_threshold: Duration::from_secs(30),
+        cni_bin_dirs: Vec::new(),
+        cni_stuck_threshold: Duration::from_secs(60),
+        cluster: Some(server.client().await.unwrap()),
+    })
+    .await
+    .expect("agent starts (the tests must run as root)");
+    wait_for("the agent's pod watch", Duration::from_secs(10), || {
+        server
+            .requests()
+            .iter()
+            .any(|request| request.uri.contains("watch=true"))
+    })
+    .await;
+    agent.shutdown().await;
+
+    let made: BTreeSet<Access> = server
+        .requests()
+        .into_iter()
+        .filter_map(|request| {
+            Some(access(
+                request.verb.as_deref()?,
+                request.resource.as_deref()?,
+                &request.uri,
+            ))
+        })
+        .collect();
+    let (_, documents) = kustomize("deploy/base");
+    let rules = rules_of(&documents, AGENT_SA);
+    let refused: Vec<&Access> = made.iter().filter(|a| !allowed(&rules, a)).collect();
+    assert!(refused.is_empty(), "RBAC refuses the agent: {refused:#?}");
+    let granted: BTreeSet<(String, String)> = rules
+        .iter()
+        .flat_map(|(_, rule)| {
+            let resources: Vec<String> = strings(&rule["resources"])
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+            strings(&rule["verbs"])
+                .into_iter()
+                .flat_map(move |verb| {
+                    resources
+                        .clone()
+                        .into_iter()
+                        .map(move |r| (r, verb.to_owned()))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let used: BTreeSet<(String, String)> = made
+        .iter()
+        .map(|a| (a.resource.clone(), a.verb.clone()))
+        .collect();
+    assert_eq!(granted, used, "the agent is granted exactly what it uses");
 }
