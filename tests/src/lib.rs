@@ -2,6 +2,7 @@
 
 pub mod apiserver;
 pub mod blocking;
+pub mod vm;
 
 /// The body of `GET /metrics` from an agent or controller, over plain HTTP/1.1.
 pub async fn scrape(addr: std::net::SocketAddr) -> String {

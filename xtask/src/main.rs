@@ -1,8 +1,11 @@
-//! Project tasks: `cargo xtask setup | run | test`.
+//! Project tasks: `cargo xtask setup | run | test | vm`.
 //!
 //! `setup` installs what building the eBPF programs needs (nightly's rust-src, bpf-linker
-//! 0.10.3) and, for the tests, promtool and kubernetes-validate; `run` and `test` call it first, so a fresh
-//! machine needs nothing else.
+//! 0.10.3) and, for the tests, promtool, kubernetes-validate, and the VM harness's qemu,
+//! busybox-static and kernels; `run` and `test` call it first, so a fresh machine needs
+//! nothing else.
+
+mod vm;
 
 use std::process::Command;
 
@@ -31,6 +34,9 @@ enum Task {
     },
     /// Run every test: unit tests and the integration tests that load eBPF into this kernel (root).
     Test,
+    /// The VM end-to-end harness: Debian kernels under QEMU.
+    #[command(subcommand)]
+    Vm(vm::VmTask),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,12 +51,14 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test => {
             setup(true)?;
+            vm::fetch()?;
             // SAFETY: geteuid has no preconditions.
             if unsafe { libc::geteuid() } != 0 {
                 bail!("the tests load eBPF programs into the kernel: run them as root");
             }
             run(Command::new("cargo").arg("test"))
         }
+        Task::Vm(task) => vm::main(task),
     }
 }
 

@@ -1,0 +1,190 @@
+//! Debian cloud kernels fetched with `apt-get download` and unpacked with `dpkg -x`, once.
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use super::{cache_dir, output, require_tool};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelVersion {
+    /// bookworm's 6.1 (`linux-image-6.1.0-<abi>-cloud-amd64-unsigned`).
+    Debian61,
+    /// bookworm-security's 6.12 (`linux-image-6.12.<n>+deb12-cloud-amd64-unsigned`).
+    Debian612,
+}
+
+impl KernelVersion {
+    pub const ALL: [Self; 2] = [Self::Debian61, Self::Debian612];
+
+    /// Package names look like `<prefix><number><suffix>`; the newest has the largest number.
+    fn package_pattern(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Debian61 => ("linux-image-6.1.0-", "-cloud-amd64-unsigned"),
+            Self::Debian612 => ("linux-image-6.12.", "+deb12-cloud-amd64-unsigned"),
+        }
+    }
+}
+
+impl fmt::Display for KernelVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Debian61 => "6.1",
+            Self::Debian612 => "6.12",
+        })
+    }
+}
+
+impl std::str::FromStr for KernelVersion {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|version| version.to_string() == s)
+            .with_context(|| format!("unknown kernel {s:?}: use 6.1 or 6.12"))
+    }
+}
+
+/// What a fetch that was not a cache hit downloaded.
+#[derive(Clone, Debug)]
+pub struct Download {
+    pub bytes: u64,
+    pub took: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct Kernel {
+    pub version: KernelVersion,
+    pub package: String,
+    /// `uname -r` of the kernel, the directory name under `lib/modules`.
+    pub release: String,
+    pub vmlinuz: PathBuf,
+    pub modules_dir: PathBuf,
+    /// `None` when the kernel was already unpacked in the cache.
+    pub downloaded: Option<Download>,
+}
+
+impl Kernel {
+    /// The newest package of `version` that apt knows, downloaded and unpacked into the cache
+    /// unless it is there already. Without apt lists, the newest one already cached is used.
+    pub fn fetch(version: KernelVersion) -> anyhow::Result<Self> {
+        let root = cache_dir().join("kernels");
+        std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+        let cached = newest(version, cached_packages(&root)?);
+        let package = match newest(version, apt_packages(version)?) {
+            Some(package) => package,
+            None => cached.with_context(|| {
+                format!(
+                    "apt knows no {} package and none is cached in {}: run `apt-get update`",
+                    version.package_pattern().0,
+                    root.display()
+                )
+            })?,
+        };
+        let unpacked = root.join(&package);
+        let downloaded = if unpacked.is_dir() {
+            None
+        } else {
+            Some(download_and_unpack(&package, &root, &unpacked)?)
+        };
+        let modules = unpacked.join("lib/modules");
+        let release = std::fs::read_dir(&modules)
+            .with_context(|| format!("reading {}", modules.display()))?
+            .next()
+            .context("no kernel in lib/modules")??
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        Ok(Self {
+            version,
+            vmlinuz: unpacked.join(format!("boot/vmlinuz-{release}")),
+            modules_dir: modules.join(&release),
+            release,
+            package,
+            downloaded,
+        })
+    }
+}
+
+/// The package with the largest number in its name among those matching `version`.
+fn newest(version: KernelVersion, names: Vec<String>) -> Option<String> {
+    let (prefix, suffix) = version.package_pattern();
+    names
+        .into_iter()
+        .filter_map(|name| {
+            let number: u32 = name
+                .strip_prefix(prefix)?
+                .strip_suffix(suffix)?
+                .parse()
+                .ok()?;
+            Some((number, name))
+        })
+        .max()
+        .map(|(_, name)| name)
+}
+
+fn apt_packages(version: KernelVersion) -> anyhow::Result<Vec<String>> {
+    require_tool("apt-get")?;
+    let (prefix, suffix) = version.package_pattern();
+    let regex = format!(
+        "^{}[0-9]+{}$",
+        prefix.replace('.', "\\."),
+        suffix.replace('+', "\\+")
+    );
+    let out = output(Command::new("apt-cache").args(["search", "--names-only", &regex]))?;
+    Ok(String::from_utf8_lossy(&out)
+        .lines()
+        .filter_map(|line| line.split_whitespace().next().map(str::to_owned))
+        .collect())
+}
+
+fn cached_packages(root: &Path) -> anyhow::Result<Vec<String>> {
+    Ok(std::fs::read_dir(root)?
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| entry.path().is_dir())
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect())
+}
+
+/// Downloads into a private directory and unpacks next to `unpacked`, then renames, so
+/// concurrent fetches of the same kernel cannot see half a kernel.
+fn download_and_unpack(package: &str, root: &Path, unpacked: &Path) -> anyhow::Result<Download> {
+    require_tool("dpkg")?;
+    let work = root.join(format!(".work-{}-{package}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let started = Instant::now();
+    output(
+        Command::new("apt-get")
+            .args(["download", package])
+            .current_dir(&work),
+    )
+    .with_context(|| format!("downloading {package}"))?;
+    let took = started.elapsed();
+    let deb = std::fs::read_dir(&work)?
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.path())
+        .find(|path| path.extension().is_some_and(|ext| ext == "deb"))
+        .with_context(|| format!("apt-get download {package} left no .deb"))?;
+    let bytes = deb.metadata()?.len();
+    let tree = work.join("tree");
+    output(Command::new("dpkg").arg("-x").arg(&deb).arg(&tree))
+        .with_context(|| format!("unpacking {}", deb.display()))?;
+    if let Err(error) = std::fs::rename(&tree, unpacked)
+        && !unpacked.is_dir()
+    {
+        bail!(
+            "moving {} to {}: {error}",
+            tree.display(),
+            unpacked.display()
+        );
+    }
+    std::fs::remove_dir_all(&work)?;
+    Ok(Download { bytes, took })
+}

@@ -1,0 +1,226 @@
+//! QEMU (TCG: KVM is not usable on the machines this runs on) with the serial console on
+//! stdio, user-mode networking (the host's 127.0.0.1 is 10.0.2.2 to the guest) and one
+//! virtio-net card.
+
+use std::{
+    io::{BufRead as _, BufReader, Read, Write as _},
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Condvar, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+
+use super::{Initramfs, Kernel, cache_dir, require_tool};
+
+const QEMU: &str = "qemu-system-x86_64";
+
+#[derive(Clone, Debug)]
+pub struct VmOptions {
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// Name of the console log file in `<cache>/logs/`.
+    pub name: String,
+}
+
+impl Default for VmOptions {
+    fn default() -> Self {
+        Self {
+            memory_mib: 512,
+            cpus: 1,
+            name: "vm".into(),
+        }
+    }
+}
+
+/// A line of the guest's console and when the host read it.
+#[derive(Clone, Debug)]
+pub struct ConsoleLine {
+    pub at: Instant,
+    pub text: String,
+}
+
+#[derive(Default)]
+struct Console {
+    lines: Vec<ConsoleLine>,
+    /// The unfinished last line.
+    partial: String,
+    /// qemu closed its stdout: it has exited.
+    closed: bool,
+}
+
+/// A running guest; qemu is killed on drop.
+pub struct Vm {
+    child: Child,
+    console: Arc<(Mutex<Console>, Condvar)>,
+    pub started: Instant,
+    pub log_path: PathBuf,
+}
+
+impl Vm {
+    /// Boots `kernel` with `initramfs`; `cmdline_extra` is appended to the kernel command line.
+    pub fn boot(
+        kernel: &Kernel,
+        initramfs: &Initramfs,
+        cmdline_extra: &str,
+        options: &VmOptions,
+    ) -> anyhow::Result<Self> {
+        let logs = cache_dir().join("logs");
+        std::fs::create_dir_all(&logs)?;
+        let log_path = logs.join(format!("{}-{}.log", options.name, std::process::id()));
+        let mut log = std::fs::File::create(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        let mut child = command(kernel, initramfs, cmdline_extra, options)?
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {QEMU}"))?;
+        let started = Instant::now();
+        let console = Arc::new((Mutex::new(Console::default()), Condvar::new()));
+        let mut stdout = child.stdout.take().context("qemu stdout")?;
+        let stderr = child.stderr.take().context("qemu stderr")?;
+        let sink = console.clone();
+        std::thread::spawn(move || {
+            let mut buffer = [0; 4096];
+            while let Ok(n @ 1..) = stdout.read(&mut buffer) {
+                let _ = log.write_all(&buffer[..n]);
+                let (lock, changed) = &*sink;
+                let mut console = lock.lock().unwrap();
+                console.partial += &String::from_utf8_lossy(&buffer[..n]);
+                while let Some((line, rest)) = console.partial.split_once('\n') {
+                    let text = line.trim_end_matches('\r').to_owned();
+                    let rest = rest.to_owned();
+                    console.lines.push(ConsoleLine {
+                        at: Instant::now(),
+                        text,
+                    });
+                    console.partial = rest;
+                }
+                changed.notify_all();
+            }
+            let (lock, changed) = &*sink;
+            lock.lock().unwrap().closed = true;
+            changed.notify_all();
+        });
+        // qemu's own errors join the console, marked as such.
+        let sink = console.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let (lock, changed) = &*sink;
+                lock.lock().unwrap().lines.push(ConsoleLine {
+                    at: Instant::now(),
+                    text: format!("[qemu] {line}"),
+                });
+                changed.notify_all();
+            }
+        });
+        Ok(Self {
+            child,
+            console,
+            started,
+            log_path,
+        })
+    }
+
+    /// Boots with the console on this terminal and waits for qemu to exit.
+    pub fn run_interactive(
+        kernel: &Kernel,
+        initramfs: &Initramfs,
+        cmdline_extra: &str,
+        options: &VmOptions,
+    ) -> anyhow::Result<ExitStatus> {
+        command(kernel, initramfs, cmdline_extra, options)?
+            .status()
+            .with_context(|| format!("starting {QEMU}"))
+    }
+
+    /// The first console line containing `pattern`, waiting up to `timeout` for it. The error
+    /// (timeout, or qemu gone) carries the whole console log.
+    pub fn wait_for_console(
+        &self,
+        pattern: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<ConsoleLine> {
+        let deadline = Instant::now() + timeout;
+        let (lock, changed) = &*self.console;
+        let mut console = lock.lock().unwrap();
+        loop {
+            if let Some(line) = console
+                .lines
+                .iter()
+                .find(|line| line.text.contains(pattern))
+            {
+                return Ok(line.clone());
+            }
+            let now = Instant::now();
+            let why = if console.closed {
+                "qemu exited".to_owned()
+            } else if now >= deadline {
+                format!("timed out after {timeout:?}")
+            } else {
+                console = changed.wait_timeout(console, deadline - now).unwrap().0;
+                continue;
+            };
+            anyhow::bail!(
+                "the guest console never showed {pattern:?}: {why}. Console log ({}):\n{}\n{}",
+                self.log_path.display(),
+                console
+                    .lines
+                    .iter()
+                    .map(|line| line.text.as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                console.partial
+            );
+        }
+    }
+
+    /// Everything the console showed so far.
+    pub fn console_log(&self) -> String {
+        let console = self.console.0.lock().unwrap();
+        let mut log: String = console
+            .lines
+            .iter()
+            .map(|line| line.text.clone() + "\n")
+            .collect();
+        log += &console.partial;
+        log
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn command(
+    kernel: &Kernel,
+    initramfs: &Initramfs,
+    cmdline_extra: &str,
+    options: &VmOptions,
+) -> anyhow::Result<Command> {
+    require_tool(QEMU)?;
+    let mut qemu = Command::new(QEMU);
+    qemu.args(["-accel", "tcg", "-nographic", "-no-reboot"])
+        .args(["-m", &options.memory_mib.to_string()])
+        .args(["-smp", &options.cpus.to_string()])
+        .arg("-kernel")
+        .arg(&kernel.vmlinuz)
+        .arg("-initrd")
+        .arg(&initramfs.path)
+        .args([
+            "-netdev",
+            "user,id=net0",
+            "-device",
+            "virtio-net-pci,netdev=net0",
+        ])
+        .args([
+            "-append",
+            &format!("console=ttyS0 rdinit=/init panic=1 {cmdline_extra}"),
+        ]);
+    Ok(qemu)
+}

@@ -1,0 +1,111 @@
+//! `cargo xtask vm fetch | boot | test`: the VM end-to-end harness of `tests/src/vm/`, whose
+//! source is compiled into xtask too (it needs only std and anyhow).
+
+use std::process::Command;
+
+use anyhow::Context as _;
+use clap::Subcommand;
+
+// xtask uses the fetching and booting half; the rest (console waits, re-exports) is for the tests.
+#[allow(dead_code, unused_imports)]
+#[path = "../../tests/src/vm/mod.rs"]
+mod harness;
+
+use harness::{
+    HOST_TOOLS, Initramfs, Kernel, KernelVersion, Vm, VmOptions, find_program, guest, static_agent,
+};
+
+#[derive(Subcommand)]
+pub enum VmTask {
+    /// Install qemu and busybox-static if missing, and download the 6.1 and 6.12 kernels.
+    Fetch,
+    /// Boot a kernel to a shell on this terminal (network up; `poweroff -f` or Ctrl-A X quits).
+    Boot {
+        /// 6.1 or 6.12.
+        #[arg(long, default_value = "6.1")]
+        kernel: KernelVersion,
+        /// Also build the static `lastgasp` and put it at /bin/lastgasp in the guest.
+        #[arg(long)]
+        agent: bool,
+    },
+    /// Fetch, then run the VM scenarios (tests/tests/vm_scenarios.rs).
+    Test {
+        /// Arguments for the test binary, e.g. a test name.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+pub fn main(task: VmTask) -> anyhow::Result<()> {
+    match task {
+        VmTask::Fetch => fetch(),
+        VmTask::Boot { kernel, agent } => boot(kernel, agent),
+        VmTask::Test { args } => {
+            fetch()?;
+            crate::run(
+                Command::new("cargo")
+                    .args([
+                        "test",
+                        "--package",
+                        "lastgasp-tests",
+                        "--test",
+                        "vm_scenarios",
+                        "--",
+                    ])
+                    .args(args),
+            )
+        }
+    }
+}
+
+/// Installs the host tools the harness needs and downloads the kernels (once; then cached).
+pub fn fetch() -> anyhow::Result<()> {
+    let missing: Vec<&str> = HOST_TOOLS
+        .iter()
+        .filter(|(tool, _)| find_program(tool).is_none())
+        .map(|(_, package)| *package)
+        .collect();
+    if !missing.is_empty() {
+        crate::run(Command::new("apt-get").arg("update")).context("apt-get update")?;
+        crate::run(
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends"])
+                .args(&missing),
+        )
+        .with_context(|| format!("installing {}", missing.join(" ")))?;
+    }
+    for version in KernelVersion::ALL {
+        let kernel = Kernel::fetch(version)?;
+        match kernel.downloaded {
+            Some(download) => println!(
+                "{}: downloaded {:.1} MiB in {:.1?}",
+                kernel.package,
+                download.bytes as f64 / (1024.0 * 1024.0),
+                download.took
+            ),
+            None => println!("{}: cached", kernel.package),
+        }
+    }
+    Ok(())
+}
+
+fn boot(version: KernelVersion, with_agent: bool) -> anyhow::Result<()> {
+    let agent = with_agent.then(static_agent).transpose()?;
+    let kernel = Kernel::fetch(version)?;
+    let script = format!(
+        "{}echo \"lastgasp-vm: shell on {}; 'poweroff -f' or Ctrl-A X quits\"\nsetsid cttyhack sh\n",
+        guest::NETWORK_UP,
+        kernel.package
+    );
+    let extra: Vec<_> = agent
+        .iter()
+        .map(|agent| ("/bin/lastgasp", agent.as_path()))
+        .collect();
+    let initramfs = Initramfs::build(&kernel, &script, &extra)?;
+    let options = VmOptions {
+        name: format!("boot-{version}"),
+        ..VmOptions::default()
+    };
+    Vm::run_interactive(&kernel, &initramfs, "", &options)?;
+    Ok(())
+}
