@@ -2,6 +2,7 @@
 
 pub mod apiserver;
 pub mod blocking;
+pub mod fixtures;
 pub mod vm;
 
 /// The body of `GET /metrics` from an agent or controller, over plain HTTP/1.1.

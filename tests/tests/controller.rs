@@ -14,6 +14,7 @@ use lastgasp::{
 };
 use lastgasp_tests::{
     apiserver::{ApiServer, Matcher},
+    fixtures::{annotation, controller_config, events_about, put_node, put_pod, wait_for},
     scrape,
 };
 use serde_json::{Value, json};
@@ -24,21 +25,8 @@ const REASON_B: &str =
 const KEY: &[u8] = b"controller-test-key";
 
 fn seed(server: &ApiServer) {
-    for (node, ip) in [("node-a", "127.0.0.3"), ("node-b", "127.0.0.2")] {
-        server
-            .put_json(
-                "nodes",
-                json!({
-                    "apiVersion": "v1", "kind": "Node",
-                    "metadata": { "name": node },
-                    "status": { "addresses": [
-                        { "type": "InternalIP", "address": ip },
-                        { "type": "Hostname", "address": node },
-                    ]}
-                }),
-            )
-            .unwrap();
-    }
+    put_node(server, "node-a", "127.0.0.3");
+    put_node(server, "node-b", "127.0.0.2");
     for (pod, node) in [
         ("b-0", "node-b"),
         ("b-1", "node-b"),
@@ -46,17 +34,7 @@ fn seed(server: &ApiServer) {
         ("a-0", "node-a"),
         ("a-1", "node-a"),
     ] {
-        server
-            .put_json(
-                "pods",
-                json!({
-                    "apiVersion": "v1", "kind": "Pod",
-                    "metadata": { "name": pod, "namespace": "team" },
-                    "spec": { "nodeName": node, "containers": [{ "name": "app", "image": "app" }] },
-                    "status": { "phase": "Running", "conditions": [{ "type": "Ready", "status": "True" }] }
-                }),
-            )
-            .unwrap();
+        put_pod(server, "team", pod, node);
     }
 }
 
@@ -72,21 +50,8 @@ async fn start_configured(
     server: &ApiServer,
     configure: impl FnOnce(&mut ControllerConfig),
 ) -> Controller {
-    let mut config = ControllerConfig {
-        netconsole_addr: "127.0.0.1:0".parse().unwrap(),
-        report_addr: "127.0.0.1:0".parse().unwrap(),
-        metrics_addr: "127.0.0.1:0".parse().unwrap(),
-        auth_key: AuthKey::HmacSha256(KEY.to_vec()),
-        policy: Policy::DeletePodsAndNode,
-        dry_run: false,
-        concurrency: 8,
-        breaker_max_nodes: 3,
-        breaker_window: Duration::from_secs(600),
-        require_corroboration: false,
-        node_lease_stale_after: Duration::from_secs(40),
-        leader: None,
-        reporter: "lastgasp-controller".to_owned().into(),
-    };
+    let mut config =
+        controller_config(Policy::DeletePodsAndNode, AuthKey::HmacSha256(KEY.to_vec()));
     configure(&mut config);
     Controller::start(server.client().await.unwrap(), config)
         .await
@@ -150,33 +115,11 @@ fn send_report(datagram: &[u8], to: SocketAddr) {
         .unwrap();
 }
 
-async fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn gone(server: &ApiServer, resource: &str, namespace: Option<&str>, name: &str) -> bool {
     server
         .get_json(resource, namespace, name)
         .unwrap()
         .is_none()
-}
-
-fn annotation<'a>(object: &'a Value, key: &str) -> Option<&'a str> {
-    object["metadata"]["annotations"][key].as_str()
-}
-
-/// Every Event the controller published about an object, from the API server's store.
-fn events_about(server: &ApiServer, kind: &str, name: &str) -> Vec<Value> {
-    server
-        .list_json("events", None)
-        .unwrap()
-        .into_iter()
-        .filter(|event| event["regarding"]["kind"] == kind && event["regarding"]["name"] == name)
-        .collect()
 }
 
 /// Writes (anything but reads) the controller made to one object, from the request log.
@@ -454,10 +397,14 @@ async fn a_flood_from_one_node_does_not_delay_a_panic_from_another() {
     let flood = std::thread::spawn(move || {
         let socket = UdpSocket::bind(("127.0.0.3", 0)).unwrap();
         let mut sent = 0u64;
+        // About 50,000 datagrams a second, far more than a kernel console can print.
         while !flooding.load(std::sync::atomic::Ordering::Relaxed) && sent < 200_000 {
             let line = format!("[ 1.{sent:06}] eth0: link flapping, message {sent}\n");
             let _ = socket.send_to(line.as_bytes(), target);
             sent += 1;
+            if sent.is_multiple_of(50) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
         sent
     });

@@ -13,7 +13,7 @@ use std::{
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::{Command, Output},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use base64::Engine as _;
@@ -30,6 +30,7 @@ use lastgasp::{
 use lastgasp_tests::{
     apiserver::ApiServer,
     blocking::{block_in_recvfrom, netlink_route_socket},
+    fixtures::{controller_config, wait_for},
     scrape,
 };
 use prometheus_client::registry::Registry;
@@ -271,14 +272,6 @@ fn exported_series(exposition: &str, into: &mut BTreeSet<String>) {
     }
 }
 
-async fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The agent, driven so that its families have samples: a CNI plugin call that gets stuck,
 /// a netlink recvfrom that hangs, and a panic line in /dev/kmsg (a kernel event and a
 /// last-gasp datagram).
@@ -399,24 +392,6 @@ fn seed(server: &ApiServer) {
     }
 }
 
-fn controller_config(policy: Policy) -> ControllerConfig {
-    ControllerConfig {
-        netconsole_addr: "127.0.0.1:0".parse().unwrap(),
-        report_addr: "127.0.0.1:0".parse().unwrap(),
-        metrics_addr: "127.0.0.1:0".parse().unwrap(),
-        auth_key: AuthKey::HmacSha256(KEY.to_vec()),
-        policy,
-        dry_run: false,
-        concurrency: 4,
-        breaker_max_nodes: 3,
-        breaker_window: Duration::from_secs(600),
-        require_corroboration: false,
-        node_lease_stale_after: Duration::from_secs(40),
-        leader: None,
-        reporter: "lastgasp-controller".to_owned().into(),
-    }
-}
-
 /// The controller, with one authenticated last-gasp report that it acts on (marking and
 /// deleting pods) and one malformed datagram that it drops.
 async fn controller_exposition() -> String {
@@ -424,7 +399,7 @@ async fn controller_exposition() -> String {
     seed(&server);
     let controller = Controller::start(
         server.client().await.unwrap(),
-        controller_config(Policy::DeletePods),
+        controller_config_with_key(Policy::DeletePods),
     )
     .await
     .unwrap();
@@ -669,7 +644,7 @@ async fn controller_rbac_allows_every_call_and_nothing_unused() {
         "lastgasp-controller-0".into(),
         election.is_leader(),
     ));
-    let mut config = controller_config(Policy::DeletePodsAndNode);
+    let mut config = controller_config_with_key(Policy::DeletePodsAndNode);
     config.require_corroboration = true;
     config.leader = Some(election.is_leader());
     let controller = Controller::start(server.client().await.unwrap(), config)
@@ -872,4 +847,8 @@ async fn agent_rbac_allows_exactly_its_pod_watch() {
         .map(|a| (a.resource.clone(), a.verb.clone()))
         .collect();
     assert_eq!(granted, used, "the agent is granted exactly what it uses");
+}
+
+fn controller_config_with_key(policy: Policy) -> ControllerConfig {
+    controller_config(policy, AuthKey::HmacSha256(KEY.to_vec()))
 }

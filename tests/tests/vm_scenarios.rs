@@ -10,14 +10,15 @@
 use std::time::{Duration, Instant};
 
 use lastgasp::{
-    controller::{Controller, ControllerConfig, policy::Policy},
+    controller::{Controller, policy::Policy},
     wire::AuthKey,
 };
 use lastgasp_tests::{
     apiserver::ApiServer,
+    fixtures::{annotation, controller_config, events_about, put_node, put_pod},
     vm::{ConsoleLine, Initramfs, Kernel, KernelVersion, Vm, VmOptions, guest, static_agent},
 };
-use serde_json::{Value, json};
+use serde_json::Value;
 
 const NODE: &str = "vm-node";
 const REASON: &str = "node vm-node kernel panic: Kernel panic - not syncing: sysrq triggered crash";
@@ -25,18 +26,8 @@ const CRASH_MARKER: &str = "lastgasp-vm: crashing now";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
 fn seed(server: &ApiServer) {
-    for (node, ip) in [(NODE, "127.0.0.1"), ("other", "127.0.0.9")] {
-        server
-            .put_json(
-                "nodes",
-                json!({
-                    "apiVersion": "v1", "kind": "Node",
-                    "metadata": { "name": node },
-                    "status": { "addresses": [{ "type": "InternalIP", "address": ip }] }
-                }),
-            )
-            .unwrap();
-    }
+    put_node(server, NODE, "127.0.0.1");
+    put_node(server, "other", "127.0.0.9");
     for (pod, node) in [
         ("vm-0", NODE),
         ("vm-1", NODE),
@@ -44,37 +35,13 @@ fn seed(server: &ApiServer) {
         ("other-0", "other"),
         ("other-1", "other"),
     ] {
-        server
-            .put_json(
-                "pods",
-                json!({
-                    "apiVersion": "v1", "kind": "Pod",
-                    "metadata": { "name": pod, "namespace": "team" },
-                    "spec": { "nodeName": node, "containers": [{ "name": "app", "image": "app" }] },
-                    "status": { "phase": "Running", "conditions": [{ "type": "Ready", "status": "True" }] }
-                }),
-            )
-            .unwrap();
+        put_pod(server, "team", pod, node);
     }
 }
 
 /// The controller with the Annotate policy, so marked pods stay readable.
 async fn start_controller(server: &ApiServer) -> Controller {
-    let config = ControllerConfig {
-        netconsole_addr: "127.0.0.1:0".parse().unwrap(),
-        report_addr: "127.0.0.1:0".parse().unwrap(),
-        metrics_addr: "127.0.0.1:0".parse().unwrap(),
-        auth_key: AuthKey::None,
-        policy: Policy::Annotate,
-        dry_run: false,
-        concurrency: 8,
-        breaker_max_nodes: 3,
-        breaker_window: Duration::from_secs(600),
-        require_corroboration: false,
-        node_lease_stale_after: Duration::from_secs(40),
-        leader: None,
-        reporter: "lastgasp-controller".to_owned().into(),
-    };
+    let config = controller_config(Policy::Annotate, AuthKey::None);
     Controller::start(server.client().await.unwrap(), config)
         .await
         .unwrap()
@@ -99,23 +66,6 @@ fn console(vm: &Vm, pattern: &str, timeout: Duration) -> ConsoleLine {
     tokio::task::block_in_place(|| vm.wait_for_console(pattern, timeout)).unwrap()
 }
 
-fn annotation<'a>(object: &'a Value, key: &str) -> Option<&'a str> {
-    object["metadata"]["annotations"][key].as_str()
-}
-
-fn events_about(server: &ApiServer, kind: &str, name: &str) -> usize {
-    server
-        .list_json("events", None)
-        .unwrap()
-        .iter()
-        .filter(|event| {
-            event["regarding"]["kind"] == kind
-                && event["regarding"]["name"] == name
-                && event["reason"] == "NodeKernelPanic"
-        })
-        .count()
-}
-
 fn pod(server: &ApiServer, name: &str) -> Value {
     server
         .get_json("pods", Some("team"), name)
@@ -129,7 +79,7 @@ fn fully_marked(server: &ApiServer, name: &str) -> bool {
         && pod["status"]["conditions"]
             .as_array()
             .is_some_and(|conditions| conditions.iter().any(|c| c["type"] == "DisruptionTarget"))
-        && events_about(server, "Pod", name) == 1
+        && events_about(server, "Pod", name).len() == 1
 }
 
 /// Waits until the node and its pods carry everything the controller writes; the failure
@@ -139,7 +89,7 @@ async fn wait_for_marks(server: &ApiServer, vm: &Vm, pods: &[&str], within: Dura
     loop {
         let node = server.get_json("nodes", None, NODE).unwrap().unwrap();
         if annotation(&node, "lastgasp.io/termination-reason") == Some(REASON)
-            && events_about(server, "Node", NODE) == 1
+            && events_about(server, "Node", NODE).len() == 1
             && pods.iter().all(|pod| fully_marked(server, pod))
         {
             return;
@@ -188,7 +138,11 @@ fn assert_pods_marked(server: &ApiServer, pods: &[&str], source: &str) {
         assert_eq!(disruption["status"], "True");
         assert_eq!(disruption["reason"], "NodeKernelPanic");
         assert!(conditions.iter().any(|c| c["type"] == "Ready"));
-        assert_eq!(events_about(server, "Pod", name), 1, "one Event on {name}");
+        assert_eq!(
+            events_about(server, "Pod", name).len(),
+            1,
+            "one Event on {name}"
+        );
     }
 }
 
@@ -196,7 +150,7 @@ fn assert_other_untouched(server: &ApiServer) {
     for name in ["other-0", "other-1"] {
         let pod = pod(server, name);
         assert!(pod["metadata"]["annotations"].is_null(), "{pod}");
-        assert_eq!(events_about(server, "Pod", name), 0);
+        assert_eq!(events_about(server, "Pod", name).len(), 0);
     }
     let other = server.get_json("nodes", None, "other").unwrap().unwrap();
     assert!(other["metadata"]["annotations"].is_null(), "{other}");

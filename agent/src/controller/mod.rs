@@ -88,6 +88,9 @@ impl Controller {
         let listener = http::bind(config.metrics_addr)
             .await
             .with_context(|| format!("binding --metrics-addr {}", config.metrics_addr))?;
+        for socket in [&netconsole_socket, &report_socket] {
+            enlarge_receive_buffer(socket);
+        }
         let (netconsole_addr, report_addr) =
             (netconsole_socket.local_addr()?, report_socket.local_addr()?);
         let metrics_addr = listener.local_addr()?;
@@ -372,6 +375,34 @@ async fn run_executor(
             return;
         }
     }
+}
+
+/// Bytes of datagrams the kernel may queue for an input: a flood from one node must not
+/// make the kernel drop another node's panic before the controller reads it.
+const RECEIVE_BUFFER: libc::c_int = 8 << 20;
+
+/// Raises the socket's receive buffer, beyond `net.core.rmem_max` when privileged.
+fn enlarge_receive_buffer(socket: &UdpSocket) {
+    use std::os::fd::AsRawFd as _;
+    for option in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: a valid socket and an int-sized option value.
+        let set = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&RECEIVE_BUFFER as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if set == 0 {
+            return;
+        }
+    }
+    tracing::warn!(
+        error = %std::io::Error::last_os_error(),
+        "could not enlarge the UDP receive buffer; a datagram flood may drop panics"
+    );
 }
 
 /// Whether the node's heartbeat Lease in `kube-node-lease` has not been renewed recently
