@@ -58,12 +58,12 @@ metrics() {
     wget -qO- http://127.0.0.1:9465/metrics | grep '^lastgasp_' | sed "s/^/metrics[$1]: /"
 }
 # start_agent ARGS...: the agent in the background, its JSON log in /tmp/agent.log. The log
-# is emptied here first: the background shell empties it too, but maybe only after the wait
-# below has found the previous agent's lines.
+# is emptied here, before the agent starts, and the agent appends to it: nothing truncates it
+# once a wait may be reading it.
 start_agent() {
     : > /tmp/agent.log
     /bin/lastgasp --log-format json agent --standalone --node-name vm-node \
-        --metrics-addr 127.0.0.1:9465 "$@" > /tmp/agent.log 2>&1 &
+        --metrics-addr 127.0.0.1:9465 "$@" >> /tmp/agent.log 2>&1 &
     agent=$!
     wait_log 'serving metrics' 120
 }

@@ -58,10 +58,12 @@ mount -t debugfs debugfs /sys/kernel/debug
 mount -t pstore pstore /tmp/pstore-peek
 records=$(ls /tmp/pstore-peek)
 umount /tmp/pstore-peek
+# The agent's output goes to the console and to /tmp/agent.log through one tee, so every line
+# the script waits for has also reached the console, whatever runs first.
+: > /tmp/agent.log
 NO_COLOR=1 /bin/lastgasp agent --standalone --log-format json --node-name {NODE} \
     --controller {host}:{report_port} --metrics-addr 127.0.0.1:9465 \
-    --pstore-dir /sys/fs/pstore --state-dir /var/lib/lastgasp > /tmp/agent.log 2>&1 &
-tail -f /tmp/agent.log &
+    --pstore-dir /sys/fs/pstore --state-dir /var/lib/lastgasp 2>&1 | tee -a /tmp/agent.log &
 if [ -z \"$records\" ]; then
     echo 'lastgasp-vm: first boot, pstore is empty'
     tries=0

@@ -1,10 +1,12 @@
-//! Project tasks: `cargo xtask setup | run | test | vm`.
+//! Project tasks: `cargo xtask setup | run | test | lint | vm`.
 //!
-//! `setup` installs what building the eBPF programs needs (nightly's rust-src, bpf-linker
-//! 0.10.3) and, for the tests, promtool, kubernetes-validate, and the VM harness's qemu,
-//! busybox-static and kernels; `run` and `test` call it first, so a fresh machine needs
-//! nothing else.
+//! `setup` installs what building the eBPF programs needs (the nightly pinned in
+//! `agent-ebpf/rust-toolchain.toml` with rust-src, bpf-linker 0.10.3) and, for the tests,
+//! promtool, kubernetes-validate, and the VM harness's qemu, busybox-static and kernels; `run`,
+//! `test` and `lint` call it first, so a fresh machine needs nothing else.
 
+#[path = "../../agent-ebpf/toolchain.rs"]
+mod toolchain;
 mod vm;
 
 use std::process::Command;
@@ -33,7 +35,11 @@ enum Task {
         args: Vec<String>,
     },
     /// Run every test: unit tests and the integration tests that load eBPF into this kernel (root).
+    /// Every test binary runs even when one fails; the task fails at the end if any did.
     Test,
+    /// `cargo fmt --check`, and clippy with `-D warnings` on the host crates and, with the pinned
+    /// nightly, on the eBPF programs.
+    Lint,
     /// The VM end-to-end harness: Debian kernels under QEMU.
     #[command(subcommand)]
     Vm(vm::VmTask),
@@ -56,29 +62,56 @@ fn main() -> anyhow::Result<()> {
             if unsafe { libc::geteuid() } != 0 {
                 bail!("the tests load eBPF programs into the kernel: run them as root");
             }
-            run(Command::new("cargo").arg("test"))
+            run(Command::new("cargo").args(["test", "--no-fail-fast"]))
+        }
+        Task::Lint => {
+            setup(false)?;
+            run(Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
+            run(Command::new("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+            run(Command::new("cargo").args([
+                &format!("+{}", toolchain::ebpf_toolchain()),
+                "clippy",
+                "--release",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--package",
+                "lastgasp-ebpf",
+                "--",
+                "-D",
+                "warnings",
+            ]))
         }
         Task::Vm(task) => vm::main(task),
     }
 }
 
 fn setup(for_tests: bool) -> anyhow::Result<()> {
+    let nightly = toolchain::ebpf_toolchain();
     let installed = output(
         "rustup",
-        &["component", "list", "--toolchain", "nightly", "--installed"],
+        &["component", "list", "--toolchain", nightly, "--installed"],
     )
     .unwrap_or_default();
-    if !installed.lines().any(|line| line.starts_with("rust-src")) {
+    if !["rust-src", "clippy"]
+        .iter()
+        .all(|component| installed.lines().any(|line| line.starts_with(component)))
+    {
         run(Command::new("rustup").args([
             "toolchain",
             "install",
-            "nightly",
+            nightly,
             "--profile",
             "minimal",
             "--component",
             "rust-src",
+            "--component",
+            "clippy",
         ]))
-        .context("installing the nightly toolchain with rust-src (eBPF builds need it)")?;
+        .with_context(|| {
+            format!("installing {nightly} with rust-src and clippy (eBPF builds need it)")
+        })?;
     }
     let linker = output("bpf-linker", &["--version"]).unwrap_or_default();
     if !linker.contains(BPF_LINKER_VERSION) {

@@ -56,6 +56,7 @@ pub fn main(task: VmTask) -> anyhow::Result<()> {
                 Command::new("cargo")
                     .args([
                         "test",
+                        "--no-fail-fast",
                         "--package",
                         "lastgasp-tests",
                         "--test",

@@ -62,6 +62,8 @@ pub struct Download {
 pub struct Kernel {
     pub version: KernelVersion,
     pub package: String,
+    /// The package's Debian version, e.g. `6.1.192-3`, recorded when it was downloaded.
+    pub package_version: String,
     /// `uname -r` of the kernel, the directory name under `lib/modules`.
     pub release: String,
     pub vmlinuz: PathBuf,
@@ -71,17 +73,26 @@ pub struct Kernel {
 }
 
 impl Kernel {
-    /// What [`Kernel::fetch`] did, for a log line: `<package>: downloaded 25.5 MiB in 1.2s`, or
-    /// `<package>: cached`.
+    /// The exact kernel, for logs: `<package> <version> (<release>)`. Debian replaces its
+    /// kernels every few weeks, so every test that boots one prints this.
+    pub fn identity(&self) -> String {
+        format!(
+            "{} {} ({})",
+            self.package, self.package_version, self.release
+        )
+    }
+
+    /// What [`Kernel::fetch`] did, for a log line: `<identity>: downloaded 25.5 MiB in 1.2s`,
+    /// or `<identity>: cached`.
     pub fn fetched(&self) -> String {
         match &self.downloaded {
             Some(download) => format!(
                 "{}: downloaded {:.1} MiB in {:.1?}",
-                self.package,
+                self.identity(),
                 download.bytes as f64 / (1024.0 * 1024.0),
                 download.took
             ),
-            None => format!("{}: cached", self.package),
+            None => format!("{}: cached", self.identity()),
         }
     }
 
@@ -107,6 +118,9 @@ impl Kernel {
         } else {
             Some(download_and_unpack(&package, &root, &unpacked)?)
         };
+        let package_version = std::fs::read_to_string(version_file(&root, &package))
+            .map(|version| version.trim().to_owned())
+            .unwrap_or_else(|_| "(version not recorded)".to_owned());
         let modules = unpacked.join("lib/modules");
         let release = std::fs::read_dir(&modules)
             .with_context(|| format!("reading {}", modules.display()))?
@@ -121,9 +135,15 @@ impl Kernel {
             modules_dir: modules.join(&release),
             release,
             package,
+            package_version,
             downloaded,
         })
     }
+}
+
+/// Where the Debian version of a downloaded package is kept, beside its unpacked tree.
+fn version_file(root: &Path, package: &str) -> PathBuf {
+    root.join(format!("{package}.version"))
 }
 
 /// The package with the largest number in its name among those matching `version`.
@@ -187,6 +207,12 @@ fn download_and_unpack(package: &str, root: &Path, unpacked: &Path) -> anyhow::R
         .find(|path| path.extension().is_some_and(|ext| ext == "deb"))
         .with_context(|| format!("apt-get download {package} left no .deb"))?;
     let bytes = deb.metadata()?.len();
+    let version = output(Command::new("dpkg-deb").arg("--field").arg(&deb).arg("Version"))
+        .with_context(|| format!("reading the version of {}", deb.display()))?;
+    std::fs::write(
+        version_file(root, package),
+        String::from_utf8_lossy(&version).trim(),
+    )?;
     let tree = work.join("tree");
     output(Command::new("dpkg").arg("-x").arg(&deb).arg(&tree))
         .with_context(|| format!("unpacking {}", deb.display()))?;

@@ -141,7 +141,10 @@ chmod +x /tmp/run-agent
 run_agent() {
     agent_name=$1
     rm -f /tmp/$agent_name.pid
-    /tmp/run-agent "$@" 2>&1 | tee /tmp/$agent_name.log &
+    # The log exists before anything waits on it; tee appends, so it never truncates lines
+    # a wait has already seen.
+    : > /tmp/$agent_name.log
+    /tmp/run-agent "$@" 2>&1 | tee -a /tmp/$agent_name.log &
     until [ -s /tmp/$agent_name.pid ]; do sleep 0.1; done
     agent_pid=$(cat /tmp/$agent_name.pid)
 }

@@ -78,6 +78,10 @@ impl Vm {
         let log_path = logs.join(format!("{}-{}.log", options.name, std::process::id()));
         let mut log = std::fs::File::create(&log_path)
             .with_context(|| format!("creating {}", log_path.display()))?;
+        // The exact kernel heads the test's output and the console log, so a failure that
+        // comes with a new Debian kernel says so.
+        println!("{}: booting {}", options.name, kernel.identity());
+        writeln!(log, "lastgasp-vm harness: booting {}", kernel.identity())?;
         let mut child = command(kernel, initramfs, cmdline_extra, options)?
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
