@@ -18,6 +18,7 @@ use lastgasp::{
         Controller, ControllerConfig,
         leader::{self, LeaderConfig, LeaderElection},
         policy::Policy,
+        trust::DeletionEvidence,
     },
     procfs,
     telemetry::{self, LogFormat},
@@ -56,10 +57,15 @@ struct ControllerArgs {
     /// Address of the Prometheus metrics endpoint (`/metrics`, and `/healthz`).
     #[arg(long, default_value = "0.0.0.0:9466")]
     metrics_addr: SocketAddr,
-    /// File with the HMAC-SHA256 key the agents sign reports with (raw bytes, e.g. a mounted
-    /// Secret). Without it, only unauthenticated reports are accepted.
-    #[arg(long)]
+    /// File with the HMAC-SHA256 key the agents sign reports with (raw bytes, at least 16,
+    /// e.g. a mounted Secret). Required unless --insecure-allow-unsigned.
+    #[arg(long, required_unless_present = "insecure_allow_unsigned")]
     auth_key_file: Option<PathBuf>,
+    /// Accept unsigned reports instead of requiring --auth-key-file. Anyone who can send UDP to
+    /// the controller can then report a panic for any node from its address; such reports
+    /// still never delete (only a signed `panic()` report or a node seen dead does).
+    #[arg(long, conflicts_with = "auth_key_file")]
+    insecure_allow_unsigned: bool,
     /// How far to go: mark only, mark and delete the pods, or also delete the node.
     #[arg(long, value_enum, default_value_t = Policy::DeletePodsAndNode)]
     policy: Policy,
@@ -75,12 +81,21 @@ struct ControllerArgs {
     /// Circuit breaker window.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     breaker_window: Duration,
-    /// On netconsole-only evidence, delete only once the node's Lease in kube-node-lease is stale.
-    #[arg(long)]
-    require_corroboration: bool,
-    /// A node Lease not renewed for this long is stale.
+    /// Which evidence deletes at once: `verified` (a signed `panic()` report from the node's
+    /// own address, for its current boot, fresh) or `any` (netconsole text too: anyone who can
+    /// send UDP from a node's address can then delete it). Other evidence marks, and deletes
+    /// only once the node is seen dead.
+    #[arg(long, value_enum, default_value_t = DeletionEvidence::Verified)]
+    deletion_evidence: DeletionEvidence,
+    /// A node whose heartbeat Lease (kube-node-lease) the controller has seen unchanged for this
+    /// long, by its own clock, is dead.
     #[arg(long, default_value = "40s", value_parser = humantime::parse_duration)]
-    node_lease_stale_after: Duration,
+    node_dead_after: Duration,
+    /// How long marked pods and node wait for the node to be seen dead (or for better
+    /// evidence) when the evidence may not delete; then the controller gives up deleting and
+    /// says why in an Event on the node.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    mark_wait: Duration,
     /// Run several replicas: only the holder of the leader Lease writes to Kubernetes.
     #[arg(long)]
     leader_election: bool,
@@ -215,8 +230,9 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
             concurrency: args.concurrency,
             breaker_max_nodes: args.breaker_max_nodes,
             breaker_window: args.breaker_window,
-            require_corroboration: args.require_corroboration,
-            node_lease_stale_after: args.node_lease_stale_after,
+            deletion_evidence: args.deletion_evidence,
+            node_dead_after: args.node_dead_after,
+            mark_wait: args.mark_wait,
             leader,
             reporter: Reporter {
                 controller: "lastgasp-controller".into(),
@@ -243,9 +259,11 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
 
 fn read_auth_key(path: Option<&std::path::Path>) -> anyhow::Result<AuthKey> {
     Ok(match path {
-        Some(path) => AuthKey::HmacSha256(
-            std::fs::read(path).with_context(|| format!("reading --auth-key-file {path:?}"))?,
-        ),
+        Some(path) => {
+            let secret =
+                std::fs::read(path).with_context(|| format!("reading --auth-key-file {path:?}"))?;
+            AuthKey::hmac(secret).with_context(|| format!("--auth-key-file {path:?}"))?
+        }
         None => AuthKey::None,
     })
 }

@@ -135,7 +135,23 @@ pub enum AuthKey {
     HmacSha256(Vec<u8>),
 }
 
+/// The shortest HMAC key accepted: a key an attacker can guess signs reports for them.
+pub const MIN_KEY_LEN: usize = 16;
+
+/// Why a key was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("the key has {0} bytes; at least {MIN_KEY_LEN} are needed (e.g. `head -c 32 /dev/urandom`)")]
+pub struct KeyTooShort(pub usize);
+
 impl AuthKey {
+    /// An HMAC-SHA256 key of at least [`MIN_KEY_LEN`] bytes.
+    pub fn hmac(secret: Vec<u8>) -> Result<Self, KeyTooShort> {
+        if secret.len() < MIN_KEY_LEN {
+            return Err(KeyTooShort(secret.len()));
+        }
+        Ok(Self::HmacSha256(secret))
+    }
+
     /// The scheme this key produces and requires.
     pub fn scheme(&self) -> AuthScheme {
         match self {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use lastgasp::{
     agent::{AgentConfig, loader::NetlinkProbeMode},
-    controller::{ControllerConfig, policy::Policy},
+    controller::{ControllerConfig, policy::Policy, trust::DeletionEvidence},
     wire::AuthKey,
 };
 use serde_json::{Value, json};
@@ -34,21 +34,60 @@ pub fn agent_config(node: &str) -> AgentConfig {
     }
 }
 
-/// A Node whose InternalIP is `ip`: datagrams sent from that address come "from" it.
+/// A Node whose InternalIP is `ip`: datagrams sent from that address come "from" it. It
+/// publishes no boot id, as a Node whose kubelet has not reported yet: the controller then
+/// cannot verify a report's boot, and no report from it deletes at once.
 pub fn put_node(server: &ApiServer, name: &str, ip: &str) {
     server
+        .put_json("nodes", node_json(name, ip))
+        .expect("seed a node");
+}
+
+/// A Node as [`put_node`], whose kubelet reported `boot_id` in `status.nodeInfo.bootID`.
+pub fn put_booted_node(server: &ApiServer, name: &str, ip: &str, boot_id: &str) {
+    let mut node = node_json(name, ip);
+    node["status"]["nodeInfo"] = json!({
+        "architecture": "amd64", "bootID": boot_id, "containerRuntimeVersion": "containerd://1.6.20",
+        "kernelVersion": "6.1.0-57-cloud-amd64", "kubeProxyVersion": "v1.20.2",
+        "kubeletVersion": "v1.20.2", "machineID": name, "operatingSystem": "linux",
+        "osImage": "Debian GNU/Linux 12 (bookworm)", "systemUUID": name,
+    });
+    server.put_json("nodes", node).expect("seed a node");
+}
+
+fn node_json(name: &str, ip: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": { "name": name },
+        "status": { "addresses": [
+            { "type": "InternalIP", "address": ip },
+            { "type": "Hostname", "address": name },
+        ]}
+    })
+}
+
+/// The heartbeat Lease of `node` in `kube-node-lease`, renewed now.
+pub fn renew_node_lease(server: &ApiServer, node: &str) {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    server
         .put_json(
-            "nodes",
+            "leases",
             json!({
-                "apiVersion": "v1", "kind": "Node",
-                "metadata": { "name": name },
-                "status": { "addresses": [
-                    { "type": "InternalIP", "address": ip },
-                    { "type": "Hostname", "address": name },
-                ]}
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": { "name": node, "namespace": "kube-node-lease" },
+                "spec": {
+                    "holderIdentity": node,
+                    "leaseDurationSeconds": 40,
+                    "renewTime": now.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+                }
             }),
         )
-        .expect("seed a node");
+        .expect("renew a node lease");
+}
+
+/// Unix time now in milliseconds, as reports carry it.
+pub fn now_ms() -> u64 {
+    k8s_openapi::jiff::Timestamp::now().as_millisecond() as u64
 }
 
 /// A running Pod bound to `node`, with the Ready condition kubelet would have written.
@@ -66,7 +105,9 @@ pub fn put_pod(server: &ApiServer, namespace: &str, name: &str, node: &str) {
         .expect("seed a pod");
 }
 
-/// A controller on loopback ports chosen by the kernel, deleting nothing unless told.
+/// A controller on loopback ports chosen by the kernel, with the shipped trust defaults: only a
+/// verified `panic()` report deletes at once; other evidence waits up to 2 min for the node to
+/// be seen dead (40 s of unchanged Lease).
 pub fn controller_config(policy: Policy, auth_key: AuthKey) -> ControllerConfig {
     ControllerConfig {
         netconsole_addr: "127.0.0.1:0".parse().expect("valid"),
@@ -78,8 +119,9 @@ pub fn controller_config(policy: Policy, auth_key: AuthKey) -> ControllerConfig 
         concurrency: 8,
         breaker_max_nodes: 3,
         breaker_window: Duration::from_secs(600),
-        require_corroboration: false,
-        node_lease_stale_after: Duration::from_secs(40),
+        deletion_evidence: DeletionEvidence::Verified,
+        node_dead_after: Duration::from_secs(40),
+        mark_wait: Duration::from_secs(120),
         leader: None,
         reporter: "lastgasp-controller".to_owned().into(),
     }

@@ -9,12 +9,15 @@ use std::{
 
 use base64::Engine as _;
 use lastgasp::{
-    controller::{Controller, ControllerConfig, policy::Policy},
+    controller::{Controller, ControllerConfig, policy::Policy, trust::DeletionEvidence},
     wire::{self, AuthKey, Report},
 };
 use lastgasp_tests::{
     apiserver::{ApiServer, Matcher},
-    fixtures::{annotation, controller_config, events_about, put_node, put_pod, wait_for},
+    fixtures::{
+        annotation, controller_config, events_about, now_ms, put_booted_node, put_node, put_pod,
+        renew_node_lease, wait_for,
+    },
     scrape,
 };
 use serde_json::{Value, json};
@@ -24,9 +27,10 @@ const REASON_B: &str =
     "node node-b kernel panic: Kernel panic - not syncing: sysrq triggered crash";
 const KEY: &[u8] = b"controller-test-key";
 
+/// node-b (127.0.0.2) and node-a (127.0.0.3), both on boot `boot-1`, with pods.
 fn seed(server: &ApiServer) {
-    put_node(server, "node-a", "127.0.0.3");
-    put_node(server, "node-b", "127.0.0.2");
+    put_booted_node(server, "node-a", "127.0.0.3", "boot-1");
+    put_booted_node(server, "node-b", "127.0.0.2", "boot-1");
     for (pod, node) in [
         ("b-0", "node-b"),
         ("b-1", "node-b"),
@@ -90,15 +94,16 @@ fn replay_netconsole(ip: &str, to: SocketAddr) {
     }
 }
 
+/// The agent's last gasp from its `panic()` kprobe, signed, sent now, for boot `boot-1`.
 fn report(node: &str, seq: u64) -> Vec<u8> {
     wire::encode(
         &Report {
             node: node.into(),
             boot_id: "boot-1".into(),
             seq,
-            sent_at_ms: 0,
+            sent_at_ms: now_ms(),
             kind: "kernel_panic".into(),
-            source: "console".into(),
+            source: "kprobe".into(),
             message: PANIC.into(),
             context: vec!["CPU: 0 PID: 1 Comm: sh".into()],
             kernel_release: None,
@@ -111,29 +116,37 @@ fn report(node: &str, seq: u64) -> Vec<u8> {
 }
 
 /// The agent's delayed report after the node's reboot: the pstore record of a panic at
-/// `panicked_at`, sent from the new boot `boot-2`.
+/// `panicked_at` in boot `boot-1`, sent from the new boot `boot-2`.
 fn pstore_report(node: &str, seq: u64, panicked_at: Option<jiff::Timestamp>) -> Vec<u8> {
     wire::encode(
         &Report {
             node: node.into(),
             boot_id: "boot-2".into(),
             seq,
-            sent_at_ms: 0,
+            sent_at_ms: now_ms(),
             kind: "kernel_panic".into(),
             source: "pstore".into(),
             message: PANIC.into(),
             context: vec!["sysrq: Trigger a crash".into()],
             kernel_release: None,
             event_at_ms: panicked_at.map(|at| at.as_millisecond() as u64),
-            event_boot_id: None,
+            // The crashed boot, from the agent's state directory: the one the Node still shows.
+            event_boot_id: Some("boot-1".into()),
         },
         &AuthKey::HmacSha256(KEY.to_vec()),
     )
     .unwrap()
 }
 
+/// Sends a report from the address of the node it names, as that node's agent would (a
+/// datagram that does not decode claims node-b).
 fn send_report(datagram: &[u8], to: SocketAddr) {
-    UdpSocket::bind("127.0.0.1:0")
+    let node = [AuthKey::HmacSha256(KEY.to_vec()), AuthKey::None]
+        .iter()
+        .find_map(|key| wire::decode(datagram, key).ok())
+        .map_or_else(|| "node-b".to_owned(), |report| report.node);
+    let from = if node == "node-a" { "127.0.0.3" } else { "127.0.0.2" };
+    UdpSocket::bind((from, 0))
         .unwrap()
         .send_to(datagram, to)
         .unwrap();
@@ -214,11 +227,16 @@ impl Drop for LastStates {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_netconsole_panic_marks_and_deletes_the_node_and_its_pods_only() {
+/// With `--deletion-evidence any` (the opt-in Titus behaviour), netconsole text deletes at once.
+async fn with_any_evidence_a_netconsole_panic_marks_and_deletes_the_node_and_its_pods_only() {
     let server = ApiServer::start().await.unwrap();
     seed(&server);
     let watch = LastStates::start(&server).await;
-    let controller = start(&server, Policy::DeletePodsAndNode, 3).await;
+    let controller = start_configured(&server, |config| {
+        config.policy = Policy::DeletePodsAndNode;
+        config.deletion_evidence = DeletionEvidence::Any;
+    })
+    .await;
 
     // What an agent sends to resolve its netconsole next hop: not a parse error.
     UdpSocket::bind("127.0.0.2:0")
@@ -444,13 +462,14 @@ async fn a_flood_from_one_node_does_not_delay_a_panic_from_another() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = Instant::now();
     replay_netconsole("127.0.0.2", target);
+    // Netconsole evidence marks at once (deleting waits for the node to be seen dead).
     wait_for(
-        "node-b's pods deleted during the flood",
+        "node-b's pods marked during the flood",
         Duration::from_secs(15),
         || {
             ["b-0", "b-1", "b-2"]
                 .iter()
-                .all(|pod| gone(&server, "pods", Some("team"), pod))
+                .all(|pod| events_about(&server, "Pod", pod).len() == 1)
         },
     )
     .await;
@@ -580,34 +599,61 @@ async fn a_restarted_controller_finishes_the_job_without_duplicates() {
     drop(second);
 }
 
-fn put_node_lease(server: &ApiServer, node: &str, renewed: Duration) {
-    let renew_time = jiff::Timestamp::now() - jiff::SignedDuration::try_from(renewed).unwrap();
-    server
-        .put_json(
-            "leases",
-            json!({
-                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                "metadata": { "name": node, "namespace": "kube-node-lease" },
-                "spec": {
-                    "holderIdentity": node,
-                    "leaseDurationSeconds": 40,
-                    "renewTime": renew_time.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
-                }
-            }),
-        )
-        .unwrap();
+/// Renews `node`'s heartbeat Lease every 200 ms through the API, as its kubelet would, until
+/// dropped.
+struct Heartbeat(tokio::task::JoinHandle<()>);
+
+impl Heartbeat {
+    async fn start(server: &ApiServer, node: &'static str) -> Self {
+        use k8s_openapi::api::coordination::v1::Lease;
+        use kube::{
+            Api,
+            api::{Patch, PatchParams},
+        };
+        renew_node_lease(server, node);
+        let leases: Api<Lease> =
+            Api::namespaced(server.client().await.unwrap(), "kube-node-lease");
+        Self(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let now = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ");
+                let renew = json!({ "spec": { "renewTime": now.to_string() } });
+                let _ = leases
+                    .patch(node, &PatchParams::default(), &Patch::Merge(&renew))
+                    .await;
+            }
+        }))
+    }
 }
 
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn pods_b_present(server: &ApiServer) -> bool {
+    ["b-0", "b-1", "b-2"].iter().all(|pod| {
+        server
+            .get_json("pods", Some("team"), pod)
+            .unwrap()
+            .is_some()
+    })
+}
+
+/// Netconsole is not authenticated: a host that spoofs node-b's address can send it. By
+/// default it marks at once and deletes only once the controller sees node-b's heartbeat stop.
 #[tokio::test(flavor = "multi_thread")]
-async fn netconsole_only_evidence_waits_for_a_stale_node_lease() {
+async fn netconsole_evidence_marks_and_deletes_only_once_the_heartbeat_stops() {
     let server = ApiServer::start().await.unwrap();
     seed(&server);
-    put_node_lease(&server, "node-b", Duration::ZERO);
+    let heartbeat = Heartbeat::start(&server, "node-b").await;
     let controller = start_configured(&server, |config| {
         config.policy = Policy::DeletePods;
-        config.require_corroboration = true;
+        config.node_dead_after = Duration::from_secs(2);
     })
     .await;
+    let sent = Instant::now();
     replay_netconsole("127.0.0.2", controller.netconsole_addr());
     wait_for("pods marked", Duration::from_secs(10), || {
         ["b-0", "b-1", "b-2"]
@@ -615,19 +661,14 @@ async fn netconsole_only_evidence_waits_for_a_stale_node_lease() {
             .all(|pod| events_about(&server, "Pod", pod).len() == 1)
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    for pod in ["b-0", "b-1", "b-2"] {
-        assert!(
-            server
-                .get_json("pods", Some("team"), pod)
-                .unwrap()
-                .is_some(),
-            "{pod} kept while node-b's Lease is fresh"
-        );
-    }
-    put_node_lease(&server, "node-b", Duration::from_secs(600));
+    println!("netconsole replay to pods marked: {:?}", sent.elapsed());
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(pods_b_present(&server), "pods kept while node-b's heartbeat goes on");
+    let marks = writes_to(&server, "/pods/b-0").len();
+    drop(heartbeat);
+    let stopped = Instant::now();
     wait_for(
-        "pods deleted once the Lease is stale",
+        "pods deleted once the heartbeat stopped",
         Duration::from_secs(10),
         || {
             ["b-0", "b-1", "b-2"]
@@ -636,8 +677,60 @@ async fn netconsole_only_evidence_waits_for_a_stale_node_lease() {
         },
     )
     .await;
+    let waited = stopped.elapsed();
+    println!("heartbeat stopped to pods deleted: {waited:?}");
+    assert!(waited >= Duration::from_secs(2), "{waited:?}");
+    // Marked once while waiting, then deleted: one annotation patch, one condition, one delete.
+    assert_eq!(
+        writes_to(&server, "/pods/b-0").len(),
+        marks + 1,
+        "{:?}",
+        writes_to(&server, "/pods/b-0")
+    );
     for pod in ["b-0", "b-1", "b-2"] {
         assert_eq!(events_about(&server, "Pod", pod).len(), 1);
+    }
+}
+
+/// A node whose heartbeat goes on is alive: after `mark_wait` the controller gives up deleting,
+/// says why on the node, and writes nothing more.
+#[tokio::test(flavor = "multi_thread")]
+async fn spoofed_netconsole_from_a_live_node_deletes_nothing_and_says_why() {
+    let server = ApiServer::start().await.unwrap();
+    seed(&server);
+    let _heartbeat = Heartbeat::start(&server, "node-b").await;
+    let controller = start_configured(&server, |config| {
+        config.policy = Policy::DeletePodsAndNode;
+        config.node_dead_after = Duration::from_secs(2);
+        config.mark_wait = Duration::from_secs(3);
+    })
+    .await;
+    replay_netconsole("127.0.0.2", controller.netconsole_addr());
+    wait_for("the give-up Event", Duration::from_secs(15), || {
+        events_about(&server, "Node", "node-b")
+            .iter()
+            .any(|event| event["reason"] == "DeletionWithheld")
+    })
+    .await;
+    let withheld = events_about(&server, "Node", "node-b")
+        .into_iter()
+        .find(|event| event["reason"] == "DeletionWithheld")
+        .unwrap();
+    let note = withheld["note"].as_str().unwrap();
+    assert!(note.contains("deleted nothing"), "{note}");
+    assert!(note.contains("heartbeat Lease kept being renewed"), "{note}");
+    let writes = writes_to(&server, "/pods/b-");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(writes_to(&server, "/pods/b-"), writes, "nothing more written");
+    assert!(pods_b_present(&server));
+    assert!(server.get_json("nodes", None, "node-b").unwrap().is_some());
+    for pod in ["b-0", "b-1", "b-2"] {
+        let pod = server.get_json("pods", Some("team"), pod).unwrap().unwrap();
+        assert_eq!(
+            annotation(&pod, "lastgasp.io/termination-reason"),
+            Some(REASON_B),
+            "marked all the same"
+        );
     }
 }
 
@@ -1012,4 +1105,207 @@ async fn a_pstore_report_to_a_replica_that_missed_the_panic_follows_the_node_rec
         "still the live incident: {record}"
     );
     drop((first, second));
+}
+
+/// A signed report as the agent would send it, with every field the trust checks look at.
+fn signed_report(node: &str, boot_id: &str, seq: u64, sent_at_ms: u64, source: &str) -> Vec<u8> {
+    wire::encode(
+        &Report {
+            node: node.into(),
+            boot_id: boot_id.into(),
+            seq,
+            sent_at_ms,
+            kind: "kernel_panic".into(),
+            source: source.into(),
+            message: PANIC.into(),
+            context: Vec::new(),
+            kernel_release: None,
+            event_at_ms: None,
+            event_boot_id: None,
+        },
+        &AuthKey::HmacSha256(KEY.to_vec()),
+    )
+    .unwrap()
+}
+
+fn send_from(ip: &str, datagram: &[u8], to: SocketAddr) {
+    UdpSocket::bind((ip, 0))
+        .unwrap()
+        .send_to(datagram, to)
+        .unwrap();
+}
+
+fn non_get_requests(server: &ApiServer) -> usize {
+    server
+        .requests()
+        .into_iter()
+        .filter(|request| request.method != "GET")
+        .count()
+}
+
+/// Reports that are signed but cannot be this node's panic now are dropped, each for its
+/// counted reason: sent from another node's address, stale or future, for another boot.
+#[tokio::test(flavor = "multi_thread")]
+async fn signed_reports_from_the_wrong_place_time_or_boot_write_nothing() {
+    let server = ApiServer::start().await.unwrap();
+    seed(&server);
+    let controller = start(&server, Policy::DeletePodsAndNode, 3).await;
+    let to = controller.report_addr();
+    let now = now_ms();
+    // node-a's agent (or anything on node-a) naming node-b.
+    send_from("127.0.0.3", &signed_report("node-b", "boot-1", 1, now, "kprobe"), to);
+    // Captured ten minutes ago and replayed; and one dated in the future.
+    send_from("127.0.0.2", &signed_report("node-b", "boot-1", 2, now - 600_000, "kprobe"), to);
+    send_from("127.0.0.2", &signed_report("node-b", "boot-1", 3, now + 600_000, "kprobe"), to);
+    // A boot node-b does not have.
+    send_from("127.0.0.2", &signed_report("node-b", "boot-0", 4, now, "kprobe"), to);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(non_get_requests(&server), 0, "nothing written");
+    let metrics = scrape(controller.metrics_addr()).await;
+    for reason in ["address_mismatch", "stale", "future", "wrong_boot"] {
+        let line = format!(
+            r#"lastgasp_controller_datagrams_dropped_total{{channel="report",reason="{reason}"}} 1"#
+        );
+        assert!(metrics.contains(&line), "{line} missing from:\n{metrics}");
+    }
+}
+
+/// Only the `panic()` probe's report deletes at once; the agent's console-path report (text
+/// that a kernel message echoing user input could fake) and a probe report whose boot cannot
+/// be checked mark only.
+#[tokio::test(flavor = "multi_thread")]
+async fn console_text_and_unverifiable_reports_mark_and_a_verified_panic_report_deletes() {
+    let server = ApiServer::start().await.unwrap();
+    seed(&server);
+    put_node(&server, "node-c", "127.0.0.4");
+    put_pod(&server, "team", "c-0", "node-c");
+    let controller = start_configured(&server, |config| {
+        config.policy = Policy::DeletePods;
+        config.mark_wait = Duration::from_secs(2);
+    })
+    .await;
+    let to = controller.report_addr();
+    send_from("127.0.0.2", &signed_report("node-b", "boot-1", 1, now_ms(), "console"), to);
+    // node-c publishes no boot id.
+    send_from("127.0.0.4", &signed_report("node-c", "boot-9", 1, now_ms(), "kprobe"), to);
+    wait_for("both marked", Duration::from_secs(10), || {
+        events_about(&server, "Pod", "b-0").len() == 1
+            && events_about(&server, "Pod", "c-0").len() == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(pods_b_present(&server));
+    assert!(!gone(&server, "pods", Some("team"), "c-0"));
+
+    // Then node-b's kprobe report: the same incident, now verified, deletes.
+    send_from("127.0.0.2", &signed_report("node-b", "boot-1", 2, now_ms(), "kprobe"), to);
+    wait_for("node-b's pods deleted", Duration::from_secs(10), || {
+        ["b-0", "b-1", "b-2"]
+            .iter()
+            .all(|pod| gone(&server, "pods", Some("team"), pod))
+    })
+    .await;
+    let node = server.get_json("nodes", None, "node-b").unwrap().unwrap();
+    let record: Value =
+        serde_json::from_str(annotation(&node, "lastgasp.io/incident-record").unwrap()).unwrap();
+    assert_eq!(record["record"]["tier"], "panic_probe");
+}
+
+/// A report captured and replayed after the controller restarted (its replay memory gone)
+/// is the incident already recorded on the node: nothing new is written, and a pod scheduled
+/// on the node since is left alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_report_replayed_after_a_restart_writes_nothing_new() {
+    let server = ApiServer::start().await.unwrap();
+    seed(&server);
+    let first = start(&server, Policy::DeletePods, 3).await;
+    let datagram = signed_report("node-b", "boot-1", 1, now_ms(), "kprobe");
+    send_from("127.0.0.2", &datagram, first.report_addr());
+    wait_for("node-b's pods deleted", Duration::from_secs(10), || {
+        ["b-0", "b-1", "b-2"]
+            .iter()
+            .all(|pod| gone(&server, "pods", Some("team"), pod))
+    })
+    .await;
+    first.shutdown();
+    // Creation times have whole seconds: a pod of the panic's second counts as there before.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    put_pod(&server, "team", "b-new", "node-b");
+
+    let second = start(&server, Policy::DeletePods, 3).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = non_get_requests(&server);
+    send_from("127.0.0.2", &datagram, second.report_addr());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(non_get_requests(&server), before, "nothing written for the replay");
+    let pod = server.get_json("pods", Some("team"), "b-new").unwrap().unwrap();
+    assert!(annotation(&pod, "lastgasp.io/termination-reason").is_none());
+}
+
+/// A pod deleted and created again under the same name while its node's incident waited is
+/// another pod: the delete's UID precondition fails with 409, which means done, and the
+/// controller goes on to the node instead of retrying forever. Also: the node is seen dead by
+/// its Ready condition alone, and Event notes stay within the API's 1 KiB limit.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replaced_pod_is_left_alone_and_the_node_is_still_deleted() {
+    let server = ApiServer::start().await.unwrap();
+    seed(&server);
+    let controller = start_configured(&server, |config| {
+        config.policy = Policy::DeletePodsAndNode;
+    })
+    .await;
+    let long = format!("Kernel panic - not syncing: {}", "x".repeat(3000));
+    let mut report = wire::decode(&report("node-b", 1), &AuthKey::HmacSha256(KEY.to_vec())).unwrap();
+    report.source = "console".into();
+    report.message = long;
+    let datagram = wire::encode(&report, &AuthKey::HmacSha256(KEY.to_vec())).unwrap();
+    send_from("127.0.0.2", &datagram, controller.report_addr());
+    wait_for("pods marked", Duration::from_secs(10), || {
+        ["b-0", "b-1", "b-2"]
+            .iter()
+            .all(|pod| events_about(&server, "Pod", pod).len() == 1)
+    })
+    .await;
+    let note = events_about(&server, "Pod", "b-0")[0]["note"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(note.len() <= 1024 && note.ends_with('…'), "{}", note.len());
+
+    // b-0 replaced behind the controller's back, in a later second than the panic's (creation
+    // times have whole seconds); then the node lifecycle controller's verdict.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    server.delete_json("pods", Some("team"), "b-0").unwrap();
+    put_pod(&server, "team", "b-0", "node-b");
+    let replaced_uid = server.get_json("pods", Some("team"), "b-0").unwrap().unwrap()["metadata"]
+        ["uid"]
+        .clone();
+    // And one more pod's delete answered with the 409 of a failed UID precondition (a
+    // replacement the controller's cache has not seen yet).
+    server
+        .faults()
+        .fail_next(Matcher::any().verb("delete").resource("pods"), 1, 409);
+    let mut node = server.get_json("nodes", None, "node-b").unwrap().unwrap();
+    node["status"]["conditions"] = json!([{
+        "type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown",
+        "message": "Kubelet stopped posting node status.",
+    }]);
+    server.put_json("nodes", node).unwrap();
+    wait_for("node-b deleted", Duration::from_secs(15), || {
+        gone(&server, "nodes", None, "node-b")
+    })
+    .await;
+    let pod = server.get_json("pods", Some("team"), "b-0").unwrap().unwrap();
+    assert_eq!(pod["metadata"]["uid"], replaced_uid, "the new b-0 is still there");
+    assert!(annotation(&pod, "lastgasp.io/termination-reason").is_none());
+    let left = ["b-1", "b-2"]
+        .iter()
+        .filter(|pod| !gone(&server, "pods", Some("team"), pod))
+        .count();
+    assert_eq!(left, 1, "the pod whose delete got a 409 is not retried");
+    let metrics = scrape(controller.metrics_addr()).await;
+    assert!(
+        !metrics.contains("lastgasp_controller_write_retries_total 1"),
+        "{metrics}"
+    );
 }

@@ -34,7 +34,7 @@ use lastgasp::{
 use lastgasp_tests::{
     apiserver::ApiServer,
     blocking::{block_in_recvfrom, netlink_route_socket},
-    fixtures::{agent_config, controller_config, wait_for},
+    fixtures::{agent_config, controller_config, now_ms, put_booted_node, wait_for},
     scrape,
 };
 use prometheus_client::registry::Registry;
@@ -375,16 +375,7 @@ fn agent_drops_exposition() -> String {
 }
 
 fn seed(server: &ApiServer) {
-    server
-        .put_json(
-            "nodes",
-            json!({
-                "apiVersion": "v1", "kind": "Node",
-                "metadata": { "name": "node-b" },
-                "status": { "addresses": [{ "type": "InternalIP", "address": "127.0.0.2" }] }
-            }),
-        )
-        .unwrap();
+    put_booted_node(server, "node-b", "127.0.0.2", "boot-1");
     // Two pods on node-b, and this controller replica's own pod (on another node).
     for (name, namespace, node) in [
         ("b-0", "team", "node-b"),
@@ -421,9 +412,9 @@ async fn controller_exposition() -> String {
             node: "node-b".into(),
             boot_id: "boot-1".into(),
             seq: 1,
-            sent_at_ms: 0,
+            sent_at_ms: now_ms(),
             kind: "kernel_panic".into(),
-            source: "console".into(),
+            source: "kprobe".into(),
             message: "Kernel panic - not syncing: sysrq triggered crash".into(),
             context: Vec::new(),
             kernel_release: None,
@@ -433,7 +424,8 @@ async fn controller_exposition() -> String {
         &AuthKey::HmacSha256(KEY.to_vec()),
     )
     .unwrap();
-    let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+    // From node-b's address, as its agent sends.
+    let sender = UdpSocket::bind("127.0.0.2:0").unwrap();
     sender
         .send_to(b"not a report", controller.report_addr())
         .unwrap();
@@ -623,7 +615,8 @@ fn replay_netconsole(ip: &str, to: SocketAddr) {
 async fn controller_rbac_allows_every_call_and_nothing_unused() {
     let server = ApiServer::start().await.unwrap();
     seed(&server);
-    // node-b's heartbeat Lease, stale: `--require-corroboration` reads it, then deletes.
+    // node-b's heartbeat Lease, never renewed again: netconsole evidence marks, the controller
+    // reads the Lease until it has seen it unchanged for --node-dead-after, then deletes.
     let renewed = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(600);
     server
         .put_json(
@@ -640,7 +633,7 @@ async fn controller_rbac_allows_every_call_and_nothing_unused() {
         )
         .unwrap();
 
-    // What `lastgasp controller --leader-election --require-corroboration` runs, with the
+    // What `lastgasp controller --leader-election --node-dead-after 1s` runs, with the
     // default lease name and this replica's pod.
     let election = LeaderElection::start(
         server.client().await.unwrap(),
@@ -660,7 +653,7 @@ async fn controller_rbac_allows_every_call_and_nothing_unused() {
         election.is_leader(),
     ));
     let mut config = controller_config_with_key(Policy::DeletePodsAndNode);
-    config.require_corroboration = true;
+    config.node_dead_after = Duration::from_secs(1);
     config.leader = Some(election.is_leader());
     let controller = Controller::start(server.client().await.unwrap(), config)
         .await

@@ -4,7 +4,9 @@
 //!
 //! Every step is idempotent, so running an incident again (after a merge, or after a
 //! controller restart) finishes what is left without duplicate Events. Transient API errors
-//! are retried with back-off until they succeed.
+//! are retried with back-off until they succeed. Every patch and delete names the object's
+//! UID: an object deleted and created again under the same name since the panic is another
+//! object, and its 409 means the write is done (there is nothing left of the old one to write).
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -69,8 +71,36 @@ impl Actions {
         }
     }
 
-    /// Carries out an incident's plan. Returns once every write has succeeded or is moot.
+    /// Carries out an incident's plan: [`Actions::mark`], then [`Actions::delete`]. Returns once
+    /// every write has succeeded or is moot.
     pub async fn execute(&self, incident: &Incident, plan: Plan) {
+        self.write_marks(incident, plan).await;
+        self.write_deletions(incident, plan).await;
+        self.observe_last_write(incident);
+    }
+
+    /// Writes the reason on the node (with the plan, to resume from) and on every pod that was
+    /// there: annotations, Events, the `DisruptionTarget` condition.
+    pub async fn mark(&self, incident: &Incident, plan: Plan) {
+        self.write_marks(incident, plan).await;
+        self.observe_last_write(incident);
+    }
+
+    /// Deletes what `plan` says: the pods that were there, then the node.
+    pub async fn delete(&self, incident: &Incident, plan: Plan) {
+        self.write_deletions(incident, plan).await;
+        self.observe_last_write(incident);
+    }
+
+    fn observe_last_write(&self, incident: &Incident) {
+        if !self.dry_run {
+            self.metrics
+                .time_to_last_write
+                .observe(incident.first_datagram.elapsed().as_secs_f64());
+        }
+    }
+
+    async fn write_marks(&self, incident: &Incident, plan: Plan) {
         let record = &incident.record;
         if self.dry_run {
             self.log_dry_run(record, plan);
@@ -81,11 +111,24 @@ impl Actions {
             return;
         };
         self.mark_node(&node, record, plan).await;
-
         futures::stream::iter(self.affected_pods(record))
-            .for_each_concurrent(self.concurrency, |pod| self.handle_pod(pod, record, plan))
+            .for_each_concurrent(self.concurrency, |pod| self.mark_pod(pod, record))
             .await;
+    }
 
+    async fn write_deletions(&self, incident: &Incident, plan: Plan) {
+        let record = &incident.record;
+        if self.dry_run || !(plan.delete_pods || plan.delete_node) {
+            return;
+        }
+        let Some(node) = self.cluster.node(&record.node) else {
+            return;
+        };
+        if plan.delete_pods {
+            futures::stream::iter(self.affected_pods(record))
+                .for_each_concurrent(self.concurrency, |pod| self.delete_pod(pod))
+                .await;
+        }
         // Not a Node object registered again since the panic.
         if plan.delete_node && record.existed_at_panic(created(node.as_ref())) {
             let api: Api<Node> = Api::all(self.client.clone());
@@ -99,9 +142,6 @@ impl Actions {
                 tracing::info!(node = record.node, "node deleted");
             }
         }
-        self.metrics
-            .time_to_last_write
-            .observe(incident.first_datagram.elapsed().as_secs_f64());
     }
 
     /// The node's pods that were there when it failed: not those started since (on a node
@@ -125,7 +165,7 @@ impl Actions {
             })
             .expect("records serialize"),
         );
-        let patch = json!({ "metadata": { "annotations": annotations } });
+        let patch = json!({ "metadata": { "uid": node.uid(), "annotations": annotations } });
         let (params, patch) = (PatchParams::default(), Patch::Merge(&patch));
         let marked = self
             .retry("annotate node", || api.patch(&record.node, &params, &patch))
@@ -141,12 +181,14 @@ impl Actions {
         }
     }
 
-    async fn handle_pod(&self, pod: Arc<Pod>, record: &IncidentRecord, plan: Plan) {
+    async fn mark_pod(&self, pod: Arc<Pod>, record: &IncidentRecord) {
         let namespace = pod.namespace().unwrap_or_default();
         let name = pod.name_any();
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &namespace);
 
-        let patch = json!({ "metadata": { "annotations": reason_annotations(record) } });
+        let patch = json!({
+            "metadata": { "uid": pod.uid(), "annotations": reason_annotations(record) }
+        });
         let (params, patch) = (PatchParams::default(), Patch::Merge(&patch));
         let annotated = self
             .retry("annotate pod", || api.patch(&name, &params, &patch))
@@ -164,7 +206,7 @@ impl Actions {
         let condition = json!({
             "apiVersion": "v1",
             "kind": "Pod",
-            "metadata": { "name": name, "namespace": namespace },
+            "metadata": { "name": name, "namespace": namespace, "uid": pod.uid() },
             "status": { "conditions": [{
                 "type": CONDITION_TYPE,
                 "status": "True",
@@ -177,22 +219,23 @@ impl Actions {
             PatchParams::apply(FIELD_MANAGER).force(),
             Patch::Apply(&condition),
         );
-        // A refused condition is logged by `retry`; the pod is still deleted: its reason is
-        // already in its annotations.
+        // A refused condition is logged by `retry`; the pod may still be deleted: its reason
+        // is already in its annotations.
         self.retry("set pod condition", || {
             api.patch_status(&name, &params, &condition)
         })
         .await;
+    }
 
-        if plan.delete_pods {
-            let params = delete_now(pod.uid());
-            if self
-                .retry("delete pod", || api.delete(&name, &params))
-                .await
-                .is_some()
-            {
-                self.count(&self.metrics.deleted, "pod");
-            }
+    async fn delete_pod(&self, pod: Arc<Pod>) {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
+        let (name, params) = (pod.name_any(), delete_now(pod.uid()));
+        if self
+            .retry("delete pod", || api.delete(&name, &params))
+            .await
+            .is_some()
+        {
+            self.count(&self.metrics.deleted, "pod");
         }
     }
 
@@ -223,11 +266,48 @@ impl Actions {
         let event = Event {
             type_: EventType::Warning,
             reason: condition_reason(record.kind()),
-            note: Some(reason_text(&record.node, record.kind(), &record.message)),
+            note: Some(event_note(reason_text(
+                &record.node,
+                record.kind(),
+                &record.message,
+            ))),
             action: action.into(),
             secondary: None,
         };
         self.retry("publish event", || self.recorder.publish(&event, reference))
+            .await;
+    }
+
+    /// Says on the node, once per incident and process, why nothing was deleted.
+    pub async fn withheld(&self, incident: &Incident, why: &str) {
+        let record = &incident.record;
+        if self.dry_run {
+            tracing::info!(node = record.node, why, "dry run: would publish DeletionWithheld");
+            return;
+        }
+        let Some(node) = self.cluster.node(&record.node) else {
+            return;
+        };
+        if !self
+            .evented
+            .lock()
+            .expect("evented lock")
+            .insert((record.id.clone(), "withheld".into()))
+        {
+            return;
+        }
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "DeletionWithheld".into(),
+            note: Some(event_note(format!(
+                "{} marked the node and its pods but deleted nothing: {why}",
+                record.kind().reason_code()
+            ))),
+            action: "Withheld".into(),
+            secondary: None,
+        };
+        let reference = node.object_ref(&());
+        self.retry("publish event", || self.recorder.publish(&event, &reference))
             .await;
     }
 
@@ -242,6 +322,12 @@ impl Actions {
             match write().await {
                 Ok(value) => return Some(value),
                 Err(kube::Error::Api(status)) if status.code == 404 => return None,
+                // Every write names the object's UID (or is an Event, created once): a conflict
+                // is an object replaced under the same name, which never becomes writable.
+                Err(kube::Error::Api(status)) if status.code == 409 => {
+                    tracing::info!(what, message = status.message, "object replaced since the panic; leaving it");
+                    return None;
+                }
                 Err(error) if transient(&error) => {
                     self.metrics.write_retries.inc();
                     tracing::warn!(%error, what, ?backoff, "write failed; retrying");
@@ -289,7 +375,7 @@ impl Actions {
 /// Conflicts, throttling, server errors and connection trouble pass; the rest does not.
 fn transient(error: &kube::Error) -> bool {
     match error {
-        kube::Error::Api(status) => matches!(status.code, 409 | 429) || status.code >= 500,
+        kube::Error::Api(status) => status.code == 429 || status.code >= 500,
         kube::Error::HyperError(_) | kube::Error::Service(_) => true,
         _ => false,
     }
@@ -307,6 +393,23 @@ fn termination_time(record: &IncidentRecord) -> String {
         || record.time.clone(),
         |at| at.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
     )
+}
+
+/// The API's limit on an Event's `note` (events.k8s.io/v1), in bytes: longer notes are refused
+/// with 422, and with them the Event.
+pub const EVENT_NOTE_MAX: usize = 1024;
+
+/// `note` cut to [`EVENT_NOTE_MAX`] bytes at a character boundary, ending in `…` when cut.
+pub fn event_note(mut note: String) -> String {
+    if note.len() > EVENT_NOTE_MAX {
+        let mut end = EVENT_NOTE_MAX - '…'.len_utf8();
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+        note.push('…');
+    }
+    note
 }
 
 fn delete_now(uid: Option<String>) -> DeleteParams {
@@ -361,5 +464,21 @@ impl From<StoredPlan> for Plan {
             delete_pods: plan.delete_pods,
             delete_node: plan.delete_node,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_notes_fit_the_api_limit() {
+        assert_eq!(event_note("short".into()), "short");
+        let long = "é".repeat(EVENT_NOTE_MAX);
+        let cut = event_note(long);
+        assert!(cut.len() <= EVENT_NOTE_MAX, "{}", cut.len());
+        assert!(cut.ends_with('…'));
+        let exact = "x".repeat(EVENT_NOTE_MAX);
+        assert_eq!(event_note(exact.clone()), exact);
     }
 }

@@ -15,7 +15,10 @@ use std::{
 use k8s_openapi::jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use super::reasons::{Source, kind_from_code};
+use super::{
+    reasons::{Source, kind_from_code},
+    trust::Tier,
+};
 use crate::kernel_log::KernelEventKind;
 
 /// A kernel failure reported for a node by one channel.
@@ -26,6 +29,8 @@ pub struct Evidence {
     /// a delayed report says when the agent remembered the boot.
     pub boot_id: Option<String>,
     pub source: Source,
+    /// How far it can be trusted; decides whether it may delete.
+    pub tier: Tier,
     pub kind: KernelEventKind,
     pub message: String,
     pub context: Vec<String>,
@@ -52,6 +57,9 @@ pub struct IncidentRecord {
     pub code: String,
     pub message: String,
     pub sources: BTreeSet<Source>,
+    /// The best evidence heard so far (records stored before tiers existed read as the lowest).
+    #[serde(default)]
+    pub tier: Tier,
     /// When the controller first heard of it, RFC 3339.
     pub time: String,
     /// Set when delayed evidence opened the incident: when the kernel failed, by the node's
@@ -107,7 +115,8 @@ pub struct Incident {
 pub enum Observed {
     /// A new incident: act on it.
     New,
-    /// More detail or another channel for an open incident.
+    /// More detail, another channel or better evidence for an open incident; `new_source` says
+    /// whether the last two (which change what is written or allowed) happened.
     Merged { new_source: bool },
 }
 
@@ -144,6 +153,8 @@ impl Incidents {
             .find(|incident| same_incident(incident, &evidence))
         {
             let new_source = open.record.sources.insert(evidence.source);
+            let better = evidence.tier > open.record.tier;
+            open.record.tier = open.record.tier.max(evidence.tier);
             if open.record.boot_id.is_none() {
                 open.record.boot_id = evidence.boot_id;
             }
@@ -156,7 +167,12 @@ impl Incidents {
             {
                 open.record.message = evidence.message;
             }
-            return (Observed::Merged { new_source }, open.clone());
+            return (
+                Observed::Merged {
+                    new_source: new_source || better,
+                },
+                open.clone(),
+            );
         }
         let time = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
         let incident = Incident {
@@ -167,6 +183,7 @@ impl Incidents {
                 code: evidence.kind.reason_code().to_owned(),
                 message: evidence.message,
                 sources: BTreeSet::from([evidence.source]),
+                tier: evidence.tier,
                 time,
                 panicked_at: evidence.panicked_at,
             },
@@ -224,6 +241,7 @@ mod tests {
             node: "node-b".into(),
             boot_id: boot.map(str::to_owned),
             source,
+            tier: Tier::ConsoleText,
             kind: KernelEventKind::Panic,
             message: "Kernel panic - not syncing: sysrq triggered crash".into(),
             context: vec![],
@@ -261,6 +279,16 @@ mod tests {
         assert_eq!(merged.record.sources.len(), 2);
         let (third, _) = incidents.observe(evidence(Source::Agent, Some("boot-1"), now));
         assert_eq!(third, Observed::Merged { new_source: false });
+        // Better evidence on a known channel upgrades the incident, and says so.
+        let (fourth, upgraded) = incidents.observe(Evidence {
+            tier: Tier::PanicProbe,
+            ..evidence(Source::Agent, Some("boot-1"), now)
+        });
+        assert_eq!(fourth, Observed::Merged { new_source: true });
+        assert_eq!(upgraded.record.tier, Tier::PanicProbe);
+        let (fifth, kept) = incidents.observe(evidence(Source::Netconsole, None, now));
+        assert_eq!(fifth, Observed::Merged { new_source: false });
+        assert_eq!(kept.record.tier, Tier::PanicProbe, "never downgraded");
     }
 
     #[test]

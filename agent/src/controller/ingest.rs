@@ -17,6 +17,7 @@ use super::{
     metrics::{ChannelLabels, ControllerMetrics},
     netconsole::{KernelReport, Limits, PanicWatch, Reassembler, WatchLimits},
     reasons::Source,
+    trust::{Freshness, Tier, freshness},
 };
 use crate::{
     kernel_log::KernelEventKind,
@@ -88,6 +89,7 @@ pub async fn netconsole(
                 node,
                 boot_id: None,
                 source: Source::Netconsole,
+                tier: Tier::ConsoleText,
                 kind: report.kind,
                 message: report.message,
                 context: report.context,
@@ -148,7 +150,11 @@ fn kind_of(report_kind: &str) -> Option<KernelEventKind> {
         .find(|kind| kind.event_kind() == report_kind)
 }
 
-/// Receives last-gasp reports: authenticated, not replayed, about a known node.
+/// The `source` values of reports from the agent's `panic()` probe.
+const PANIC_PROBES: [&str; 2] = ["fentry", "kprobe"];
+
+/// Receives last-gasp reports: authenticated, fresh, not replayed, from an address of the known
+/// node they name, for a boot that node has.
 pub async fn reports(
     socket: UdpSocket,
     key: AuthKey,
@@ -176,61 +182,148 @@ pub async fn reports(
                 continue;
             }
         };
-        if cluster.node(&report.node).is_none() {
-            tracing::warn!(%from, node = report.node, "report about a node that does not exist");
-            metrics.drop_datagram(REPORT, "unknown_node");
-            continue;
-        }
-        if !replay.accept(&report.node, &report.boot_id, report.seq) {
-            tracing::warn!(%from, node = report.node, seq = report.seq, "replayed report rejected");
-            metrics.drop_datagram(REPORT, "replay");
-            continue;
-        }
-        let Some(kind) = kind_of(&report.kind) else {
-            metrics.drop_datagram(REPORT, "unknown_kind");
-            continue;
-        };
-        let (source, boot_id, panicked_at) = if report.source == PSTORE {
-            // About an earlier boot: `boot_id` is the sender's boot, the crashed one is
-            // `event_boot_id` (when the agent knew it), and the time is the record's.
-            let Some(panicked_at) = report
-                .event_at_ms
-                .and_then(|ms| Timestamp::from_millisecond(ms as i64).ok())
-            else {
-                tracing::warn!(%from, node = report.node, "pstore report without a valid event_at_ms");
-                metrics.drop_datagram(REPORT, "malformed");
-                continue;
-            };
-            let age = Timestamp::now().duration_since(panicked_at);
-            if age.as_secs_f64() > DELAYED_REPORT_MAX_AGE.as_secs_f64() {
-                tracing::warn!(
-                    %from,
-                    node = report.node,
-                    %panicked_at,
-                    message = report.message,
-                    "pstore report of a panic too long ago to act on"
-                );
-                metrics.drop_datagram(REPORT, "stale");
-                continue;
+        match admit(&report, from, &key, &cluster) {
+            Ok(admitted) => {
+                if !replay.accept(&report.node, &report.boot_id, report.seq) {
+                    tracing::debug!(%from, node = report.node, seq = report.seq, "replayed report rejected");
+                    metrics.drop_datagram(REPORT, "replay");
+                    continue;
+                }
+                let evidence_item = Evidence {
+                    node: report.node,
+                    boot_id: admitted.boot_id,
+                    source: admitted.source,
+                    tier: admitted.tier,
+                    kind: admitted.kind,
+                    message: report.message,
+                    context: report.context,
+                    first_datagram,
+                    panicked_at: admitted.panicked_at,
+                };
+                if evidence.send(evidence_item).await.is_err() {
+                    return;
+                }
             }
-            (Source::Pstore, report.event_boot_id, Some(panicked_at))
-        } else {
-            (Source::Agent, Some(report.boot_id), None)
-        };
-        let evidence_item = Evidence {
-            node: report.node,
-            boot_id,
-            source,
-            kind,
-            message: report.message,
-            context: report.context,
-            first_datagram,
-            panicked_at,
-        };
-        if evidence.send(evidence_item).await.is_err() {
-            return;
+            Err(reason) => {
+                tracing::debug!(%from, node = report.node, reason = reason.as_str(), "report dropped");
+                metrics.drop_datagram(REPORT, reason.as_str());
+            }
         }
     }
+}
+
+/// Why an authentic-looking report was not taken; the `reason` label of the drop counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// No Node of that name.
+    UnknownNode,
+    /// Sent from an address that is not one of the named node's.
+    AddressMismatch,
+    /// `sent_at_ms` older than the freshness window: a replay, or a node clock far behind.
+    Stale,
+    /// `sent_at_ms` (or a pstore report's `event_at_ms`) in the future.
+    Future,
+    /// A boot the node does not have (now, or just before a reboot the Node does not show yet).
+    WrongBoot,
+    UnknownKind,
+    Malformed,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UnknownNode => "unknown_node",
+            Self::AddressMismatch => "address_mismatch",
+            Self::Stale => "stale",
+            Self::Future => "future",
+            Self::WrongBoot => "wrong_boot",
+            Self::UnknownKind => "unknown_kind",
+            Self::Malformed => "malformed",
+        }
+    }
+}
+
+/// What an admitted report is evidence of.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Admitted {
+    pub source: Source,
+    pub tier: Tier,
+    pub kind: KernelEventKind,
+    pub boot_id: Option<String>,
+    pub panicked_at: Option<Timestamp>,
+}
+
+/// Checks a decoded report against the cluster: who may have sent it, when, for which boot.
+pub fn admit(
+    report: &wire::Report,
+    from: SocketAddr,
+    key: &AuthKey,
+    cluster: &ClusterCache,
+) -> Result<Admitted, Refusal> {
+    let node = cluster.node(&report.node).ok_or(Refusal::UnknownNode)?;
+    if cluster.node_by_address(from.ip()).as_deref() != Some(report.node.as_str()) {
+        return Err(Refusal::AddressMismatch);
+    }
+    let now_ms = Timestamp::now().as_millisecond().max(0) as u64;
+    match freshness(report.sent_at_ms, now_ms) {
+        Freshness::Fresh => {}
+        Freshness::Stale => return Err(Refusal::Stale),
+        Freshness::Future => return Err(Refusal::Future),
+    }
+    let kind = kind_of(&report.kind).ok_or(Refusal::UnknownKind)?;
+    // An empty boot id: a Node whose kubelet has not reported one; then no boot can be checked.
+    let node_boot = node
+        .status
+        .as_ref()
+        .and_then(|status| status.node_info.as_ref())
+        .map(|info| info.boot_id.as_str())
+        .filter(|boot| !boot.is_empty());
+    if report.source == PSTORE {
+        // About an earlier boot: `boot_id` is the sender's boot, the crashed one is
+        // `event_boot_id` (when the agent knew it), and the time is the record's. Right after
+        // the reboot the Node may still show the crashed boot.
+        let panicked_at = report
+            .event_at_ms
+            .and_then(|ms| Timestamp::from_millisecond(i64::try_from(ms).ok()?).ok())
+            .ok_or(Refusal::Malformed)?;
+        let age = Timestamp::now().duration_since(panicked_at);
+        if age.is_negative() && age.unsigned_abs() > crate::controller::trust::REPORT_FRESHNESS {
+            return Err(Refusal::Future);
+        }
+        if age.as_secs_f64() > DELAYED_REPORT_MAX_AGE.as_secs_f64() {
+            return Err(Refusal::Stale);
+        }
+        if let Some(node_boot) = node_boot
+            && node_boot != report.boot_id
+            && report.event_boot_id.as_deref() != Some(node_boot)
+        {
+            return Err(Refusal::WrongBoot);
+        }
+        return Ok(Admitted {
+            source: Source::Pstore,
+            tier: Tier::KernelRecord,
+            kind,
+            boot_id: report.event_boot_id.clone(),
+            panicked_at: Some(panicked_at),
+        });
+    }
+    if node_boot.is_some_and(|node_boot| node_boot != report.boot_id) {
+        return Err(Refusal::WrongBoot);
+    }
+    let from_probe = PANIC_PROBES.contains(&report.source.as_str());
+    let verified = matches!(key, AuthKey::HmacSha256(_)) && node_boot.is_some();
+    let tier = match (from_probe && kind == KernelEventKind::Panic, verified) {
+        (true, true) => Tier::PanicProbe,
+        (true, false) => Tier::KernelRecord,
+        (false, _) => Tier::ConsoleText,
+    };
+    Ok(Admitted {
+        source: Source::Agent,
+        tier,
+        kind,
+        boot_id: Some(report.boot_id.clone()),
+        panicked_at: None,
+    })
 }
 
 fn reject(metrics: &ControllerMetrics, from: SocketAddr, error: &WireError) {
@@ -239,7 +332,8 @@ fn reject(metrics: &ControllerMetrics, from: SocketAddr, error: &WireError) {
         WireError::AuthSchemeMismatch { .. } => "auth_scheme_mismatch",
         _ => "malformed",
     };
-    tracing::warn!(%from, %error, "last-gasp datagram rejected");
+    // Counted; logged at debug only, so a flood of garbage cannot flood the log.
+    tracing::debug!(%from, %error, "last-gasp datagram rejected");
     metrics.drop_datagram(REPORT, reason);
 }
 

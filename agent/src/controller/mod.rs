@@ -9,10 +9,12 @@ pub mod cluster;
 pub mod incidents;
 pub mod ingest;
 pub mod leader;
+pub mod liveness;
 pub mod metrics;
 pub mod netconsole;
 pub mod policy;
 pub mod reasons;
+pub mod trust;
 
 use std::{
     collections::HashMap,
@@ -22,9 +24,8 @@ use std::{
 };
 
 use anyhow::Context as _;
-use k8s_openapi::{api::coordination::v1::Lease, jiff::Timestamp};
 use kube::{
-    Api, Client, ResourceExt as _,
+    Client, ResourceExt as _,
     runtime::events::{Recorder, Reporter},
 };
 use prometheus_client::registry::Registry;
@@ -38,9 +39,11 @@ use self::{
     actions::{Actions, StoredIncident},
     cluster::ClusterCache,
     incidents::{Evidence, Incident, Incidents, Observed},
+    liveness::HeartbeatClock,
     metrics::{ControllerMetrics, KindSourceLabels},
     policy::{CircuitBreaker, Plan, Policy},
-    reasons::{ANNOTATION_INCIDENT_RECORD, Source},
+    reasons::ANNOTATION_INCIDENT_RECORD,
+    trust::DeletionEvidence,
 };
 use crate::{metrics as http, wire::AuthKey};
 
@@ -56,10 +59,13 @@ pub struct ControllerConfig {
     /// At most this many nodes acted on (deleted) per `breaker_window`.
     pub breaker_max_nodes: usize,
     pub breaker_window: Duration,
-    /// Delete on netconsole-only evidence only once the node's Lease is stale.
-    pub require_corroboration: bool,
-    /// A node Lease not renewed for this long is stale.
-    pub node_lease_stale_after: Duration,
+    /// Which evidence deletes without the node being observed dead.
+    pub deletion_evidence: DeletionEvidence,
+    /// A node whose heartbeat Lease this controller has seen unchanged for this long is dead.
+    pub node_dead_after: Duration,
+    /// How long an incident whose evidence may not delete waits, marked, for the node to be
+    /// seen dead or for better evidence, before the controller gives up deleting.
+    pub mark_wait: Duration,
     /// Whether this replica may write; `None` means always (a single replica).
     pub leader: Option<watch::Receiver<bool>>,
     /// The controller (and replica) named on Events.
@@ -146,9 +152,13 @@ impl Controller {
             breaker: CircuitBreaker::new(config.breaker_max_nodes, config.breaker_window),
             executors: HashMap::new(),
             policy: config.policy,
-            require_corroboration: config.require_corroboration,
-            node_lease_stale_after: config.node_lease_stale_after,
-            client,
+            gate: Gate {
+                deletion_evidence: config.deletion_evidence,
+                node_dead_after: config.node_dead_after,
+                mark_wait: config.mark_wait,
+                client,
+                cluster: cluster.clone(),
+            },
             actions,
             leader,
             metrics,
@@ -213,9 +223,7 @@ struct Decisions {
     breaker: CircuitBreaker,
     executors: HashMap<String, Executor>,
     policy: Policy,
-    require_corroboration: bool,
-    node_lease_stale_after: Duration,
-    client: Client,
+    gate: Gate,
     actions: Arc<Actions>,
     leader: watch::Receiver<bool>,
     metrics: Arc<ControllerMetrics>,
@@ -368,9 +376,7 @@ impl Decisions {
             updates,
             self.actions.clone(),
             self.leader.clone(),
-            self.client.clone(),
-            self.require_corroboration,
-            self.node_lease_stale_after,
+            self.gate.clone(),
         ));
         self.executors.insert(
             node,
@@ -382,36 +388,180 @@ impl Decisions {
     }
 }
 
+/// Decides when a plan that deletes may run: at once on evidence that may delete
+/// ([`DeletionEvidence`]), else only once this controller sees the node dead.
+#[derive(Clone)]
+struct Gate {
+    deletion_evidence: DeletionEvidence,
+    node_dead_after: Duration,
+    mark_wait: Duration,
+    client: Client,
+    cluster: ClusterCache,
+}
+
+/// How a wait for the node's death ended.
+enum Waited {
+    /// The node is dead: why, for the log.
+    Dead(String),
+    /// The incident changed (better evidence, another channel): decide again.
+    Updated,
+    /// `mark_wait` ran out with the node alive: why nothing is deleted.
+    GaveUp(String),
+    /// The controller is stopping.
+    Closed,
+}
+
+/// How often a waiting incident looks at the node's heartbeat.
+const LIVENESS_POLL: Duration = Duration::from_secs(1);
+
+impl Gate {
+    /// Waits, until `deadline`, for the node to be seen dead or the incident to change.
+    async fn wait_for_death(
+        &self,
+        node: &str,
+        clock: &mut HeartbeatClock,
+        deadline: Instant,
+        updates: &mut watch::Receiver<(Incident, Plan)>,
+    ) -> Waited {
+        loop {
+            let now = Instant::now();
+            if self
+                .cluster
+                .node(node)
+                .is_some_and(|node| liveness::not_ready_by_lifecycle_controller(&node))
+            {
+                return Waited::Dead(format!(
+                    "its Ready condition is {}",
+                    liveness::NODE_STATUS_UNKNOWN
+                ));
+            }
+            match liveness::lease_renew_time(&self.client, node).await {
+                Ok(Some(renewed)) => clock.observe(renewed, now),
+                Ok(None) => {}
+                Err(error) => tracing::debug!(node, %error, "reading the node Lease failed"),
+            }
+            if let Some(silent) = clock.silent_for(now)
+                && silent >= self.node_dead_after
+            {
+                return Waited::Dead(format!(
+                    "its heartbeat Lease has not been renewed for {}",
+                    humantime::format_duration(round_secs(silent))
+                ));
+            }
+            if now >= deadline {
+                let heartbeat = match clock.silent_for(now) {
+                    Some(_) => "its heartbeat Lease kept being renewed",
+                    None => "no heartbeat Lease of it could be read",
+                };
+                return Waited::GaveUp(format!(
+                    "the evidence could have been forged and, {} later, {heartbeat} and it is not \
+                     marked NotReady by the node lifecycle controller",
+                    humantime::format_duration(round_secs(self.mark_wait)),
+                ));
+            }
+            tokio::select! {
+                changed = updates.changed() => {
+                    return if changed.is_ok() { Waited::Updated } else { Waited::Closed };
+                }
+                _ = tokio::time::sleep(LIVENESS_POLL.min(deadline - now)) => {}
+            }
+        }
+    }
+}
+
+fn round_secs(duration: Duration) -> Duration {
+    Duration::from_secs(duration.as_secs())
+}
+
+/// Runs `writes` while this replica leads; `false` if leadership was lost first (the writes
+/// in flight are dropped: the renew deadline ends leadership before the lease can expire, so
+/// no other replica writes yet).
+async fn while_leading(leader: &mut watch::Receiver<bool>, writes: impl Future<Output = ()>) -> bool {
+    let lost = async {
+        // Without leader election the sender is gone at once: leadership is never lost.
+        if leader.wait_for(|leading| !*leading).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        () = writes => true,
+        () = lost => {
+            tracing::warn!("leadership lost: this replica stops writing");
+            false
+        }
+    }
+}
+
 async fn run_executor(
     mut updates: watch::Receiver<(Incident, Plan)>,
     actions: Arc<Actions>,
     mut leader: watch::Receiver<bool>,
-    client: Client,
-    require_corroboration: bool,
-    stale_after: Duration,
+    gate: Gate,
 ) {
+    // Per incident: when its wait began (an update does not restart it), and whether the
+    // controller already gave up deleting for it.
+    let mut waiting: Option<(String, Instant, HeartbeatClock)> = None;
+    let mut gave_up: Option<String> = None;
     loop {
         let (incident, plan) = updates.borrow_and_update().clone();
         if leader.wait_for(|leading| *leading).await.is_err() {
             return;
         }
+        let record = &incident.record;
         let deletes = plan.delete_pods || plan.delete_node;
-        let uncorroborated =
-            require_corroboration && deletes && !incident.record.sources.contains(&Source::Agent);
-        if uncorroborated && !node_lease_stale(&client, &incident.record.node, stale_after).await {
-            tracing::warn!(
-                node = incident.record.node,
-                "netconsole-only evidence and the node's Lease is fresh: marking, deletion waits"
-            );
-            actions.execute(&incident, Plan::MARK_ONLY).await;
-            // Look again when the incident changes (the agent confirms) or in a while.
-            tokio::select! {
-                changed = updates.changed() => if changed.is_err() { return },
-                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        if deletes && !gate.deletion_evidence.deletes_at_once(record.tier) {
+            // Marked at once; the plan stored on the node lets a restarted controller resume
+            // the wait.
+            if !while_leading(&mut leader, actions.mark(&incident, plan)).await {
+                continue;
             }
+            if gave_up.as_ref() == Some(&record.id) {
+                if updates.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            if waiting.as_ref().is_none_or(|(id, ..)| *id != record.id) {
+                let now = Instant::now();
+                waiting = Some((record.id.clone(), now, HeartbeatClock::new(now)));
+            }
+            let (_, since, clock) = waiting.as_mut().expect("set above");
+            tracing::warn!(
+                node = record.node,
+                tier = record.tier.as_str(),
+                "marked; deletion waits until the node is seen dead"
+            );
+            let deadline = *since + gate.mark_wait;
+            match gate
+                .wait_for_death(&record.node, clock, deadline, &mut updates)
+                .await
+            {
+                Waited::Dead(why) => {
+                    tracing::warn!(node = record.node, why, "node observed dead: deleting");
+                    if !while_leading(&mut leader, actions.delete(&incident, plan)).await {
+                        continue;
+                    }
+                    if updates.changed().await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                Waited::Updated => continue,
+                Waited::Closed => return,
+                Waited::GaveUp(why) => {
+                    tracing::warn!(node = record.node, why, "deleting nothing");
+                    gave_up = Some(record.id.clone());
+                    while_leading(&mut leader, actions.withheld(&incident, &why)).await;
+                    if updates.changed().await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        if !while_leading(&mut leader, actions.execute(&incident, plan)).await {
             continue;
         }
-        actions.execute(&incident, plan).await;
         if updates.changed().await.is_err() {
             return;
         }
@@ -444,24 +594,4 @@ fn enlarge_receive_buffer(socket: &UdpSocket) {
         error = %std::io::Error::last_os_error(),
         "could not enlarge the UDP receive buffer; a datagram flood may drop panics"
     );
-}
-
-/// Whether the node's heartbeat Lease in `kube-node-lease` has not been renewed recently
-/// (or is missing). Errors count as fresh: when in doubt, do not delete.
-async fn node_lease_stale(client: &Client, node: &str, stale_after: Duration) -> bool {
-    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
-    match leases.get_opt(node).await {
-        Ok(None) => true,
-        Ok(Some(lease)) => {
-            let Some(renewed) = lease.spec.and_then(|spec| spec.renew_time) else {
-                return true;
-            };
-            let age = Timestamp::now().duration_since(renewed.0);
-            age.as_secs_f64() > stale_after.as_secs_f64()
-        }
-        Err(error) => {
-            tracing::warn!(node, %error, "reading the node Lease failed");
-            false
-        }
-    }
 }

@@ -651,6 +651,20 @@ impl Store {
         };
         let mut patched = old.clone();
         patch::apply_patch(patch_type, &mut patched, body)?;
+        // As the real server's update: a UID in the new object is a precondition.
+        if let Some(want) = meta_str(&patched, "uid")
+            && Some(want) != meta_str(&old, "uid")
+        {
+            return Err(ApiError::conflict(
+                def.group,
+                def.plural,
+                name,
+                &format!(
+                    "Precondition failed: UID in precondition: {want}, UID in object meta: {}",
+                    meta_str(&old, "uid").unwrap_or_default()
+                ),
+            ));
+        }
         let mut new = prepare_update(def, &old, patched, sub)?;
         if patch_type == PatchType::Apply {
             record_apply(&mut new, def, field_manager.unwrap_or_default(), sub, body);
