@@ -188,6 +188,13 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
+    // Before anything starts: a bad key is a configuration error, not a runtime one.
+    let auth_key = read_auth_key(args.auth_key_file.as_deref())?;
+    if auth_key == AuthKey::None {
+        tracing::warn!(
+            "--insecure-allow-unsigned: reports are not authenticated; none of them deletes"
+        );
+    }
     let client = kube::Client::try_default()
         .await
         .context("connecting to Kubernetes (in-cluster, or KUBECONFIG)")?;
@@ -224,7 +231,7 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
             netconsole_addr: args.netconsole_addr,
             report_addr: args.report_addr,
             metrics_addr: args.metrics_addr,
-            auth_key: read_auth_key(args.auth_key_file.as_deref())?,
+            auth_key,
             policy: args.policy,
             dry_run: args.dry_run,
             concurrency: args.concurrency,

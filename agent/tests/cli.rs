@@ -321,3 +321,32 @@ fn a_panic_left_in_pstore_is_reported_archived_and_removed() {
     assert!(agent.0.wait().unwrap().success());
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+#[test]
+fn the_controller_refuses_to_start_without_a_real_key() {
+    // No key: a usage error unless unsigned reports are accepted explicitly.
+    let output = Command::new(BIN).arg("controller").output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--auth-key-file"), "{stderr}");
+
+    // An empty or short key is refused before anything starts.
+    let dir = std::env::temp_dir().join(format!("lastgasp-cli-key-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, key) in [("empty", &b""[..]), ("short", &b"0123456789abcde"[..])] {
+        let path = dir.join(name);
+        std::fs::write(&path, key).unwrap();
+        let output = Command::new(BIN)
+            .args(["controller", "--auth-key-file"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1), "{name} key refused");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains(&format!("the key has {} bytes; at least 16", key.len())),
+            "{stderr}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -860,7 +860,10 @@ async fn agent_rbac_allows_exactly_its_calls() {
                 "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
                 "metadata": {
                     "name": format!("{}-x7k2p", service.name), "namespace": service.namespace,
-                    "labels": { "kubernetes.io/service-name": service.name },
+                    "labels": {
+                        "kubernetes.io/service-name": service.name,
+                        "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+                    },
                 },
                 "addressType": "IPv4",
                 "ports": [{ "name": REPORTS_PORT, "port": 6667, "protocol": "UDP" }],

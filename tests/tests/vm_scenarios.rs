@@ -558,7 +558,10 @@ fn ingest_slice(netconsole_port: u16, report_port: u16) -> Value {
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {
             "name": "lastgasp-controller-ingest-x7k2p", "namespace": "lastgasp-system",
-            "labels": { "kubernetes.io/service-name": "lastgasp-controller-ingest" },
+            "labels": {
+                "kubernetes.io/service-name": "lastgasp-controller-ingest",
+                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+            },
         },
         "addressType": "IPv4",
         "ports": [

@@ -24,6 +24,11 @@ use tokio::{sync::watch, task::JoinHandle};
 
 /// The label the EndpointSlice controller puts on every slice of a Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The label naming who manages a slice, and the value of Kubernetes' EndpointSlice controller,
+/// which writes slices only from a Service's selector. A slice anyone else wrote (a custom
+/// slice, a mirror) is not the controller's address, whatever its service-name says.
+pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
+pub const ENDPOINTSLICE_CONTROLLER: &str = "endpointslice-controller.k8s.io";
 /// The Service port (and so EndpointSlice port) name of the last-gasp report channel.
 pub const REPORTS_PORT: &str = "reports";
 /// The Service port (and so EndpointSlice port) name of the netconsole channel.
@@ -78,13 +83,22 @@ impl ControllerEndpoints {
         }
     }
 
-    /// The ready endpoints of all of a Service's slices, with their `reports` and `netconsole`
-    /// ports. A nil `ready` condition counts as ready (the API's definition); FQDN slices and
-    /// addresses that are not IPs are skipped.
-    pub fn from_slices<'a>(slices: impl IntoIterator<Item = &'a EndpointSlice>) -> Self {
+    /// The ready endpoints of `service`'s slices, with their `reports` and `netconsole` ports.
+    /// Only slices that Kubernetes' EndpointSlice controller wrote for that Service count (both
+    /// labels are checked here, whatever the watch selected). A nil `ready` condition counts as
+    /// ready (the API's definition); FQDN slices and addresses that are not IPs are skipped.
+    pub fn from_slices<'a>(
+        service: &ServiceRef,
+        slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    ) -> Self {
         let mut endpoints = Self::default();
         for slice in slices {
-            if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+            let labels = slice.labels();
+            let owned = slice.namespace().as_deref() == Some(service.namespace.as_str())
+                && labels.get(SERVICE_NAME_LABEL) == Some(&service.name)
+                && labels.get(MANAGED_BY_LABEL).map(String::as_str)
+                    == Some(ENDPOINTSLICE_CONTROLLER);
+            if !owned || !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
                 continue;
             }
             let port = |wanted: &str| {
@@ -160,7 +174,7 @@ pub fn watch_endpoints(
                     continue;
                 }
             }
-            let current = ControllerEndpoints::from_slices(slices.values());
+            let current = ControllerEndpoints::from_slices(&service, slices.values());
             sender.send_if_modified(|published| {
                 if *published == current {
                     return false;
@@ -183,7 +197,17 @@ pub fn watch_endpoints(
 mod tests {
     use super::*;
 
-    fn slice(value: serde_json::Value) -> EndpointSlice {
+    fn ingest() -> ServiceRef {
+        "lastgasp-system/ingest".parse().unwrap()
+    }
+
+    /// A slice of `ingest` as the EndpointSlice controller writes it, with `value`'s fields.
+    fn slice(mut value: serde_json::Value) -> EndpointSlice {
+        value["metadata"]["namespace"] = "lastgasp-system".into();
+        value["metadata"]["labels"] = serde_json::json!({
+            SERVICE_NAME_LABEL: "ingest",
+            MANAGED_BY_LABEL: ENDPOINTSLICE_CONTROLLER,
+        });
         serde_json::from_value(value).unwrap()
     }
 
@@ -232,7 +256,7 @@ mod tests {
             "ports": [{ "name": "reports", "port": 6667, "protocol": "UDP" }],
             "endpoints": [{ "addresses": ["controller.example"] }]
         }));
-        let endpoints = ControllerEndpoints::from_slices([&ipv4, &ipv6, &fqdn, &ipv4]);
+        let endpoints = ControllerEndpoints::from_slices(&ingest(), [&ipv4, &ipv6, &fqdn, &ipv4]);
         assert_eq!(
             endpoints.reports,
             ["10.0.1.7:6667", "10.0.3.1:6667", "[fd00::7]:6667"]
@@ -256,8 +280,43 @@ mod tests {
             "endpoints": [{ "addresses": ["10.0.1.7"] }]
         }));
         assert_eq!(
-            ControllerEndpoints::from_slices([&tcp]),
+            ControllerEndpoints::from_slices(&ingest(), [&tcp]),
             ControllerEndpoints::default()
         );
+    }
+
+    #[test]
+    fn only_slices_the_endpointslice_controller_wrote_for_the_service_count() {
+        let genuine = slice(serde_json::json!({
+            "metadata": { "name": "ingest-abcde" },
+            "addressType": "IPv4",
+            "ports": [{ "name": "reports", "port": 6667, "protocol": "UDP" }],
+            "endpoints": [{ "addresses": ["10.0.1.7"] }]
+        }));
+        let mut handmade = genuine.clone();
+        handmade.metadata.name = Some("ingest-handmade".into());
+        handmade.metadata.labels.as_mut().unwrap().remove(MANAGED_BY_LABEL);
+        handmade.endpoints[0].addresses = vec!["10.6.6.6".into()];
+        let mut mirrored = handmade.clone();
+        mirrored.metadata.labels.as_mut().unwrap().insert(
+            MANAGED_BY_LABEL.into(),
+            "endpointslicemirroring-controller.k8s.io".into(),
+        );
+        let mut other_service = genuine.clone();
+        other_service
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert(SERVICE_NAME_LABEL.into(), "other".into());
+        other_service.endpoints[0].addresses = vec!["10.6.6.7".into()];
+        let mut other_namespace = genuine.clone();
+        other_namespace.metadata.namespace = Some("team".into());
+        other_namespace.endpoints[0].addresses = vec!["10.6.6.8".into()];
+        let endpoints = ControllerEndpoints::from_slices(
+            &ingest(),
+            [&genuine, &handmade, &mirrored, &other_service, &other_namespace],
+        );
+        assert_eq!(endpoints.reports, ["10.0.1.7:6667".parse::<SocketAddr>().unwrap()]);
     }
 }
