@@ -6,7 +6,10 @@ pub fn ebpf_toolchain() -> &'static str {
     include_str!("rust-toolchain.toml")
         .lines()
         .find_map(|line| {
-            let value = line.strip_prefix("channel")?.trim_start().strip_prefix('=')?;
+            let value = line
+                .strip_prefix("channel")?
+                .trim_start()
+                .strip_prefix('=')?;
             Some(value.trim().trim_matches('"'))
         })
         .expect("agent-ebpf/rust-toolchain.toml names a channel")

@@ -140,7 +140,9 @@ pub const MIN_KEY_LEN: usize = 16;
 
 /// Why a key was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("the key has {0} bytes; at least {MIN_KEY_LEN} are needed (e.g. `head -c 32 /dev/urandom`)")]
+#[error(
+    "the key has {0} bytes; at least {MIN_KEY_LEN} are needed (e.g. `head -c 32 /dev/urandom`)"
+)]
 pub struct KeyTooShort(pub usize);
 
 impl AuthKey {

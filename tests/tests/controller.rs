@@ -145,7 +145,11 @@ fn send_report(datagram: &[u8], to: SocketAddr) {
         .iter()
         .find_map(|key| wire::decode(datagram, key).ok())
         .map_or_else(|| "node-b".to_owned(), |report| report.node);
-    let from = if node == "node-a" { "127.0.0.3" } else { "127.0.0.2" };
+    let from = if node == "node-a" {
+        "127.0.0.3"
+    } else {
+        "127.0.0.2"
+    };
     UdpSocket::bind((from, 0))
         .unwrap()
         .send_to(datagram, to)
@@ -611,8 +615,7 @@ impl Heartbeat {
             api::{Patch, PatchParams},
         };
         renew_node_lease(server, node);
-        let leases: Api<Lease> =
-            Api::namespaced(server.client().await.unwrap(), "kube-node-lease");
+        let leases: Api<Lease> = Api::namespaced(server.client().await.unwrap(), "kube-node-lease");
         Self(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -663,7 +666,10 @@ async fn netconsole_evidence_marks_and_deletes_only_once_the_heartbeat_stops() {
     .await;
     println!("netconsole replay to pods marked: {:?}", sent.elapsed());
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert!(pods_b_present(&server), "pods kept while node-b's heartbeat goes on");
+    assert!(
+        pods_b_present(&server),
+        "pods kept while node-b's heartbeat goes on"
+    );
     let marks = writes_to(&server, "/pods/b-0").len();
     drop(heartbeat);
     let stopped = Instant::now();
@@ -718,10 +724,17 @@ async fn spoofed_netconsole_from_a_live_node_deletes_nothing_and_says_why() {
         .unwrap();
     let note = withheld["note"].as_str().unwrap();
     assert!(note.contains("deleted nothing"), "{note}");
-    assert!(note.contains("heartbeat Lease kept being renewed"), "{note}");
+    assert!(
+        note.contains("heartbeat Lease kept being renewed"),
+        "{note}"
+    );
     let writes = writes_to(&server, "/pods/b-");
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(writes_to(&server, "/pods/b-"), writes, "nothing more written");
+    assert_eq!(
+        writes_to(&server, "/pods/b-"),
+        writes,
+        "nothing more written"
+    );
     assert!(pods_b_present(&server));
     assert!(server.get_json("nodes", None, "node-b").unwrap().is_some());
     for pod in ["b-0", "b-1", "b-2"] {
@@ -1153,12 +1166,28 @@ async fn signed_reports_from_the_wrong_place_time_or_boot_write_nothing() {
     let to = controller.report_addr();
     let now = now_ms();
     // node-a's agent (or anything on node-a) naming node-b.
-    send_from("127.0.0.3", &signed_report("node-b", "boot-1", 1, now, "kprobe"), to);
+    send_from(
+        "127.0.0.3",
+        &signed_report("node-b", "boot-1", 1, now, "kprobe"),
+        to,
+    );
     // Captured ten minutes ago and replayed; and one dated in the future.
-    send_from("127.0.0.2", &signed_report("node-b", "boot-1", 2, now - 600_000, "kprobe"), to);
-    send_from("127.0.0.2", &signed_report("node-b", "boot-1", 3, now + 600_000, "kprobe"), to);
+    send_from(
+        "127.0.0.2",
+        &signed_report("node-b", "boot-1", 2, now - 600_000, "kprobe"),
+        to,
+    );
+    send_from(
+        "127.0.0.2",
+        &signed_report("node-b", "boot-1", 3, now + 600_000, "kprobe"),
+        to,
+    );
     // A boot node-b does not have.
-    send_from("127.0.0.2", &signed_report("node-b", "boot-0", 4, now, "kprobe"), to);
+    send_from(
+        "127.0.0.2",
+        &signed_report("node-b", "boot-0", 4, now, "kprobe"),
+        to,
+    );
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(non_get_requests(&server), 0, "nothing written");
     let metrics = scrape(controller.metrics_addr()).await;
@@ -1185,9 +1214,17 @@ async fn console_text_and_unverifiable_reports_mark_and_a_verified_panic_report_
     })
     .await;
     let to = controller.report_addr();
-    send_from("127.0.0.2", &signed_report("node-b", "boot-1", 1, now_ms(), "console"), to);
+    send_from(
+        "127.0.0.2",
+        &signed_report("node-b", "boot-1", 1, now_ms(), "console"),
+        to,
+    );
     // node-c publishes no boot id.
-    send_from("127.0.0.4", &signed_report("node-c", "boot-9", 1, now_ms(), "kprobe"), to);
+    send_from(
+        "127.0.0.4",
+        &signed_report("node-c", "boot-9", 1, now_ms(), "kprobe"),
+        to,
+    );
     wait_for("both marked", Duration::from_secs(10), || {
         events_about(&server, "Pod", "b-0").len() == 1
             && events_about(&server, "Pod", "c-0").len() == 1
@@ -1198,7 +1235,11 @@ async fn console_text_and_unverifiable_reports_mark_and_a_verified_panic_report_
     assert!(!gone(&server, "pods", Some("team"), "c-0"));
 
     // Then node-b's kprobe report: the same incident, now verified, deletes.
-    send_from("127.0.0.2", &signed_report("node-b", "boot-1", 2, now_ms(), "kprobe"), to);
+    send_from(
+        "127.0.0.2",
+        &signed_report("node-b", "boot-1", 2, now_ms(), "kprobe"),
+        to,
+    );
     wait_for("node-b's pods deleted", Duration::from_secs(10), || {
         ["b-0", "b-1", "b-2"]
             .iter()
@@ -1237,8 +1278,15 @@ async fn a_report_replayed_after_a_restart_writes_nothing_new() {
     let before = non_get_requests(&server);
     send_from("127.0.0.2", &datagram, second.report_addr());
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(non_get_requests(&server), before, "nothing written for the replay");
-    let pod = server.get_json("pods", Some("team"), "b-new").unwrap().unwrap();
+    assert_eq!(
+        non_get_requests(&server),
+        before,
+        "nothing written for the replay"
+    );
+    let pod = server
+        .get_json("pods", Some("team"), "b-new")
+        .unwrap()
+        .unwrap();
     assert!(annotation(&pod, "lastgasp.io/termination-reason").is_none());
 }
 
@@ -1255,7 +1303,8 @@ async fn a_replaced_pod_is_left_alone_and_the_node_is_still_deleted() {
     })
     .await;
     let long = format!("Kernel panic - not syncing: {}", "x".repeat(3000));
-    let mut report = wire::decode(&report("node-b", 1), &AuthKey::HmacSha256(KEY.to_vec())).unwrap();
+    let mut report =
+        wire::decode(&report("node-b", 1), &AuthKey::HmacSha256(KEY.to_vec())).unwrap();
     report.source = "console".into();
     report.message = long;
     let datagram = wire::encode(&report, &AuthKey::HmacSha256(KEY.to_vec())).unwrap();
@@ -1277,8 +1326,10 @@ async fn a_replaced_pod_is_left_alone_and_the_node_is_still_deleted() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     server.delete_json("pods", Some("team"), "b-0").unwrap();
     put_pod(&server, "team", "b-0", "node-b");
-    let replaced_uid = server.get_json("pods", Some("team"), "b-0").unwrap().unwrap()["metadata"]
-        ["uid"]
+    let replaced_uid = server
+        .get_json("pods", Some("team"), "b-0")
+        .unwrap()
+        .unwrap()["metadata"]["uid"]
         .clone();
     // And one more pod's delete answered with the 409 of a failed UID precondition (a
     // replacement the controller's cache has not seen yet).
@@ -1295,8 +1346,14 @@ async fn a_replaced_pod_is_left_alone_and_the_node_is_still_deleted() {
         gone(&server, "nodes", None, "node-b")
     })
     .await;
-    let pod = server.get_json("pods", Some("team"), "b-0").unwrap().unwrap();
-    assert_eq!(pod["metadata"]["uid"], replaced_uid, "the new b-0 is still there");
+    let pod = server
+        .get_json("pods", Some("team"), "b-0")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        pod["metadata"]["uid"], replaced_uid,
+        "the new b-0 is still there"
+    );
     assert!(annotation(&pod, "lastgasp.io/termination-reason").is_none());
     let left = ["b-1", "b-2"]
         .iter()

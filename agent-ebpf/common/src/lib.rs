@@ -284,6 +284,10 @@ pub enum PanicProbe {
     Fentry = 2,
 }
 
+/// Kernel stack frames kept of a `panic()` call: enough to pass `panic()`, the die/oops
+/// helpers and the exception entry and reach the function that failed.
+pub const PANIC_STACK_DEPTH: usize = 32;
+
 /// A call of the kernel's `panic()`, seen by a kprobe or fentry program.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -291,9 +295,12 @@ pub struct PanicCall {
     pub header: EventHeader,
     /// [`PanicProbe`].
     pub probe: u32,
-    pub _pad: u32,
+    /// Bytes of `stack` that `bpf_get_stack` filled (a multiple of 8); 0 when it failed.
+    pub stack_bytes: u32,
     /// `panic()`'s format string (the message itself when it has no arguments).
     pub format: [u8; CONSOLE_LINE_LEN],
+    /// The kernel stack at `panic()`, innermost first: return addresses to symbolise.
+    pub stack: [u64; PANIC_STACK_DEPTH],
 }
 
 #[cfg(feature = "user")]

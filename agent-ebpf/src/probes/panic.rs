@@ -4,20 +4,22 @@
 //! A panicking CPU turns its interrupts off and, a few milliseconds later, stops every other
 //! CPU, so the agent's userspace may never run again. The probe therefore holds the dying CPU,
 //! spinning for at most `panic_hold_ns`, until the agent writes the call's timestamp into
-//! `PANIC_ACK`: it has sent its last gasp. Other CPUs keep running meanwhile.
+//! `PANIC_ACK`: it has sent its last gasp. Other CPUs keep running meanwhile. The record
+//! carries the kernel stack at `panic()`, which the agent names with `/proc/kallsyms`.
 
 use core::ffi::c_void;
 
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::BPF_RB_NO_WAKEUP,
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes,
-        generated::bpf_loop,
+        generated::{bpf_get_stack, bpf_loop},
     },
     macros::{fentry, kprobe},
     programs::{FEntryContext, ProbeContext},
 };
-use lastgasp_common::{Drop, EventHeader, EventKind, PanicCall, PanicProbe};
+use lastgasp_common::{Drop, EventHeader, EventKind, PANIC_STACK_DEPTH, PanicCall, PanicProbe};
 
 use crate::{
     config::config,
@@ -30,29 +32,29 @@ const MAX_HOLD_ITERATIONS: u32 = 1 << 23;
 #[fentry(function = "panic")]
 pub fn panic_fentry(ctx: FEntryContext) -> u32 {
     let format: *const u8 = ctx.arg(0);
-    try_panic(format, PanicProbe::Fentry);
+    try_panic(ctx.as_ptr(), format, PanicProbe::Fentry);
     0
 }
 
 #[kprobe]
 pub fn panic_kprobe(ctx: ProbeContext) -> u32 {
     if let Some(format) = ctx.arg::<*const u8>(0) {
-        try_panic(format, PanicProbe::Kprobe);
+        try_panic(ctx.as_ptr(), format, PanicProbe::Kprobe);
     }
     0
 }
 
 #[inline(always)]
-fn try_panic(format: *const u8, probe: PanicProbe) {
+fn try_panic(ctx: *mut c_void, format: *const u8, probe: PanicProbe) {
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    if report(format, probe, now).is_some() {
+    if report(ctx, format, probe, now).is_some() {
         hold(now);
     }
 }
 
 #[inline(always)]
-fn report(format: *const u8, probe: PanicProbe, now: u64) -> Option<()> {
+fn report(ctx: *mut c_void, format: *const u8, probe: PanicProbe, now: u64) -> Option<()> {
     let Some(mut event) = KERNEL_LOG.reserve::<PanicCall>(0) else {
         count_drop(Drop::KernelLogRingFull);
         return None;
@@ -61,11 +63,22 @@ fn report(format: *const u8, probe: PanicProbe, now: u64) -> Option<()> {
     let call = unsafe { &mut *event.as_mut_ptr() };
     call.header = EventHeader::new(EventKind::PanicCall, bpf_get_current_pid_tgid(), now);
     call.probe = probe as u32;
-    call._pad = 0;
     // SAFETY: reads a kernel string with fault handling.
     if unsafe { bpf_probe_read_kernel_str_bytes(format, &mut call.format) }.is_err() {
         call.format[0] = 0;
     }
+    // The kernel stack (flags 0), so the agent can name the function that failed even when
+    // the console says nothing useful. SAFETY: `ctx` is this program's context and `stack`
+    // is reserved memory of the size given.
+    let filled = unsafe {
+        bpf_get_stack(
+            ctx,
+            call.stack.as_mut_ptr().cast(),
+            (PANIC_STACK_DEPTH * 8) as u32,
+            0,
+        )
+    };
+    call.stack_bytes = u32::try_from(filled).unwrap_or(0);
     event.submit(BPF_RB_NO_WAKEUP as u64);
     Some(())
 }

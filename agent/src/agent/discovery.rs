@@ -295,7 +295,12 @@ mod tests {
         }));
         let mut handmade = genuine.clone();
         handmade.metadata.name = Some("ingest-handmade".into());
-        handmade.metadata.labels.as_mut().unwrap().remove(MANAGED_BY_LABEL);
+        handmade
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .remove(MANAGED_BY_LABEL);
         handmade.endpoints[0].addresses = vec!["10.6.6.6".into()];
         let mut mirrored = handmade.clone();
         mirrored.metadata.labels.as_mut().unwrap().insert(
@@ -315,8 +320,17 @@ mod tests {
         other_namespace.endpoints[0].addresses = vec!["10.6.6.8".into()];
         let endpoints = ControllerEndpoints::from_slices(
             &ingest(),
-            [&genuine, &handmade, &mirrored, &other_service, &other_namespace],
+            [
+                &genuine,
+                &handmade,
+                &mirrored,
+                &other_service,
+                &other_namespace,
+            ],
         );
-        assert_eq!(endpoints.reports, ["10.0.1.7:6667".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(
+            endpoints.reports,
+            ["10.0.1.7:6667".parse::<SocketAddr>().unwrap()]
+        );
     }
 }

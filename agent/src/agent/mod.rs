@@ -6,6 +6,7 @@ pub mod cni;
 pub mod console;
 pub mod discovery;
 pub mod events;
+pub mod kallsyms;
 pub mod kernel_stats;
 pub mod last_gasp;
 pub mod loader;

@@ -228,7 +228,8 @@ impl Actions {
     }
 
     async fn delete_pod(&self, pod: Arc<Pod>) {
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
+        let api: Api<Pod> =
+            Api::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
         let (name, params) = (pod.name_any(), delete_now(pod.uid()));
         if self
             .retry("delete pod", || api.delete(&name, &params))
@@ -282,7 +283,11 @@ impl Actions {
     pub async fn withheld(&self, incident: &Incident, why: &str) {
         let record = &incident.record;
         if self.dry_run {
-            tracing::info!(node = record.node, why, "dry run: would publish DeletionWithheld");
+            tracing::info!(
+                node = record.node,
+                why,
+                "dry run: would publish DeletionWithheld"
+            );
             return;
         }
         let Some(node) = self.cluster.node(&record.node) else {
@@ -307,8 +312,10 @@ impl Actions {
             secondary: None,
         };
         let reference = node.object_ref(&());
-        self.retry("publish event", || self.recorder.publish(&event, &reference))
-            .await;
+        self.retry("publish event", || {
+            self.recorder.publish(&event, &reference)
+        })
+        .await;
     }
 
     /// Runs a write until it succeeds; `None` when it failed for good or the object is gone.
@@ -325,7 +332,11 @@ impl Actions {
                 // Every write names the object's UID (or is an Event, created once): a conflict
                 // is an object replaced under the same name, which never becomes writable.
                 Err(kube::Error::Api(status)) if status.code == 409 => {
-                    tracing::info!(what, message = status.message, "object replaced since the panic; leaving it");
+                    tracing::info!(
+                        what,
+                        message = status.message,
+                        "object replaced since the panic; leaving it"
+                    );
                     return None;
                 }
                 Err(error) if transient(&error) => {

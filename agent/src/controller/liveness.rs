@@ -68,7 +68,10 @@ pub fn not_ready_by_lifecycle_controller(node: &Node) -> bool {
 }
 
 /// The node Lease's `renewTime`, `Ok(None)` when the Lease or the field is missing.
-pub async fn lease_renew_time(client: &Client, node: &str) -> Result<Option<Timestamp>, kube::Error> {
+pub async fn lease_renew_time(
+    client: &Client,
+    node: &str,
+) -> Result<Option<Timestamp>, kube::Error> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
     Ok(leases
         .get_opt(node)
@@ -109,9 +112,18 @@ mod tests {
             }))
             .unwrap()
         };
-        assert!(not_ready_by_lifecycle_controller(&node("Unknown", NODE_STATUS_UNKNOWN)));
+        assert!(not_ready_by_lifecycle_controller(&node(
+            "Unknown",
+            NODE_STATUS_UNKNOWN
+        )));
         // The kubelet itself reporting NotReady is alive enough to report.
-        assert!(!not_ready_by_lifecycle_controller(&node("False", "KubeletNotReady")));
-        assert!(!not_ready_by_lifecycle_controller(&node("True", "KubeletReady")));
+        assert!(!not_ready_by_lifecycle_controller(&node(
+            "False",
+            "KubeletNotReady"
+        )));
+        assert!(!not_ready_by_lifecycle_controller(&node(
+            "True",
+            "KubeletReady"
+        )));
     }
 }

@@ -476,7 +476,10 @@ fn round_secs(duration: Duration) -> Duration {
 /// Runs `writes` while this replica leads; `false` if leadership was lost first (the writes
 /// in flight are dropped: the renew deadline ends leadership before the lease can expire, so
 /// no other replica writes yet).
-async fn while_leading(leader: &mut watch::Receiver<bool>, writes: impl Future<Output = ()>) -> bool {
+async fn while_leading(
+    leader: &mut watch::Receiver<bool>,
+    writes: impl Future<Output = ()>,
+) -> bool {
     let lost = async {
         // Without leader election the sender is gone at once: leadership is never lost.
         if leader.wait_for(|leading| !*leading).await.is_err() {
