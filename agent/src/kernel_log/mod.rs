@@ -16,6 +16,11 @@
 
 use serde::Serialize;
 
+mod frames;
+mod title;
+
+pub use title::{CrashKind, CrashTitle, Frame, crash_title, title_from_stack};
+
 /// What kind of kernel failure a console line reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
