@@ -255,9 +255,11 @@ const MAX_REPORT_LINES: usize = 2000;
 /// prefixes. `None` when no line starts a report.
 pub fn crash_title<'a>(lines: impl IntoIterator<Item = &'a str>) -> Option<CrashTitle> {
     let mut lines = lines.into_iter().map(strip_prefix);
-    let (first, header) = lines
-        .by_ref()
-        .find_map(|m| match_header(m).map(|h| (m, h)))?;
+    let (first, header) = lines.by_ref().find_map(|m| {
+        match_header(m)
+            .or_else(|| embedded_header(m))
+            .map(|h| (m, h))
+    })?;
     let mut report = Vec::with_capacity(256);
     report.push(first);
     report.extend(lines.take(MAX_REPORT_LINES));
@@ -338,6 +340,8 @@ enum Culprit {
     After(&'static str),
     /// The lockdep `at: func+0x..` lines after the marker, then the call trace.
     LockAt(&'static str),
+    /// The first `at:` frame after the marker, generic or not.
+    FirstAt(&'static str),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -428,10 +432,14 @@ fn match_header(m: &str) -> Option<Header<'_>> {
             }
         }
         b'r' => m.strip_prefix("rcu: INFO: ").and_then(info_header),
-        b'[' => m
-            .strip_prefix("[ INFO: ")
-            .or_else(|| m.strip_prefix("[ BUG: "))
-            .and_then(lockdep_header),
+        // lockdep before 4.14: `[ INFO: possible circular locking dependency detected ]`.
+        b'[' => {
+            if let Some(rest) = m.strip_prefix("[ INFO: ") {
+                old_lockdep_header(rest)
+            } else {
+                m.strip_prefix("[ BUG: ").and_then(bug_header)
+            }
+        }
         b'K' => {
             if let Some(message) = m.strip_prefix("Kernel panic - not syncing: ") {
                 Some(panic_header(message))
@@ -484,6 +492,26 @@ fn match_header(m: &str) -> Option<Header<'_>> {
         }
         _ => die_header(m),
     }
+}
+
+/// A report header after other text on the same line, as when console
+/// output from two sources interleaves (`login: [ 50.9] WARNING: ...`).
+/// Only after a space or `]`, and only for the unambiguous report starts.
+fn embedded_header(m: &str) -> Option<Header<'_>> {
+    const STARTS: &[&str] = &[
+        "BUG: ",
+        "WARNING: ",
+        "INFO: ",
+        "Kernel panic - not syncing: ",
+        "kernel BUG at ",
+        "general protection fault",
+        "Unable to handle kernel ",
+    ];
+    STARTS.iter().find_map(|start| {
+        m.match_indices(start)
+            .filter(|&(at, _)| at > 0 && matches!(m.as_bytes()[at - 1], b' ' | b']'))
+            .find_map(|(at, _)| match_header(&m[at..]))
+    })
 }
 
 /// `Kernel panic - not syncing: <message>`.
@@ -549,7 +577,11 @@ fn panic_header(message: &str) -> Header<'_> {
     } else {
         Header::new(
             K::Panic,
-            Label::Joined("kernel panic: ", message.trim_end()),
+            // `panic_on_warn set ...`
+            Label::Joined(
+                "kernel panic: ",
+                message.trim_end().trim_end_matches("...").trim_end(),
+            ),
             C::Trace,
         )
         .untitled_culprit()
@@ -918,17 +950,19 @@ fn warning_header(rest: &str) -> Option<Header<'_>> {
     } else if src.starts_with("mm/usercopy.c") {
         Header::fixed(K::Warning, "WARNING: bad usercopy", C::Ip).skip(&["usercopy", "__check"])
     } else if src.starts_with("lib/kobject.c") {
-        Header::fixed(K::Warning, "WARNING: kobject bug", C::Ip)
+        Header::fixed(K::Warning, "WARNING: kobject bug", C::Ip).skip(&["kobject_"])
     } else if src.starts_with("fs/proc/generic.c") {
-        Header::fixed(K::Warning, "WARNING: proc registration bug", C::Ip)
+        Header::fixed(K::Warning, "WARNING: proc registration bug", C::Ip).skip(&["proc_"])
     } else if src.starts_with("lib/refcount.c") {
-        Header::fixed(K::Warning, "WARNING: refcount bug", C::Ip)
+        Header::fixed(K::Warning, "WARNING: refcount bug", C::Ip).skip(&["refcount", "kobject_"])
     } else if src.starts_with("kernel/locking/lockdep.c") && rest.contains("lock_") {
         Header::fixed(K::Lockdep, "WARNING: locking bug", C::Ip)
+            .skip(&["lock_sock", "release_sock"])
     } else if src.starts_with("mm/vmalloc.c") && rest.contains("__vmalloc_node") {
         Header::fixed(K::Warning, "WARNING: zero-size vmalloc", C::Ip)
     } else if src.starts_with("mm/") && is_kmalloc_warning(rest) {
         Header::fixed(K::Warning, "WARNING: kmalloc bug", C::Ip)
+            .skip(&["kmalloc", "krealloc", "slab", "kmem"])
     } else {
         Header::fixed(K::Warning, "WARNING", C::Ip)
     };
@@ -1018,6 +1052,26 @@ fn lockdep_header(rest: &str) -> Option<Header<'_>> {
     Some(header)
 }
 
+/// Old lockdep headers name the culprit at the first `at:` after the
+/// sentence that introduces the lock, with no frame skipped.
+fn old_lockdep_header(rest: &str) -> Option<Header<'_>> {
+    use CrashKind as K;
+    let (label, marker) = if rest.starts_with("possible circular locking dependency detected")
+        || rest.starts_with("possible recursive locking detected")
+    {
+        ("possible deadlock", "is trying to acquire")
+    } else if rest.starts_with("possible irq lock inversion dependency detected") {
+        ("possible deadlock", "just changed the state of lock")
+    } else if rest.contains("-safe -> ") && rest.contains("-unsafe lock order detected") {
+        ("possible deadlock", "is trying to acquire")
+    } else if rest.starts_with("inconsistent lock state") {
+        ("inconsistent lock state", "takes")
+    } else {
+        return info_header(rest);
+    };
+    Some(Header::fixed(K::Lockdep, label, Culprit::FirstAt(marker)))
+}
+
 /// The text after `INFO: `.
 fn info_header(rest: &str) -> Option<Header<'_>> {
     use CrashKind as K;
@@ -1083,7 +1137,10 @@ fn title_report(report: &[&str], header: Header<'_>) -> CrashTitle {
     let label = header.label.render(access);
 
     let frames = culprit_frames(body, &header);
-    let candidates = candidates(&frames.frames, header.skip);
+    let candidates = match header.culprit {
+        Culprit::FirstAt(_) => frames.frames.iter().map(|f| f.to_frame()).collect(),
+        _ => candidates(&frames.frames, header.skip),
+    };
     let chosen = match header.culprit {
         Culprit::Stall | Culprit::RcuStall => {
             let names: Vec<&str> = candidates.iter().map(|f| f.function.as_str()).collect();
@@ -1243,19 +1300,26 @@ fn culprit_frames<'a>(body: &[&'a str], header: &Header<'a>) -> ReportFrames<'a>
                 frames.extend(trace_from(body, at + 1));
             }
         }
-        Culprit::LockAt(marker) => {
+        Culprit::LockAt(marker) | Culprit::FirstAt(marker) => {
             if let Some(at) = body.iter().position(|m| m.contains(marker)) {
-                frames.extend(
-                    body[at..]
-                        .iter()
-                        .filter_map(|m| m.split_once("at: ").map(|(_, f)| f))
-                        .filter_map(parse_trace_frame),
-                );
+                frames.extend(body[at..].iter().filter_map(|m| lock_site(m)));
             }
-            frames.extend(call_trace(body));
+            if matches!(header.culprit, Culprit::LockAt(_)) {
+                frames.extend(call_trace(body));
+            }
         }
     }
     ReportFrames { frames }
+}
+
+/// A lock site: `... at: [<pc>] func+0x..` or, when `at:` ended the line
+/// before, `[<pc>] func+0x..`.
+fn lock_site(m: &str) -> Option<FrameRef<'_>> {
+    match m.split_once("at: ") {
+        Some((_, site)) => parse_trace_frame(site),
+        None if m.trim_start().starts_with("[<") => parse_trace_frame(m),
+        None => None,
+    }
 }
 
 /// `func+0x..` or a bare identifier (`last function: foo_work_fn`).
