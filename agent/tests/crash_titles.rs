@@ -1,6 +1,7 @@
 //! Measures `crash_title` against syzkaller's titles for the development set
 //! of real console logs (see the README next to the data) and asserts the
-//! targets. Run with `--nocapture` to see the table and every mismatch.
+//! targets. Run with `--nocapture` to see the table and every mismatch;
+//! `CRASH_TITLE_ID=<id>` also prints the full result for that log.
 //!
 //! Comparisons, after replacing each digit run by `NUM` as syzkaller does:
 //! - kind: the title without its last ` in <culprit>` part, against the
@@ -98,6 +99,9 @@ fn dev_set_titles() {
 
     for case in &cases {
         let got = crash_title(case.log.split('\n'));
+        if std::env::var("CRASH_TITLE_ID").is_ok_and(|id| id == case.id) {
+            println!("{}: {got:#?}", case.id);
+        }
         let got_title = got.as_ref().map(|t| normalise(&t.report_title));
         if case.panicked {
             panicking += 1;

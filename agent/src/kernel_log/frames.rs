@@ -64,16 +64,46 @@ pub(crate) fn parse_trace_frame(message: &str) -> Option<FrameRef<'_>> {
             None => break,
         }
     }
-    parse_symbol(s)
+    match s.strip_prefix('(') {
+        Some(arm) => parse_arm_frame(arm),
+        None => parse_symbol(s),
+    }
+}
+
+/// The caller named after ` from ` on an arm32 backtrace line: the only
+/// place the outermost frame of a trace appears.
+pub(crate) fn parse_arm_caller(message: &str) -> Option<FrameRef<'_>> {
+    let (_, caller) = message.split_once(") from ")?;
+    let caller = strip_address(caller.trim_start())?.trim_start();
+    parse_symbol(caller.strip_prefix('(')?)
+}
+
+/// arm32 `dump_backtrace_entry()`: `[<pc>] (foo) from [<lr>] (bar+0x1c/0x30)`;
+/// the function is the one in the first parentheses.
+fn parse_arm_frame(s: &str) -> Option<FrameRef<'_>> {
+    let (function, rest) = s.split_once(')')?;
+    let valid = rest.starts_with(" from ")
+        && function
+            .as_bytes()
+            .first()
+            .is_some_and(|b| b.is_ascii_alphabetic() || *b == b'_')
+        && function
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
+    valid.then_some(FrameRef {
+        function,
+        module: None,
+    })
 }
 
 /// The faulting-instruction register line: `RIP: 0010:foo+0x..`, `IP: [<..>] foo+0x..`,
-/// arm64 `pc : foo+0x..`, arm32 `PC is at foo+0x..`.
+/// arm64 `pc : foo+0x..`, riscv `epc : foo+0x..`, arm32 `PC is at foo+0x..`.
 pub(crate) fn parse_ip_frame(message: &str) -> Option<FrameRef<'_>> {
     let rest = message
         .strip_prefix("RIP: ")
         .or_else(|| message.strip_prefix("IP: "))
         .or_else(|| message.strip_prefix("pc : "))
+        .or_else(|| message.strip_prefix("epc : "))
         .or_else(|| message.strip_prefix("PC is at "))?;
     // Code segment selector `0010:`.
     let rest = match rest.split_once(':') {
@@ -214,6 +244,26 @@ pub(crate) const GENERIC: &[&str] = &[
     "kmem_cache",
     "allocate_slab",
     "slab_",
+    "seqprop_assert",
+    "scnprintf",
+    "sk_stop_timer_sync",
+    "cleanup_srcu_struct",
+    "i2c_del_adapter",
+    "__unregister_client",
+    "hwrng_unregister",
+    "tty_unregister_device",
+    "extract_user_to_sg",
+    "extract_iter_to_sg",
+    "find_lock_entries",
+    "truncate_inode_pages_range",
+    "do_read_cache_folio",
+    "logic_in",
+    "logic_out",
+    "crc_itu_t",
+    "^copyin$",
+    "^copyout$",
+    "program_check_",
+    "_once_word_nocheck",
     "^kfree$",
     "^kvfree$",
     "kfree_skb",

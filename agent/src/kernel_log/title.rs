@@ -36,8 +36,8 @@ use std::fmt::Write as _;
 
 pub use super::frames::Frame;
 use super::frames::{
-    FrameRef, GENERIC, hang_culprit, matches_any, parse_ip_frame, parse_trace_frame, stall_culprit,
-    title_name,
+    FrameRef, GENERIC, hang_culprit, matches_any, parse_arm_caller, parse_ip_frame,
+    parse_trace_frame, stall_culprit, title_name,
 };
 use super::strip_prefix;
 
@@ -338,6 +338,8 @@ enum Culprit {
     Hang,
     /// The frames after the first line containing the marker.
     After(&'static str),
+    /// The function named right after the marker on its line.
+    NamedAfter(&'static str),
     /// The lockdep `at: func+0x..` lines after the marker, then the call trace.
     LockAt(&'static str),
     /// The first `at:` frame after the marker, generic or not.
@@ -702,7 +704,7 @@ fn bug_header(rest: &str) -> Option<Header<'_>> {
         };
         let named = named.map(|f| f.split([' ', '+']).next().unwrap_or(f));
         return Some(
-            Header::new(K::Kfence, Label::Joined("KFENCE: ", label), C::Trace).named(named),
+            Header::new(K::Kfence, Label::Joined("KFENCE: ", label), C::Following).named(named),
         );
     }
     if let Some(what) = rest.strip_prefix("KMSAN: ") {
@@ -826,7 +828,7 @@ fn bug_header(rest: &str) -> Option<Header<'_>> {
         Header::fixed(
             K::Bug,
             "BUG: workqueue leaked lock or atomic",
-            C::After("last function:"),
+            C::NamedAfter("last function:"),
         )
     } else if rest.starts_with("memory leak") {
         const SKIP: &[&str] = &[
@@ -852,7 +854,13 @@ fn bug_header(rest: &str) -> Option<Header<'_>> {
         Header::fixed(K::Lockdep, "WARNING: locking bug", C::Trace)
             .skip(&["lock_sock", "release_sock"])
     } else if rest.starts_with("Dentry ") && rest.contains(" still in use") {
-        Header::fixed(K::Bug, "BUG: Dentry still in use", C::None)
+        // `BUG: Dentry ffff..{i=..,n=..}  still in use (1) [unmount of proc proc]`
+        let label = if rest.contains("[unmount of ") {
+            "BUG: Dentry still in use in unmount"
+        } else {
+            "BUG: Dentry still in use"
+        };
+        Header::fixed(K::Bug, label, C::None)
     } else if rest.contains("still has locks held!") {
         Header::fixed(
             K::Lockdep,
@@ -1039,7 +1047,11 @@ fn lockdep_header(rest: &str) -> Option<Header<'_>> {
             C::LockAt("locks held"),
         )
     } else if rest.starts_with("Nested lock was not taken") {
-        Header::fixed(K::Lockdep, "WARNING: nested lock was not taken", C::Trace)
+        Header::fixed(
+            K::Lockdep,
+            "WARNING: nested lock was not taken",
+            C::LockAt("is trying to lock"),
+        )
     } else if rest.starts_with("lock held when returning to user space") {
         Header::fixed(
             K::Lockdep,
@@ -1147,8 +1159,8 @@ fn title_report(report: &[&str], header: Header<'_>) -> CrashTitle {
             stall_culprit(&names).map(|i| candidates[i].clone())
         }
         Culprit::Hang => {
-            let names: Vec<&str> = frames.frames.iter().map(|f| f.function).collect();
-            hang_culprit(&names).map(|i| frames.frames[i].to_frame())
+            let names: Vec<&str> = candidates.iter().map(|f| f.function.as_str()).collect();
+            hang_culprit(&names).map(|i| candidates[i].clone())
         }
         _ => candidates.first().cloned(),
     };
@@ -1203,13 +1215,11 @@ struct ReportFrames<'a> {
 
 /// Lines that start a new stack: the culprit's stack ends there.
 fn starts_stack(m: &str) -> bool {
-    m.starts_with("Call Trace:")
-        || m.starts_with("Call trace:")
+    is_call_trace(m)
         || m.starts_with("Allocated by task")
         || m.starts_with("Freed by task")
         || m.starts_with("Allocated:")
         || m.starts_with("Freed:")
-        || m.starts_with("Backtrace:")
         || m.starts_with("Uninit was stored to memory at")
         || m.starts_with("Uninit was created at")
         || m.starts_with("Local variable")
@@ -1218,11 +1228,14 @@ fn starts_stack(m: &str) -> bool {
 
 /// Trace frames from `from` until the next stack starts.
 fn trace_from<'a>(body: &[&'a str], from: usize) -> Vec<FrameRef<'a>> {
-    body.iter()
-        .skip(from)
-        .take_while(|m| !starts_stack(m))
-        .filter_map(|m| parse_trace_frame(m))
-        .collect()
+    let mut frames = Vec::new();
+    for m in body.iter().skip(from).take_while(|m| !starts_stack(m)) {
+        frames.extend(parse_trace_frame(m));
+        frames.extend(parse_arm_caller(m));
+    }
+    // An arm32 caller is the next line's frame.
+    frames.dedup_by(|a, b| a.function == b.function);
+    frames
 }
 
 /// Frames after the first line for which `is_start` holds.
@@ -1234,9 +1247,13 @@ fn frames_after<'a>(body: &[&'a str], is_start: impl Fn(&str) -> bool) -> Vec<Fr
 }
 
 fn call_trace<'a>(body: &[&'a str]) -> Vec<FrameRef<'a>> {
-    frames_after(body, |m| {
-        m.starts_with("Call Trace:") || m.starts_with("Call trace:") || m.starts_with("Backtrace:")
-    })
+    frames_after(body, is_call_trace)
+}
+
+/// `Call Trace:` (x86, also after other text on the line), `Call trace:`
+/// (arm64), `Backtrace:` (arm32).
+fn is_call_trace(m: &str) -> bool {
+    m.contains("Call Trace:") || m.starts_with("Call trace:") || m.starts_with("Backtrace:")
 }
 
 /// The faulting instruction's frame and the frames printed after it.
@@ -1289,24 +1306,37 @@ fn culprit_frames<'a>(body: &[&'a str], header: &Header<'a>) -> ReportFrames<'a>
         }
         Culprit::Trace | Culprit::Hang => frames.extend(call_trace(body)),
         Culprit::Following => frames.extend(trace_from(body, 1)),
-        Culprit::After(marker) => {
+        Culprit::After(marker) => frames.extend(frames_after(body, |m| m.contains(marker))),
+        Culprit::NamedAfter(marker) => frames.extend(
+            body.iter()
+                .find_map(|m| m.split_once(marker))
+                .and_then(|(_, name)| parse_symbol_or_name(name.trim_start_matches([':', ' ']))),
+        ),
+        Culprit::FirstAt(marker) => {
             if let Some(at) = body.iter().position(|m| m.contains(marker)) {
-                if let Some((_, func)) = body[at].split_once(marker) {
-                    let func = func.trim_start_matches([':', ' ']);
-                    if let Some(f) = parse_symbol_or_name(func) {
-                        frames.push(f);
-                    }
-                }
-                frames.extend(trace_from(body, at + 1));
+                frames.extend(body[at..].iter().find_map(|m| lock_site(m)));
             }
         }
-        Culprit::LockAt(marker) | Culprit::FirstAt(marker) => {
+        Culprit::LockAt(marker) => {
+            // The lock being taken, the lock held, then the stack printed
+            // after them (lockdep's dependency chain), then the call trace.
             if let Some(at) = body.iter().position(|m| m.contains(marker)) {
-                frames.extend(body[at..].iter().filter_map(|m| lock_site(m)));
+                let mut sites = body
+                    .iter()
+                    .enumerate()
+                    .skip(at)
+                    .filter_map(|(i, m)| lock_site(m).map(|f| (i, f)))
+                    .take(2);
+                let first = sites.next();
+                let second = sites.next();
+                for (_, site) in first.into_iter().chain(second) {
+                    frames.push(site);
+                }
+                if let Some((i, _)) = second {
+                    frames.extend(trace_from(body, i + 1));
+                }
             }
-            if matches!(header.culprit, Culprit::LockAt(_)) {
-                frames.extend(call_trace(body));
-            }
+            frames.extend(call_trace(body));
         }
     }
     ReportFrames { frames }
