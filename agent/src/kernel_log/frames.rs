@@ -562,16 +562,16 @@ const STALL_ANCHORS: &[&str] = &[
     "tasklet_hi_action",
 ];
 
-/// Stall culprit: the frame just above the first dispatching anchor, or
-/// `smp_call_function` itself.
+/// Stall culprit: the frame just above the first dispatching anchor, or the
+/// anchor itself when it is the top frame or `smp_call_function`.
 pub(crate) fn stall_culprit(names: &[&str]) -> Option<usize> {
     let anchor = names
         .iter()
         .position(|n| matches_any(STALL_ANCHORS, title_name(n)))?;
-    if names[anchor].contains("smp_call_function") {
+    if anchor == 0 || names[anchor].contains("smp_call_function") {
         return Some(anchor);
     }
-    anchor.checked_sub(1)
+    Some(anchor - 1)
 }
 
 /// Hung task culprit: hangs in `synchronize_rcu`-like and `rtnl_lock` waits

@@ -255,10 +255,14 @@ const MAX_REPORT_LINES: usize = 2000;
 /// prefixes. `None` when no line starts a report.
 pub fn crash_title<'a>(lines: impl IntoIterator<Item = &'a str>) -> Option<CrashTitle> {
     let mut lines = lines.into_iter().map(strip_prefix);
+    let mut previous = "";
     let (first, header) = lines.by_ref().find_map(|m| {
-        match_header(m)
+        let found = match_header(m)
             .or_else(|| embedded_header(m))
             .map(|h| (m, h))
+            .or_else(|| split_hung_task(previous, m));
+        previous = m;
+        found
     })?;
     let mut report = Vec::with_capacity(256);
     report.push(first);
@@ -359,6 +363,8 @@ struct Header<'a> {
     wrapper: bool,
     /// The report title names the culprit (not for bare panics, whose message says it).
     culprit_in_title: bool,
+    /// Appended to the culprit in the title (`/usb_submit_urb`).
+    culprit_suffix: &'static str,
 }
 
 impl<'a> Header<'a> {
@@ -371,6 +377,7 @@ impl<'a> Header<'a> {
             named: None,
             wrapper: false,
             culprit_in_title: true,
+            culprit_suffix: "",
         }
     }
 
@@ -494,6 +501,18 @@ fn match_header(m: &str) -> Option<Header<'_>> {
         }
         _ => die_header(m),
     }
+}
+
+/// A hung task header whose task name held a newline: `INFO: task ab` then
+/// `cd:123 blocked for more than 143 seconds.`
+fn split_hung_task<'a>(previous: &'a str, m: &str) -> Option<(&'a str, Header<'a>)> {
+    let split = previous.starts_with("INFO: task ") && m.contains(" blocked for more than ");
+    split.then(|| {
+        (
+            previous,
+            Header::fixed(CrashKind::HungTask, "INFO: task hung", Culprit::Hang),
+        )
+    })
 }
 
 /// A report header after other text on the same line, as when console
@@ -968,6 +987,18 @@ fn warning_header(rest: &str) -> Option<Header<'_>> {
             .skip(&["lock_sock", "release_sock"])
     } else if src.starts_with("mm/vmalloc.c") && rest.contains("__vmalloc_node") {
         Header::fixed(K::Warning, "WARNING: zero-size vmalloc", C::Ip)
+    } else if rest.contains(" usb_submit_urb") {
+        // Bad URBs: the driver that submitted it is the culprit.
+        Header {
+            culprit_suffix: "/usb_submit_urb",
+            ..Header::fixed(K::Warning, "WARNING", C::Ip).skip(&[
+                "usb_submit_urb",
+                "usb_start_wait_urb",
+                "usb_bulk_msg",
+                "usb_interrupt_msg",
+                "usb_control_msg",
+            ])
+        }
     } else if src.starts_with("mm/") && is_kmalloc_warning(rest) {
         Header::fixed(K::Warning, "WARNING: kmalloc bug", C::Ip)
             .skip(&["kmalloc", "krealloc", "slab", "kmem"])
@@ -1173,7 +1204,11 @@ fn title_report(report: &[&str], header: Header<'_>) -> CrashTitle {
         _ if !wants_culprit || !header.culprit_in_title => (label, chosen, false),
         _ => match chosen {
             Some(frame) => (
-                format!("{label} in {}", title_name(&frame.function)),
+                format!(
+                    "{label} in {}{}",
+                    title_name(&frame.function),
+                    header.culprit_suffix
+                ),
                 Some(frame),
                 false,
             ),
