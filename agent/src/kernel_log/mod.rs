@@ -13,6 +13,9 @@
 //! Fatal exception`); callers decide how to group them.
 //!
 //! No regex, no allocation: a first-byte dispatch rejects most lines at once.
+//!
+//! [`crash_title`] goes further for one incident: over all of a sender's
+//! recent lines it names the crash and its culprit function (see `title`).
 
 use serde::Serialize;
 

@@ -31,6 +31,16 @@
 //! - `Kernel panic - not syncing: <why>` (the wrapper when it follows another
 //!   report, the crash itself otherwise: `Attempted to kill init!`, `VFS:
 //!   Unable to mount root fs`, `stack-protector: ...`, OOM panics, sysrq).
+//!
+//! A header is also found after other text on its line (interleaved
+//! consoles). The report runs until a header of another kind or `---[ end
+//! trace`; the panic wrapper and the `CPU: ... Comm:` line (release, taint)
+//! are read from it. Frame formats are in [`super::frames`]; titles use the
+//! function without clone suffixes and syscall wrapper prefixes, like
+//! syzkaller.
+//!
+//! Lines before a report cost a first-byte dispatch and, for a few fixed
+//! words, a substring search; nothing is allocated until a header matches.
 
 use std::fmt::Write as _;
 
@@ -200,10 +210,12 @@ impl CrashTitle {
         {
             let _ = write!(title, " in {}", title_name(&culprit.function));
         }
-        if let Some(panic) = &self.panic {
-            if !self.report_title.contains(panic.as_str()) {
-                let _ = write!(title, " (panic: {panic})");
-            }
+        if let Some(panic) = self
+            .panic
+            .as_ref()
+            .filter(|p| !self.report_title.contains(p.as_str()))
+        {
+            let _ = write!(title, " (panic: {panic})");
         }
         title
     }
@@ -248,6 +260,9 @@ fn replace_numbers(text: &str) -> String {
     out
 }
 
+/// How many culprit candidates a title keeps.
+const MAX_CANDIDATES: usize = 5;
+
 /// The longest report considered after its header line.
 const MAX_REPORT_LINES: usize = 2000;
 
@@ -276,14 +291,20 @@ pub fn crash_title<'a>(lines: impl IntoIterator<Item = &'a str>) -> Option<Crash
 /// plumbing nor otherwise generic.
 pub fn title_from_stack(panic_message: &str, frames: &[Frame]) -> CrashTitle {
     let header = panic_header(panic_message);
-    let refs: Vec<FrameRef<'_>> = frames
-        .iter()
-        .map(|f| FrameRef {
+    // The stack-protector message names the function itself.
+    let named = header.named.map(|function| FrameRef {
+        function,
+        module: None,
+    });
+    let refs: Vec<FrameRef<'_>> = named
+        .into_iter()
+        .chain(frames.iter().map(|f| FrameRef {
             function: &f.function,
             module: f.module.as_deref(),
-        })
+        }))
         .collect();
-    let candidates = candidates(&refs, header.skip);
+    let mut candidates = candidates(&refs, header.skip);
+    candidates.truncate(MAX_CANDIDATES);
     let culprit = candidates.first().cloned();
     CrashTitle {
         kind: header.kind,
@@ -1181,8 +1202,8 @@ fn title_report(report: &[&str], header: Header<'_>) -> CrashTitle {
 
     let frames = culprit_frames(body, &header);
     let candidates = match header.culprit {
-        Culprit::FirstAt(_) => frames.frames.iter().map(|f| f.to_frame()).collect(),
-        _ => candidates(&frames.frames, header.skip),
+        Culprit::FirstAt(_) => frames.iter().map(|f| f.to_frame()).collect(),
+        _ => candidates(&frames, header.skip),
     };
     let chosen = match header.culprit {
         Culprit::Stall | Culprit::RcuStall => {
@@ -1216,7 +1237,7 @@ fn title_report(report: &[&str], header: Header<'_>) -> CrashTitle {
         },
     };
     let mut frames_out = candidates;
-    frames_out.truncate(5);
+    frames_out.truncate(MAX_CANDIDATES);
     CrashTitle {
         kind: header.kind,
         report_title,
@@ -1241,11 +1262,6 @@ fn report_end(report: &[&str], header: &Header<'_>) -> usize {
                 || match_header(m).is_some_and(|h| !h.wrapper && h.kind != header.kind)
         })
         .map_or(report.len(), |(i, _)| i)
-}
-
-/// Frames of a report in the order a culprit is looked for.
-struct ReportFrames<'a> {
-    frames: Vec<FrameRef<'a>>,
 }
 
 /// Lines that start a new stack: the culprit's stack ends there.
@@ -1306,7 +1322,8 @@ fn ip_and_following<'a>(body: &[&'a str], from: usize) -> Vec<FrameRef<'a>> {
     frames
 }
 
-fn culprit_frames<'a>(body: &[&'a str], header: &Header<'a>) -> ReportFrames<'a> {
+/// Frames of a report in the order a culprit is looked for.
+fn culprit_frames<'a>(body: &[&'a str], header: &Header<'a>) -> Vec<FrameRef<'a>> {
     let named = header.named.and_then(|n| {
         let function = n.split([' ', '+', '/']).next().unwrap_or(n);
         (!function.is_empty()).then_some(FrameRef {
@@ -1374,7 +1391,7 @@ fn culprit_frames<'a>(body: &[&'a str], header: &Header<'a>) -> ReportFrames<'a>
             frames.extend(call_trace(body));
         }
     }
-    ReportFrames { frames }
+    frames
 }
 
 /// A lock site: `... at: [<pc>] func+0x..` or, when `at:` ended the line
@@ -1967,6 +1984,15 @@ Call Trace:
         );
         assert_eq!(t.frames.len(), 2);
         assert_eq!(t.title(), "kernel panic: Fatal exception in nf_hook_slow");
+        let t = title_from_stack(
+            "stack-protector: Kernel stack is corrupted in: br_dev_xmit+0x1/0x2",
+            &frames,
+        );
+        assert_eq!(t.kind, K::StackCorruption);
+        assert_eq!(
+            t.culprit.as_ref().map(|f| f.function.as_str()),
+            Some("br_dev_xmit")
+        );
         let t = title_from_stack("Hard LOCKUP", &[]);
         assert_eq!(t.culprit, None);
         assert_eq!(t.title(), "kernel panic: Hard LOCKUP");
