@@ -386,6 +386,9 @@ struct Header<'a> {
     culprit_in_title: bool,
     /// Appended to the culprit in the title (`/usb_submit_urb`).
     culprit_suffix: &'static str,
+    /// A `BUG:` line of no known form: may be user text, has no stack to
+    /// be missing.
+    unknown: bool,
 }
 
 impl<'a> Header<'a> {
@@ -399,6 +402,7 @@ impl<'a> Header<'a> {
             wrapper: false,
             culprit_in_title: true,
             culprit_suffix: "",
+            unknown: false,
         }
     }
 
@@ -538,7 +542,8 @@ fn split_hung_task<'a>(previous: &'a str, m: &str) -> Option<(&'a str, Header<'a
 
 /// A report header after other text on the same line, as when console
 /// output from two sources interleaves (`login: [ 50.9] WARNING: ...`).
-/// Only after a space or `]`, and only for the unambiguous report starts.
+/// Only after a space or `]`, only for the unambiguous report starts, and
+/// a `BUG:` of no known form only right after a printk timestamp.
 fn embedded_header(m: &str) -> Option<Header<'_>> {
     const STARTS: &[&str] = &[
         "BUG: ",
@@ -552,7 +557,10 @@ fn embedded_header(m: &str) -> Option<Header<'_>> {
     STARTS.iter().find_map(|start| {
         m.match_indices(start)
             .filter(|&(at, _)| at > 0 && matches!(m.as_bytes()[at - 1], b' ' | b']'))
-            .find_map(|(at, _)| match_header(&m[at..]))
+            .find_map(|(at, _)| {
+                let header = match_header(&m[at..])?;
+                (!header.unknown || m[..at].ends_with("] ")).then_some(header)
+            })
     })
 }
 
@@ -560,13 +568,6 @@ fn embedded_header(m: &str) -> Option<Header<'_>> {
 fn panic_header(message: &str) -> Header<'_> {
     use CrashKind as K;
     use Culprit as C;
-    const PANIC_SKIP: &[&str] = &[
-        "stack_chk",
-        "^schedule",
-        "retint_kernel",
-        "bad_stack",
-        "handle_stack_overflow",
-    ];
     let header = if let Some(rest) =
         message.strip_prefix("stack-protector: Kernel stack is corrupted in: ")
     {
@@ -585,14 +586,17 @@ fn panic_header(message: &str) -> Header<'_> {
             C::Trace,
         )
         .named(named)
+        .skip(&["stack_chk"])
     } else if message.starts_with("corrupted stack end") {
         Header::fixed(
             K::StackCorruption,
             "kernel panic: corrupted stack end",
             C::Stall,
         )
+        .skip(&["^schedule", "retint_kernel"])
     } else if message.starts_with("kernel stack overflow") {
         Header::fixed(K::StackOverflow, "kernel stack overflow", C::Stall)
+            .skip(&["bad_stack", "handle_stack_overflow"])
     } else if message.starts_with("Attempted to kill init!") {
         Header::fixed(
             K::KilledInit,
@@ -616,6 +620,7 @@ fn panic_header(message: &str) -> Header<'_> {
             C::Trace,
         )
         .untitled_culprit()
+        .skip(&["oom", "out_of_memory", "alloc"])
     } else {
         Header::new(
             K::Panic,
@@ -628,7 +633,7 @@ fn panic_header(message: &str) -> Header<'_> {
         )
         .untitled_culprit()
     };
-    header.skip(PANIC_SKIP).wrapper()
+    header.wrapper()
 }
 
 /// A die header on its own: `Oops: 0002 [#1] ...`, `general protection fault: 0000 [#1]`,
@@ -937,7 +942,10 @@ fn generic_bug_header(rest: &str) -> Option<Header<'_>> {
     let end = rest.find([':', '(', '[']).unwrap_or(rest.len());
     let what = rest[..end].trim_end();
     let plausible = what.len() >= 4 && what.as_bytes()[0].is_ascii_alphabetic();
-    plausible.then(|| Header::new(CrashKind::Bug, Label::Joined("BUG: ", what), Culprit::Trace))
+    plausible.then(|| Header {
+        unknown: true,
+        ..Header::new(CrashKind::Bug, Label::Joined("BUG: ", what), Culprit::Trace)
+    })
 }
 
 /// `BUG: KASAN: <type> in <func>` and the invalid-free forms.
@@ -1233,6 +1241,7 @@ fn title_report(report: &[&str], header: Header<'_>) -> CrashTitle {
                 Some(frame),
                 false,
             ),
+            None if header.unknown => (label, None, false),
             None => (format!("{label} in corrupted"), None, true),
         },
     };
@@ -1811,6 +1820,12 @@ CPU: 0 PID: 1 Comm: init Not tainted 6.1.0 #1",
             K::OutOfMemory,
             "kernel panic: Out of memory and no killable processes...",
         ),
+        (
+            "[  1.2] BUG: MAX_LOCKDEP_KEYS too low!
+[  1.2] turning off the locking correctness validator.",
+            K::Bug,
+            "BUG: MAX_LOCKDEP_KEYS too low!",
+        ),
     ];
 
     #[test]
@@ -1904,9 +1919,28 @@ Call Trace:
 [    4.3] INFO: NMI handler (perf_event_nmi_handler) took too long to run: 1.356 msecs
 [    4.4] Spectre V2 : WARNING: Unprivileged eBPF is enabled with eIBRS on
 [    5.0] Out of memory: Killed process 4242 (stress) total-vm:2105388kB
-[    5.1] sysrq: Trigger a crash";
+[    5.1] sysrq: Trigger a crash
+[    6.0] myapp: BUG: cache miss in handler";
         assert_eq!(crash_title(quiet.lines()), None);
         assert_eq!(crash_title(std::iter::empty()), None);
+    }
+
+    #[test]
+    fn oom_panic_names_the_allocating_caller() {
+        let log = "Kernel panic - not syncing: Out of memory: system-wide panic_on_oom is enabled
+Call Trace:
+ dump_stack_lvl+0x1/0x2
+ panic+0x1/0x2
+ out_of_memory.cold+0x1/0x2
+ __alloc_pages_slowpath.constprop.0+0x1/0x2
+ __alloc_pages+0x1/0x2
+ filemap_fault+0x1/0x2";
+        let t = title(log);
+        assert_eq!(t.kind, K::OutOfMemory);
+        assert_eq!(
+            t.culprit.map(|f| f.function),
+            Some("filemap_fault".to_owned())
+        );
     }
 
     #[test]
