@@ -49,7 +49,7 @@ use super::frames::{
     FrameRef, GENERIC, hang_culprit, matches_any, parse_arm_caller, parse_ip_frame,
     parse_trace_frame, stall_culprit, title_name,
 };
-use super::strip_prefix;
+use super::{caller_id, strip_prefix};
 
 /// The family of a kernel crash report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -269,20 +269,38 @@ const MAX_REPORT_LINES: usize = 2000;
 /// Titles the first kernel report among `lines`, which may carry printk
 /// prefixes. `None` when no line starts a report.
 pub fn crash_title<'a>(lines: impl IntoIterator<Item = &'a str>) -> Option<CrashTitle> {
-    let mut lines = lines.into_iter().map(strip_prefix);
+    let mut lines = lines.into_iter();
     let mut previous = "";
-    let (first, header) = lines.by_ref().find_map(|m| {
+    let (context, first, header) = lines.by_ref().find_map(|line| {
+        let m = strip_prefix(line);
         let found = match_header(m)
             .or_else(|| embedded_header(m))
             .map(|h| (m, h))
             .or_else(|| split_hung_task(previous, m));
         previous = m;
-        found
+        found.map(|(first, header)| (caller_id(line), first, header))
     })?;
-    let mut report = Vec::with_capacity(256);
-    report.push(first);
-    report.extend(lines.take(MAX_REPORT_LINES));
-    Some(title_report(&report, header))
+    // With CONFIG_PRINTK_CALLER, other tasks' lines interleave: the report
+    // is its own context's lines, plus CPU contexts once the kernel sends
+    // NMIs for all CPUs' backtraces (RCU stalls, lockups).
+    let mut all = Vec::with_capacity(256);
+    let mut own = Vec::with_capacity(256);
+    all.push(first);
+    own.push(first);
+    let mut cpu_backtraces = false;
+    for line in lines.take(MAX_REPORT_LINES) {
+        let m = strip_prefix(line);
+        all.push(m);
+        let line_context = caller_id(line);
+        cpu_backtraces |= m.starts_with("Sending NMI from CPU");
+        if context.is_none()
+            || line_context == context
+            || cpu_backtraces && line_context.is_some_and(|c| c.starts_with('C'))
+        {
+            own.push(m);
+        }
+    }
+    Some(title_report(&own, &all, header))
 }
 
 /// Titles a crash from the panic message and a symbolised stack taken at
@@ -1191,10 +1209,10 @@ fn info_header(rest: &str) -> Option<Header<'_>> {
 }
 
 /// Titles the report that starts at `report[0]`.
-fn title_report(report: &[&str], header: Header<'_>) -> CrashTitle {
+fn title_report(report: &[&str], all: &[&str], header: Header<'_>) -> CrashTitle {
     let end = report_end(report, &header);
     let body = &report[..end];
-    let panic = report
+    let panic = all
         .iter()
         .find_map(|m| m.strip_prefix("Kernel panic - not syncing: "))
         .map(|p| p.trim_end().to_owned());
@@ -1956,6 +1974,25 @@ Call Trace:
             t.title(),
             "WARNING: kmalloc bug in relay_open_buf (panic: panic_on_warn set ...)"
         );
+    }
+
+    #[test]
+    fn other_tasks_lines_are_left_out() {
+        let log = "[  310.0][T12234] INFO: trying to register non-static key.
+[  310.0][T12234] Call Trace:
+[  310.0][T12234]  dump_stack+0x1db/0x2d0
+[  310.0][T12227] WARNING: CPU: 1 PID: 12227 at kernel/locking/lockdep.c:3553 lock_downgrade+0x4d2/0x910
+[  310.0][T12227]  other_task_fn+0x1/0x2
+[  310.0][T12234]  register_lock_class+0x19dc/0x1e60
+[  310.0][T12234]  flush_work+0x18/0x20
+[  310.0][T12234]  vkms_atomic_crtc_destroy_state+0x2d/0x40
+[  310.0][T12227] Kernel panic - not syncing: panic_on_warn set ...";
+        let t = title(log);
+        assert_eq!(
+            t.report_title,
+            "INFO: trying to register non-static key in vkms_atomic_crtc_destroy_state"
+        );
+        assert_eq!(t.panic.as_deref(), Some("panic_on_warn set ..."));
     }
 
     #[test]
