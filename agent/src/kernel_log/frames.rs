@@ -97,14 +97,16 @@ fn parse_arm_frame(s: &str) -> Option<FrameRef<'_>> {
 }
 
 /// The faulting-instruction register line: `RIP: 0010:foo+0x..`, `IP: [<..>] foo+0x..`,
-/// arm64 `pc : foo+0x..`, riscv `epc : foo+0x..`, arm32 `PC is at foo+0x..`.
+/// arm64 `pc : foo+0x..`, riscv `epc : foo+0x..`, arm32 `PC is at foo+0x..`,
+/// powerpc `NIP [c000000000123456] foo+0x..`.
 pub(crate) fn parse_ip_frame(message: &str) -> Option<FrameRef<'_>> {
     let rest = message
         .strip_prefix("RIP: ")
         .or_else(|| message.strip_prefix("IP: "))
         .or_else(|| message.strip_prefix("pc : "))
         .or_else(|| message.strip_prefix("epc : "))
-        .or_else(|| message.strip_prefix("PC is at "))?;
+        .or_else(|| message.strip_prefix("PC is at "))
+        .or_else(|| message.strip_prefix("NIP "))?;
     // Code segment selector `0010:`.
     let rest = match rest.split_once(':') {
         Some((segment, after))
@@ -696,6 +698,18 @@ mod tests {
         assert_eq!(ip("IP: [<ffffffff81234567>] bar+0x1/0x2"), Some("bar"));
         assert_eq!(ip("pc : clear_page+0x10/0x80"), Some("clear_page"));
         assert_eq!(ip("PC is at baz+0x4/0x8"), Some("baz"));
+        assert_eq!(
+            ip("epc : io_ring_exit_work+0x44c/0xbc0"),
+            Some("io_ring_exit_work")
+        );
+        assert_eq!(
+            ip("NIP [c00000000022d79c] partition_sched_domains_locked+0x1ac/0x5f0"),
+            Some("partition_sched_domains_locked")
+        );
+        assert_eq!(
+            ip("NIP:  c00000000022d79c LR: c00000000022d784 CTR: 0"),
+            None
+        );
         assert_eq!(ip("RIP: 0033:0x7f1234567890"), None);
         assert_eq!(ip("lr : foo+0x4/0x8"), None);
     }

@@ -54,9 +54,11 @@ use super::{caller_id, strip_prefix};
 /// The family of a kernel crash report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CrashKind {
-    /// `Kernel panic - not syncing: ...` with no other report before it.
+    /// `Kernel panic - not syncing: ...` with no other report before it and a
+    /// message that names none (`sysrq triggered crash`, a driver's panic).
     Panic,
-    /// A die header (`Oops: 0000 [#1]`, arm64 `Internal error: Oops`, `Unhandled fault`).
+    /// A die header (`Oops: 0000 [#1]`, arm64 `Internal error: Oops`,
+    /// `Unhandled fault`), or a `Fatal exception` panic whose oops is missing.
     Oops,
     /// `BUG: unable to handle page fault|kernel paging request`, arm64 `Unable to handle kernel paging request`.
     PageFault,
@@ -641,7 +643,7 @@ fn panic_header(message: &str) -> Header<'_> {
         .skip(&["oom", "out_of_memory", "alloc"])
     } else {
         Header::new(
-            K::Panic,
+            wrapper_kind(message),
             // `panic_on_warn set ...`
             Label::Joined(
                 "kernel panic: ",
@@ -652,6 +654,24 @@ fn panic_header(message: &str) -> Header<'_> {
         .untitled_culprit()
     };
     header.wrapper()
+}
+
+/// The kind of report a generic panic message wraps, for when the report
+/// itself is missing (as in the agent's stack taken at `panic()`).
+fn wrapper_kind(message: &str) -> CrashKind {
+    const WRAPPERS: &[(&str, CrashKind)] = &[
+        ("Fatal exception", CrashKind::Oops),
+        ("panic_on_warn set", CrashKind::Warning),
+        ("kernel: panic_on_warn set", CrashKind::Warning),
+        ("softlockup: hung tasks", CrashKind::SoftLockup),
+        ("Hard LOCKUP", CrashKind::HardLockup),
+        ("hung_task: blocked tasks", CrashKind::HungTask),
+        ("RCU Stall", CrashKind::RcuStall),
+    ];
+    WRAPPERS
+        .iter()
+        .find(|(start, _)| message.starts_with(start))
+        .map_or(CrashKind::Panic, |&(_, kind)| kind)
 }
 
 /// A die header on its own: `Oops: 0002 [#1] ...`, `general protection fault: 0000 [#1]`,
@@ -1005,7 +1025,11 @@ fn warning_header(rest: &str) -> Option<Header<'_>> {
         ));
     }
     // `CPU: 0 PID: 1 at kernel/x.c:12 func+0x..`, `at kernel/x.c:12 func()`, `kernel/x.c:12 at func`.
-    let src = warning_source(rest)?;
+    let Some(src) = warning_source(rest) else {
+        // Without CONFIG_DEBUG_BUGVERBOSE: `WARNING: CPU: 0 PID: 1 at func+0x12/0x40`.
+        let at = rest.strip_prefix("CPU: ")?.split_once(" at ")?.1;
+        return parse_trace_frame(at).map(|_| Header::fixed(K::Warning, "WARNING", C::Ip));
+    };
     const ODEBUG_SKIP: &[&str] = &[
         "debug_",
         "rcu",
@@ -1996,6 +2020,18 @@ Call Trace:
     }
 
     #[test]
+    fn warning_without_source_file() {
+        let log = "WARNING: CPU: 2 PID: 77 at mydrv_tx+0x12/0x40 [mydrv]
+RIP: 0010:mydrv_tx+0x12/0x40 [mydrv]";
+        let t = title(log);
+        assert_eq!(
+            (t.kind, t.report_title.as_str()),
+            (K::Warning, "WARNING in mydrv_tx")
+        );
+        assert_eq!(crash_title(["WARNING: CPU: 2 PID: 77 at boot"]), None);
+    }
+
+    #[test]
     fn missing_stack_is_corrupted() {
         let t = title("general protection fault: 0000 [#1] SMP KASAN\nModules linked in:");
         assert!(t.corrupted);
@@ -2048,7 +2084,7 @@ Call Trace:
         .map(|f| Frame::new(f, None))
         .collect();
         let t = title_from_stack("Fatal exception", &frames);
-        assert_eq!(t.kind, K::Panic);
+        assert_eq!(t.kind, K::Oops);
         assert_eq!(
             t.culprit.as_ref().map(|f| f.function.as_str()),
             Some("nf_hook_slow")
@@ -2065,6 +2101,7 @@ Call Trace:
             Some("br_dev_xmit")
         );
         let t = title_from_stack("Hard LOCKUP", &[]);
+        assert_eq!(t.kind, K::HardLockup);
         assert_eq!(t.culprit, None);
         assert_eq!(t.title(), "kernel panic: Hard LOCKUP");
     }
