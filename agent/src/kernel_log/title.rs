@@ -430,6 +430,11 @@ impl<'a> Header<'a> {
         Self::new(kind, Label::Fixed(label), culprit)
     }
 
+    /// Titled with the kind's own prefix.
+    fn of(kind: CrashKind, culprit: Culprit) -> Self {
+        Self::fixed(kind, kind.prefix(), culprit)
+    }
+
     fn skip(self, skip: &'static [&'static str]) -> Self {
         Self { skip, ..self }
     }
@@ -499,7 +504,7 @@ fn match_header(m: &str) -> Option<Header<'_>> {
                 Some(panic_header(message))
             } else {
                 m.strip_prefix("Kernel BUG ")
-                    .map(|_| Header::fixed(K::KernelBug, "kernel BUG", C::Ip))
+                    .map(|_| Header::of(K::KernelBug, C::Ip))
             }
         }
         b'k' => m.strip_prefix("kernel BUG at ").map(kernel_bug_header),
@@ -552,12 +557,7 @@ fn match_header(m: &str) -> Option<Header<'_>> {
 /// `cd:123 blocked for more than 143 seconds.`
 fn split_hung_task<'a>(previous: &'a str, m: &str) -> Option<(&'a str, Header<'a>)> {
     let split = previous.starts_with("INFO: task ") && m.contains(" blocked for more than ");
-    split.then(|| {
-        (
-            previous,
-            Header::fixed(CrashKind::HungTask, "INFO: task hung", Culprit::Hang),
-        )
-    })
+    split.then(|| (previous, Header::of(CrashKind::HungTask, Culprit::Hang)))
 }
 
 /// A report header after other text on the same line, as when console
@@ -600,13 +600,9 @@ fn panic_header(message: &str) -> Header<'_> {
                 && !name.bytes().all(|b| b.is_ascii_hexdigit()))
             .then_some(name)
         });
-        Header::fixed(
-            K::StackCorruption,
-            "kernel panic: stack is corrupted",
-            C::Trace,
-        )
-        .named(named)
-        .skip(&["stack_chk"])
+        Header::of(K::StackCorruption, C::Trace)
+            .named(named)
+            .skip(&["stack_chk"])
     } else if message.starts_with("corrupted stack end") {
         Header::fixed(
             K::StackCorruption,
@@ -615,15 +611,9 @@ fn panic_header(message: &str) -> Header<'_> {
         )
         .skip(&["^schedule", "retint_kernel"])
     } else if message.starts_with("kernel stack overflow") {
-        Header::fixed(K::StackOverflow, "kernel stack overflow", C::Stall)
-            .skip(&["bad_stack", "handle_stack_overflow"])
+        Header::of(K::StackOverflow, C::Stall).skip(&["bad_stack", "handle_stack_overflow"])
     } else if message.starts_with("Attempted to kill init!") {
-        Header::fixed(
-            K::KilledInit,
-            "kernel panic: Attempted to kill init!",
-            C::Trace,
-        )
-        .untitled_culprit()
+        Header::of(K::KilledInit, C::Trace).untitled_culprit()
     } else if message.starts_with("VFS: Unable to mount root fs") {
         Header::new(
             K::RootMountFailure,
@@ -689,17 +679,17 @@ fn die_header(m: &str) -> Option<Header<'_>> {
         if !(super::is_die_header(m.as_bytes()) || desc.starts_with("general protection fault:")) {
             return None;
         }
-        Header::fixed(K::GeneralProtectionFault, "general protection fault", C::Ip)
+        Header::of(K::GeneralProtectionFault, C::Ip)
     } else if desc.starts_with("stack segment: ") {
         Header::fixed(K::GeneralProtectionFault, "stack segment fault", C::Ip)
     } else if desc.starts_with("divide error: ") || desc.starts_with("divide_error: ") {
-        Header::fixed(K::DivideError, "divide error", C::Ip)
+        Header::of(K::DivideError, C::Ip)
     } else if desc.starts_with("invalid opcode: ") {
-        Header::fixed(K::InvalidOpcode, "invalid opcode", C::Ip)
+        Header::of(K::InvalidOpcode, C::Ip)
     } else if desc.starts_with("int3: ") {
         Header::fixed(K::InvalidOpcode, "int3", C::Ip)
     } else if super::is_die_header(m.as_bytes()) {
-        Header::fixed(K::Oops, "Oops", C::Ip)
+        Header::of(K::Oops, C::Ip)
     } else {
         return None;
     };
@@ -742,7 +732,7 @@ fn kernel_bug_header(at: &str) -> Header<'_> {
     } else if at.starts_with("lib/list_debug.c") {
         Header::fixed(K::Bug, "BUG: corrupted list", C::Trace)
     } else {
-        Header::fixed(K::KernelBug, "kernel BUG", C::Ip).skip(&["^skb_"])
+        Header::of(K::KernelBug, C::Ip).skip(&["^skb_"])
     }
 }
 
@@ -763,14 +753,14 @@ fn watchdog_header(rest: &str) -> Option<Header<'_>> {
     use CrashKind as K;
     use Culprit as C;
     if rest.starts_with("BUG: soft lockup") {
-        return Some(Header::fixed(K::SoftLockup, "BUG: soft lockup", C::Stall));
+        return Some(Header::of(K::SoftLockup, C::Stall));
     }
     let rest = match rest.strip_prefix("CPU") {
         Some(after) => after.split_once(": ").map_or(rest, |(_, r)| r),
         None => rest,
     };
     rest.starts_with("Watchdog detected hard LOCKUP")
-        .then(|| Header::fixed(K::HardLockup, "hard LOCKUP", C::Stall))
+        .then(|| Header::of(K::HardLockup, C::Stall))
 }
 
 /// The text after `BUG: `.
@@ -820,25 +810,17 @@ fn bug_header(rest: &str) -> Option<Header<'_>> {
         || rest.starts_with("unable to handle page fault")
         || rest.starts_with("Unable to handle kernel data access")
     {
-        Header::fixed(
-            K::PageFault,
-            "BUG: unable to handle kernel paging request",
-            C::Ip,
-        )
+        Header::of(K::PageFault, C::Ip)
     } else if rest.starts_with("unable to handle kernel NULL pointer dereference")
         || rest.starts_with("kernel NULL pointer dereference")
         || rest.starts_with("Kernel NULL pointer dereference")
     {
-        Header::fixed(
-            K::NullPointerDereference,
-            "BUG: unable to handle kernel NULL pointer dereference",
-            C::Ip,
-        )
+        Header::of(K::NullPointerDereference, C::Ip)
     } else if rest.starts_with("unable to handle kernel") {
         // The rest of the line went missing.
         Header::fixed(K::PageFault, "BUG: unable to handle kernel", C::Ip)
     } else if rest.starts_with("soft lockup") {
-        Header::fixed(K::SoftLockup, "BUG: soft lockup", C::Stall)
+        Header::of(K::SoftLockup, C::Stall)
     } else if let Some(lock) = rest
         .strip_prefix("spinlock ")
         .or_else(|| rest.strip_prefix("rwlock "))
@@ -930,7 +912,7 @@ fn bug_header(rest: &str) -> Option<Header<'_>> {
             "strndup",
             "memdup",
         ];
-        Header::fixed(K::MemoryLeak, "memory leak", C::After("backtrace")).skip(SKIP)
+        Header::of(K::MemoryLeak, C::After("backtrace")).skip(SKIP)
     } else if rest.contains("stack guard page was hit") {
         Header::fixed(K::StackOverflow, "BUG: stack guard page was hit", C::Stall)
     } else if rest.starts_with("Invalid wait context") {
@@ -1028,7 +1010,7 @@ fn warning_header(rest: &str) -> Option<Header<'_>> {
     let Some(src) = warning_source(rest) else {
         // Without CONFIG_DEBUG_BUGVERBOSE: `WARNING: CPU: 0 PID: 1 at func+0x12/0x40`.
         let at = rest.strip_prefix("CPU: ")?.split_once(" at ")?.1;
-        return parse_trace_frame(at).map(|_| Header::fixed(K::Warning, "WARNING", C::Ip));
+        return parse_trace_frame(at).map(|_| Header::of(K::Warning, C::Ip));
     };
     const ODEBUG_SKIP: &[&str] = &[
         "debug_",
@@ -1062,7 +1044,7 @@ fn warning_header(rest: &str) -> Option<Header<'_>> {
         // Bad URBs: the driver that submitted it is the culprit.
         Header {
             culprit_suffix: "/usb_submit_urb",
-            ..Header::fixed(K::Warning, "WARNING", C::Ip).skip(&[
+            ..Header::of(K::Warning, C::Ip).skip(&[
                 "usb_submit_urb",
                 "usb_start_wait_urb",
                 "usb_bulk_msg",
@@ -1074,7 +1056,7 @@ fn warning_header(rest: &str) -> Option<Header<'_>> {
         Header::fixed(K::Warning, "WARNING: kmalloc bug", C::Ip)
             .skip(&["kmalloc", "krealloc", "slab", "kmem"])
     } else {
-        Header::fixed(K::Warning, "WARNING", C::Ip)
+        Header::of(K::Warning, C::Ip)
     };
     Some(header)
 }
@@ -1105,26 +1087,13 @@ fn lockdep_header(rest: &str) -> Option<Header<'_>> {
         "destroy_workqueue",
     ];
     let header = if rest.starts_with("possible circular locking dependency detected") {
-        Header::fixed(
-            K::Lockdep,
-            "possible deadlock",
-            C::LockAt("is trying to acquire lock"),
-        )
-        .skip(WORKQUEUE)
+        Header::of(K::Lockdep, C::LockAt("is trying to acquire lock")).skip(WORKQUEUE)
     } else if rest.starts_with("possible irq lock inversion dependency detected") {
-        Header::fixed(
-            K::Lockdep,
-            "possible deadlock",
-            C::LockAt("just changed the state of lock"),
-        )
+        Header::of(K::Lockdep, C::LockAt("just changed the state of lock"))
     } else if rest.contains("-safe -> ") && rest.contains("-unsafe lock order detected") {
-        Header::fixed(K::Lockdep, "possible deadlock", C::After("which became"))
+        Header::of(K::Lockdep, C::After("which became"))
     } else if rest.starts_with("possible recursive locking detected") {
-        Header::fixed(
-            K::Lockdep,
-            "possible deadlock",
-            C::LockAt("is trying to acquire lock"),
-        )
+        Header::of(K::Lockdep, C::LockAt("is trying to acquire lock"))
     } else if rest.starts_with("inconsistent lock state") {
         Header::fixed(K::Lockdep, "inconsistent lock state", C::Trace)
     } else if rest.starts_with("suspicious RCU usage") {
@@ -1194,7 +1163,7 @@ fn info_header(rest: &str) -> Option<Header<'_>> {
         if task.contains(" blocked for more than ")
             || task.contains(" blocked in I/O wait for more than ")
         {
-            return Some(Header::fixed(K::HungTask, "INFO: task hung", C::Hang));
+            return Some(Header::of(K::HungTask, C::Hang));
         }
         if task.contains(" can't die for more than ") {
             return Some(
@@ -1208,10 +1177,8 @@ fn info_header(rest: &str) -> Option<Header<'_>> {
         let stall = verb.starts_with("detected stall")
             || verb.starts_with("self-detected stall")
             || verb.starts_with("detected expedited stall");
-        return stall.then(|| {
-            Header::fixed(K::RcuStall, "INFO: rcu detected stall", C::RcuStall)
-                .skip(&["apic_timer_interrupt", "rcu"])
-        });
+        return stall
+            .then(|| Header::of(K::RcuStall, C::RcuStall).skip(&["apic_timer_interrupt", "rcu"]));
     }
     if rest.starts_with("trying to register non-static key") {
         return Some(
