@@ -1,7 +1,8 @@
 //! Measures `crash_title` against syzkaller's titles for the development set
 //! of real console logs (see the README next to the data) and asserts the
 //! targets. Run with `--nocapture` to see the table and every mismatch;
-//! `CRASH_TITLE_ID=<id>` also prints the full result for that log.
+//! `CRASH_TITLE_ID=<id>` also prints the full result for that log. A second
+//! test checks that lines before a report are scanned without allocating.
 //!
 //! Comparisons, after replacing each digit run by `NUM` as syzkaller does:
 //! - kind: the title without its last ` in <culprit>` part, against the
@@ -10,7 +11,40 @@
 //!   function (not `corrupted`);
 //! - exact: the whole report title.
 
+use std::{
+    alloc::{GlobalAlloc, Layout, System},
+    cell::Cell,
+};
+
 use lastgasp::kernel_log::crash_title;
+
+/// Counts this thread's allocations, to check that lines before a report
+/// cost none.
+struct CountingAllocator;
+
+thread_local! {
+    static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
+}
+
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.with(|n| n.set(n.get() + 1));
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+fn allocations(f: impl FnOnce()) -> usize {
+    let before = ALLOCATIONS.with(Cell::get);
+    f();
+    ALLOCATIONS.with(Cell::get) - before
+}
 
 const DEV_SET: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -198,4 +232,38 @@ fn dev_set_titles() {
         "culprit {culprit_ok}/{with_culprit}"
     );
     assert_eq!(false_titles, 0, "no title on a quiet log");
+}
+
+#[test]
+fn lines_before_a_report_allocate_nothing() {
+    let quiet: Vec<String> = (0..10_000)
+        .map(|i| match i % 4 {
+            0 => format!("[{i:>5}.000001] eth0: link up, 1000Mbps, full-duplex"),
+            1 => format!("[{i:>5}.000002][ T{i}] audit: type=1400 WARNING: not a report"),
+            2 => format!("<6>[{i:>5}.000003] INFO: NMI handler took too long to run"),
+            _ => format!("[{i:>5}.000004]  some_function+0x1{i}/0x200"),
+        })
+        .collect();
+    let report = [
+        "[ 99999.1] general protection fault: 0000 [#1] SMP",
+        "[ 99999.1] RIP: 0010:tcp_v4_rcv+0x5d1/0xd60",
+        "[ 99999.1] Kernel panic - not syncing: Fatal exception in interrupt",
+    ];
+    let quiet_only = allocations(|| {
+        assert!(crash_title(quiet.iter().map(String::as_str)).is_none());
+    });
+    assert_eq!(quiet_only, 0, "allocations on quiet lines");
+    let short = allocations(|| {
+        let lines = quiet[..10].iter().map(String::as_str).chain(report);
+        assert!(crash_title(lines).is_some());
+    });
+    let long = allocations(|| {
+        let lines = quiet.iter().map(String::as_str).chain(report);
+        assert!(crash_title(lines).is_some());
+    });
+    assert!(short > 0, "the counter counts");
+    assert_eq!(
+        short, long,
+        "allocations grow with the lines before the report"
+    );
 }
