@@ -467,6 +467,8 @@ fn match_header(m: &str) -> Option<Header<'_>> {
             if let Some(rest) = m.strip_prefix("BUG: ") {
                 bug_header(rest)
             } else if m.starts_with("Booting the kernel.") {
+                // The decompressor on a serial console: the machine restarted
+                // without printing a report.
                 Some(Header::fixed(K::Panic, "unexpected kernel reboot", C::None))
             } else {
                 None
@@ -562,8 +564,9 @@ fn split_hung_task<'a>(previous: &'a str, m: &str) -> Option<(&'a str, Header<'a
 
 /// A report header after other text on the same line, as when console
 /// output from two sources interleaves (`login: [ 50.9] WARNING: ...`).
-/// Only after a space or `]`, only for the unambiguous report starts, and
-/// a `BUG:` of no known form only right after a printk timestamp.
+/// Only after a space or `]` (a panic line after anything), only for the
+/// unambiguous report starts, and a `BUG:` of no known form only right
+/// after a printk timestamp.
 fn embedded_header(m: &str) -> Option<Header<'_>> {
     const STARTS: &[&str] = &[
         "BUG: ",
@@ -576,7 +579,11 @@ fn embedded_header(m: &str) -> Option<Header<'_>> {
     ];
     STARTS.iter().find_map(|start| {
         m.match_indices(start)
-            .filter(|&(at, _)| at > 0 && matches!(m.as_bytes()[at - 1], b' ' | b']'))
+            .filter(|&(at, _)| {
+                at > 0
+                    && (matches!(m.as_bytes()[at - 1], b' ' | b']')
+                        || start.starts_with("Kernel panic"))
+            })
             .find_map(|(at, _)| {
                 let header = match_header(&m[at..])?;
                 (!header.unknown || m[..at].ends_with("] ")).then_some(header)
@@ -1205,7 +1212,7 @@ fn title_report(report: &[&str], all: &[&str], header: Header<'_>) -> CrashTitle
     let body = &report[..end];
     let panic = all
         .iter()
-        .find_map(|m| m.strip_prefix("Kernel panic - not syncing: "))
+        .find_map(|m| m.split_once("Kernel panic - not syncing: ").map(|(_, p)| p))
         .map(|p| p.trim_end().to_owned());
     let (release, taint) = body
         .iter()
@@ -1984,6 +1991,9 @@ Call Trace:
             "INFO: trying to register non-static key in vkms_atomic_crtc_destroy_state"
         );
         assert_eq!(t.panic.as_deref(), Some("panic_on_warn set ..."));
+        let t = title("executing programKernel panic - not syncing: Fatal exception");
+        assert_eq!(t.kind, K::Oops);
+        assert_eq!(t.panic.as_deref(), Some("Fatal exception"));
     }
 
     #[test]
