@@ -20,6 +20,7 @@
 use serde::Serialize;
 
 mod frames;
+mod headers;
 mod title;
 
 pub use title::{CrashKind, CrashTitle, Frame, crash_title, title_from_stack};
