@@ -6,10 +6,13 @@
 //!   ` ? foo+0x1/0x2` for unreliable entries (skipped), older kernels put
 //!   `[<ffffffff81234567>]` before the name; syzkaller-symbolised logs add
 //!   `net/ipv4/tcp_ipv4.c:1700` after it;
-//! - arm64 `dump_backtrace()`: ` foo+0x1c/0x30`, the registers `pc : foo+0x..`
-//!   and `lr : foo+0x..`;
-//! - the faulting instruction `RIP: 0010:foo+0x12/0x34`, older `IP: [<..>] foo+0x..`
-//!   and arm32 `PC is at foo+0x..`.
+//! - arm64 `dump_backtrace()`: ` foo+0x1c/0x30`;
+//! - arm32 `dump_backtrace_entry()`: `[<pc>] (foo) from [<lr>] (bar+0x1c/0x30)`,
+//!   both functions taken; powerpc `[sp] [pc] foo+0x..`;
+//! - the faulting instruction: x86 `RIP: 0010:foo+0x12/0x34` (older `IP:
+//!   [<..>] foo+0x..`), arm64 `pc : foo+0x..`, riscv `epc : foo+0x..`, arm32
+//!   `PC is at foo+0x..`, powerpc `NIP [..] foo+0x..`. The link register
+//!   (`lr :`) is not a frame: the call trace has the caller.
 //!
 //! Compiler clones keep their suffix in [`Frame::function`] (`foo.isra.0`,
 //! `foo.cold`); titles and signatures use the base name.
