@@ -358,6 +358,8 @@ fn wrapper_kind(message: &str) -> CrashKind {
         ("hung_task: blocked tasks", CrashKind::HungTask),
         ("RCU Stall", CrashKind::RcuStall),
     ];
+    // arm64 prefixes its die string: `Oops: Fatal exception`.
+    let message = message.strip_prefix("Oops: ").unwrap_or(message);
     WRAPPERS
         .iter()
         .find(|(start, _)| message.starts_with(start))

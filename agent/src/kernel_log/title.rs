@@ -246,7 +246,8 @@ fn replace_numbers(text: &str) -> String {
 /// How many culprit candidates a title keeps.
 const MAX_CANDIDATES: usize = 5;
 
-/// The longest report considered after its header line.
+/// The longest report considered after its header line (a panic is looked
+/// for further).
 const MAX_REPORT_LINES: usize = 2000;
 
 /// Titles the first kernel report among `lines`, which may carry printk
@@ -265,25 +266,37 @@ pub fn crash_title<'a>(lines: impl IntoIterator<Item = &'a str>) -> Option<Crash
     })?;
     // With CONFIG_PRINTK_CALLER, other tasks' lines interleave: the report
     // is its own context's lines, plus CPU contexts once the kernel sends
-    // NMIs for all CPUs' backtraces (RCU stalls, lockups).
-    let mut all = Vec::with_capacity(256);
-    let mut own = Vec::with_capacity(256);
-    all.push(first);
-    own.push(first);
+    // NMIs for all CPUs' backtraces (RCU stalls, lockups). The panic that
+    // ended it all may come later than the report's end.
+    let mut panic = panic_message(first);
+    let mut report = Vec::with_capacity(256);
+    report.push(first);
     let mut cpu_backtraces = false;
-    for line in lines.take(MAX_REPORT_LINES) {
+    for (i, line) in lines.enumerate() {
         let m = strip_prefix(line);
-        all.push(m);
+        panic = panic.or_else(|| panic_message(m));
+        if i >= MAX_REPORT_LINES {
+            if panic.is_some() {
+                break;
+            }
+            continue;
+        }
         let line_context = caller_id(line);
         cpu_backtraces |= m.starts_with("Sending NMI from CPU");
         if context.is_none()
             || line_context == context
             || cpu_backtraces && line_context.is_some_and(|c| c.starts_with('C'))
         {
-            own.push(m);
+            report.push(m);
         }
     }
-    Some(title_report(&own, &all, header))
+    Some(title_report(&report, panic, header))
+}
+
+/// The message of a `Kernel panic - not syncing: ` line, also after other text.
+fn panic_message(m: &str) -> Option<&str> {
+    m.split_once("Kernel panic - not syncing: ")
+        .map(|(_, message)| message.trim_end())
 }
 
 /// Titles a crash from the panic message and a symbolised stack taken at
@@ -320,13 +333,10 @@ pub fn title_from_stack(panic_message: &str, frames: &[Frame]) -> CrashTitle {
 }
 
 /// Titles the report that starts at `report[0]`.
-fn title_report(report: &[&str], all: &[&str], header: Header<'_>) -> CrashTitle {
+fn title_report(report: &[&str], panic: Option<&str>, header: Header<'_>) -> CrashTitle {
     let end = report_end(report, &header);
     let body = &report[..end];
-    let panic = all
-        .iter()
-        .find_map(|m| m.split_once("Kernel panic - not syncing: ").map(|(_, p)| p))
-        .map(|p| p.trim_end().to_owned());
+    let panic = panic.map(str::to_owned);
     let (release, taint) = body
         .iter()
         .find_map(|m| parse_cpu_line(m))
@@ -1190,6 +1200,7 @@ RIP: 0010:mydrv_tx+0x12/0x40 [mydrv]";
             t.culprit.as_ref().map(|f| f.function.as_str()),
             Some("br_dev_xmit")
         );
+        assert_eq!(title_from_stack("Oops: Fatal exception", &[]).kind, K::Oops);
         let t = title_from_stack("Hard LOCKUP", &[]);
         assert_eq!(t.kind, K::HardLockup);
         assert_eq!(t.culprit, None);
