@@ -33,16 +33,11 @@ impl Frame {
             module: module.map(str::to_owned),
         }
     }
-
-    /// The name without compiler clone suffixes (`.isra.0`, `.cold`, `.constprop.0`).
-    pub fn base_name(&self) -> &str {
-        base_name(&self.function)
-    }
 }
 
 /// A frame borrowed from its console line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct FrameRef<'a> {
+pub(super) struct FrameRef<'a> {
     pub function: &'a str,
     pub module: Option<&'a str>,
 }
@@ -53,13 +48,14 @@ impl FrameRef<'_> {
     }
 }
 
-pub(crate) fn base_name(function: &str) -> &str {
+/// The name without compiler clone suffixes (`.isra.0`, `.cold`, `.constprop.0`).
+fn base_name(function: &str) -> &str {
     function.split('.').next().unwrap_or(function)
 }
 
 /// A reliable call-trace entry: `[<addr>] ` (up to two) then `func+0xoff/0xsize`.
 /// `? func+...` entries and anything else give `None`.
-pub(crate) fn parse_trace_frame(message: &str) -> Option<FrameRef<'_>> {
+pub(super) fn parse_trace_frame(message: &str) -> Option<FrameRef<'_>> {
     let mut s = message.trim_start_matches([' ', '\t']);
     for _ in 0..2 {
         match strip_address(s) {
@@ -75,7 +71,7 @@ pub(crate) fn parse_trace_frame(message: &str) -> Option<FrameRef<'_>> {
 
 /// The caller named after ` from ` on an arm32 backtrace line: the only
 /// place the outermost frame of a trace appears.
-pub(crate) fn parse_arm_caller(message: &str) -> Option<FrameRef<'_>> {
+pub(super) fn parse_arm_caller(message: &str) -> Option<FrameRef<'_>> {
     let (_, caller) = message.split_once(") from ")?;
     let caller = strip_address(caller.trim_start())?.trim_start();
     parse_symbol(caller.strip_prefix('(')?)
@@ -102,7 +98,7 @@ fn parse_arm_frame(s: &str) -> Option<FrameRef<'_>> {
 /// The faulting-instruction register line: `RIP: 0010:foo+0x..`, `IP: [<..>] foo+0x..`,
 /// arm64 `pc : foo+0x..`, riscv `epc : foo+0x..`, arm32 `PC is at foo+0x..`,
 /// powerpc `NIP [c000000000123456] foo+0x..`.
-pub(crate) fn parse_ip_frame(message: &str) -> Option<FrameRef<'_>> {
+pub(super) fn parse_ip_frame(message: &str) -> Option<FrameRef<'_>> {
     let rest = message
         .strip_prefix("RIP: ")
         .or_else(|| message.strip_prefix("IP: "))
@@ -176,13 +172,13 @@ fn pattern_matches(pattern: &str, name: &str) -> bool {
     }
 }
 
-pub(crate) fn matches_any(patterns: &[&str], name: &str) -> bool {
+pub(super) fn matches_any(patterns: &[&str], name: &str) -> bool {
     patterns.iter().any(|p| pattern_matches(p, name))
 }
 
 /// Functions that report, allocate, lock, copy or dispatch rather than cause
 /// a crash: never the culprit of any report.
-pub(crate) const GENERIC: &[&str] = &[
+pub(super) const GENERIC: &[&str] = &[
     // Reporting and trap handling.
     "dump_stack",
     "show_stack",
@@ -502,7 +498,7 @@ const SYSCALL_PREFIXES: &[&str] = &[
 ];
 
 /// The name a title uses for a frame: base name without a syscall wrapper prefix.
-pub(crate) fn title_name(function: &str) -> &str {
+pub(super) fn title_name(function: &str) -> &str {
     let base = base_name(function);
     SYSCALL_PREFIXES
         .iter()
@@ -593,7 +589,7 @@ const STALL_ANCHORS: &[&str] = &[
 
 /// Stall culprit: the frame just above the first dispatching anchor, or the
 /// anchor itself when it is the top frame or `smp_call_function`.
-pub(crate) fn stall_culprit(names: &[&str]) -> Option<usize> {
+pub(super) fn stall_culprit(names: &[&str]) -> Option<usize> {
     let anchor = names
         .iter()
         .position(|n| matches_any(STALL_ANCHORS, title_name(n)))?;
@@ -605,7 +601,7 @@ pub(crate) fn stall_culprit(names: &[&str]) -> Option<usize> {
 
 /// Hung task culprit: hangs in `synchronize_rcu`-like and `rtnl_lock` waits
 /// group together; otherwise the first frame that is not a wait primitive.
-pub(crate) fn hang_culprit(names: &[&str]) -> Option<usize> {
+pub(super) fn hang_culprit(names: &[&str]) -> Option<usize> {
     const ANCHORS: &[&str] = &[
         "rtnl_lock",
         "synchronize_rcu",
