@@ -13,8 +13,17 @@
 //! Fatal exception`); callers decide how to group them.
 //!
 //! No regex, no allocation: a first-byte dispatch rejects most lines at once.
+//!
+//! [`crash_title`] goes further for one incident: over all of a sender's
+//! recent lines it names the crash and its culprit function (see `title`).
 
 use serde::Serialize;
+
+mod frames;
+mod headers;
+mod title;
+
+pub use title::{CrashKind, CrashTitle, Frame, crash_title, title_from_stack};
 
 /// What kind of kernel failure a console line reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -144,6 +153,16 @@ pub fn strip_prefix(line: &str) -> &str {
         s = rest;
     }
     s
+}
+
+/// The CONFIG_PRINTK_CALLER id of a line, `T123` (task) or `C1` (CPU in
+/// interrupt context), when it has one.
+fn caller_id(line: &str) -> Option<&str> {
+    let s = strip_priority(line).unwrap_or(line);
+    let s = strip_bracketed(s, is_timestamp).unwrap_or(s);
+    let rest = s.strip_prefix('[')?;
+    let inner = rest[..rest.find(']')?].trim_start_matches(' ');
+    is_caller_id(inner.as_bytes()).then_some(inner)
 }
 
 /// Strips a syslog priority, `<` facility × 8 + level `>`: one to three digits.
@@ -626,6 +645,16 @@ mod tests {
             Some(K::SoftLockup)
         );
         assert_eq!(kind("BUG: soft lockup - CPU#3 stuck"), Some(K::SoftLockup));
+    }
+
+    #[test]
+    fn caller_ids() {
+        assert_eq!(caller_id("[   62.099024][  T662] x"), Some("T662"));
+        assert_eq!(caller_id("<4>[    5.160240][    C3] x"), Some("C3"));
+        assert_eq!(caller_id("[ 1949.678369] [   T3930] x"), Some("T3930"));
+        assert_eq!(caller_id("[    T1] x"), Some("T1"));
+        assert_eq!(caller_id("[   12.345678] x"), None);
+        assert_eq!(caller_id("x"), None);
     }
 
     #[test]
