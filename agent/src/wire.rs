@@ -88,6 +88,10 @@ pub struct Report {
     /// Delayed reports: the boot the event happened in, when the agent knows it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_boot_id: Option<String>,
+    /// The kernel stack at `panic()` as the `panic()` probe saw it, innermost first, each
+    /// symbolised like a call-trace line: `tcp_v4_rcv+0x1c/0x2e0 [module]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub frames: Vec<String>,
 }
 
 /// Authentication scheme carried in header byte 5.
@@ -353,6 +357,7 @@ mod tests {
             kernel_release: Some("6.1.0-56-cloud-amd64".into()),
             event_at_ms: None,
             event_boot_id: None,
+            frames: Vec::new(),
         }
     }
 
@@ -409,6 +414,7 @@ mod tests {
             kernel_release: None,
             event_at_ms: None,
             event_boot_id: None,
+            frames: Vec::new(),
         };
         let payload = br#"{"node":"n1","boot_id":"b1","seq":1,"sent_at_ms":2,"kind":"kernel_panic","source":"console","message":"m","context":["c"],"kernel_release":null}"#;
         let bytes = encode(&r, &AuthKey::HmacSha256(b"k".to_vec())).unwrap();
@@ -428,6 +434,7 @@ mod tests {
             kernel_release: None,
             event_at_ms: Some(1_731_999_000_456),
             event_boot_id: Some("9a8b7c6d-0000-4000-8000-000000000001".into()),
+            frames: Vec::new(),
             ..report()
         };
         let bytes = encode(&r, &key()).unwrap();

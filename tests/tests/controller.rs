@@ -109,6 +109,7 @@ fn report(node: &str, seq: u64) -> Vec<u8> {
             kernel_release: None,
             event_at_ms: None,
             event_boot_id: None,
+            frames: Vec::new(),
         },
         &AuthKey::HmacSha256(KEY.to_vec()),
     )
@@ -132,6 +133,7 @@ fn pstore_report(node: &str, seq: u64, panicked_at: Option<jiff::Timestamp>) -> 
             event_at_ms: panicked_at.map(|at| at.as_millisecond() as u64),
             // The crashed boot, from the agent's state directory: the one the Node still shows.
             event_boot_id: Some("boot-1".into()),
+            frames: Vec::new(),
         },
         &AuthKey::HmacSha256(KEY.to_vec()),
     )
@@ -1135,6 +1137,7 @@ fn signed_report(node: &str, boot_id: &str, seq: u64, sent_at_ms: u64, source: &
             kernel_release: None,
             event_at_ms: None,
             event_boot_id: None,
+            frames: Vec::new(),
         },
         &AuthKey::HmacSha256(KEY.to_vec()),
     )

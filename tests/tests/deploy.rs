@@ -420,6 +420,7 @@ async fn controller_exposition() -> String {
             kernel_release: None,
             event_at_ms: None,
             event_boot_id: None,
+            frames: Vec::new(),
         },
         &AuthKey::HmacSha256(KEY.to_vec()),
     )

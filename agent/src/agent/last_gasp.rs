@@ -111,6 +111,7 @@ impl ReportSender {
             kernel_release: self.identity.kernel_release.clone(),
             event_at_ms: None,
             event_boot_id: None,
+            frames: Vec::new(),
         }
     }
 

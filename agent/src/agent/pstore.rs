@@ -764,6 +764,7 @@ mod tests {
             kernel_release: None,
             event_at_ms: Some(1_795_445_308_123),
             event_boot_id: Some("0b6f5c2e-6f0e-4d6a-9a43-3c7b1c9e2f10".into()),
+            frames: Vec::new(),
         };
         let key = crate::wire::AuthKey::HmacSha256(b"k".to_vec());
         wire::keep_latest_context(&mut report, &key).unwrap();

@@ -31,9 +31,10 @@ use super::{
     metrics::{ControllerMetrics, ObjectLabels},
     policy::Plan,
     reasons::{
-        ANNOTATION_INCIDENT, ANNOTATION_INCIDENT_RECORD, ANNOTATION_REASON, ANNOTATION_REASON_CODE,
-        ANNOTATION_SOURCE, ANNOTATION_TIME, CONDITION_TYPE, FIELD_MANAGER, condition_reason,
-        reason_text, sources_label,
+        ANNOTATION_CRASH_CULPRIT, ANNOTATION_CRASH_TITLE, ANNOTATION_INCIDENT,
+        ANNOTATION_INCIDENT_RECORD, ANNOTATION_KERNEL_RELEASE, ANNOTATION_KERNEL_TAINT,
+        ANNOTATION_REASON, ANNOTATION_REASON_CODE, ANNOTATION_SOURCE, ANNOTATION_TIME,
+        CONDITION_TYPE, FIELD_MANAGER, condition_reason, sources_label,
     },
 };
 
@@ -211,7 +212,7 @@ impl Actions {
                 "type": CONDITION_TYPE,
                 "status": "True",
                 "reason": condition_reason(record.kind()),
-                "message": reason_text(&record.node, record.kind(), &record.message),
+                "message": record.reason(),
                 "lastTransitionTime": termination_time(record),
             }]}
         });
@@ -267,11 +268,7 @@ impl Actions {
         let event = Event {
             type_: EventType::Warning,
             reason: condition_reason(record.kind()),
-            note: Some(event_note(reason_text(
-                &record.node,
-                record.kind(),
-                &record.message,
-            ))),
+            note: Some(event_note(record.reason())),
             action: action.into(),
             secondary: None,
         };
@@ -365,7 +362,7 @@ impl Actions {
         let pods = self.affected_pods(record);
         tracing::info!(
             node = record.node,
-            reason = reason_text(&record.node, record.kind(), &record.message),
+            reason = record.reason(),
             annotations = ?reason_annotations(record),
             pods = pods.len(),
             delete_pods = plan.delete_pods,
@@ -435,16 +432,26 @@ fn delete_now(uid: Option<String>) -> DeleteParams {
 }
 
 fn reason_annotations(record: &IncidentRecord) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (
-            ANNOTATION_REASON.to_owned(),
-            reason_text(&record.node, record.kind(), &record.message),
-        ),
+    let mut annotations = BTreeMap::from([
+        (ANNOTATION_REASON.to_owned(), record.reason()),
         (ANNOTATION_REASON_CODE.to_owned(), record.code.clone()),
         (ANNOTATION_SOURCE.to_owned(), sources_label(&record.sources)),
         (ANNOTATION_TIME.to_owned(), termination_time(record)),
         (ANNOTATION_INCIDENT.to_owned(), record.id.clone()),
-    ])
+    ]);
+    if let Some(crash) = &record.crash {
+        annotations.insert(ANNOTATION_CRASH_TITLE.into(), crash.title.clone());
+        for (key, value) in [
+            (ANNOTATION_CRASH_CULPRIT, &crash.culprit),
+            (ANNOTATION_KERNEL_RELEASE, &crash.kernel_release),
+            (ANNOTATION_KERNEL_TAINT, &crash.kernel_taint),
+        ] {
+            if let Some(value) = value {
+                annotations.insert(key.into(), value.clone());
+            }
+        }
+    }
+    annotations
 }
 
 /// The node's record of an incident: enough to finish it after a controller restart.

@@ -16,7 +16,7 @@ use k8s_openapi::jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    reasons::{Source, kind_from_code},
+    reasons::{Crash, Source, incident_reason, kind_from_code},
     trust::Tier,
 };
 use crate::kernel_log::KernelEventKind;
@@ -34,6 +34,8 @@ pub struct Evidence {
     pub kind: KernelEventKind,
     pub message: String,
     pub context: Vec<String>,
+    /// The crash title, when the channel's lines (or the agent's stack) gave one.
+    pub crash: Option<Crash>,
     /// When the first datagram carrying it arrived.
     pub first_datagram: Instant,
     /// Delayed evidence (a pstore record found after a reboot): when the kernel failed, by
@@ -60,6 +62,9 @@ pub struct IncidentRecord {
     /// The best evidence heard so far (records stored before tiers existed read as the lowest).
     #[serde(default)]
     pub tier: Tier,
+    /// The best crash title heard so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crash: Option<Crash>,
     /// When the controller first heard of it, RFC 3339.
     pub time: String,
     /// Set when delayed evidence opened the incident: when the kernel failed, by the node's
@@ -71,6 +76,11 @@ pub struct IncidentRecord {
 impl IncidentRecord {
     pub fn kind(&self) -> KernelEventKind {
         kind_from_code(&self.code).unwrap_or(KernelEventKind::Panic)
+    }
+
+    /// The reason written on the node and its pods, led by the crash title when there is one.
+    pub fn reason(&self) -> String {
+        incident_reason(&self.node, self.kind(), &self.message, self.crash.as_ref())
     }
 
     /// When the node's kernel failed: `panicked_at`, else `time`.
@@ -115,8 +125,9 @@ pub struct Incident {
 pub enum Observed {
     /// A new incident: act on it.
     New,
-    /// More detail, another channel or better evidence for an open incident; `new_source` says
-    /// whether the last two (which change what is written or allowed) happened.
+    /// More detail, another channel, better evidence or a better crash title for an open
+    /// incident; `new_source` says whether one of the last three (which change what is written
+    /// or allowed) happened.
     Merged { new_source: bool },
 }
 
@@ -145,6 +156,15 @@ impl Incidents {
         })
     }
 
+    /// Whether the incident `evidence` reports is known and its crash already named.
+    pub fn crash_named(&self, evidence: &Evidence) -> bool {
+        self.by_node.get(&evidence.node).is_some_and(|open| {
+            open.iter().any(|incident| {
+                same_incident(incident, evidence) && incident.record.crash.is_some()
+            })
+        })
+    }
+
     pub fn observe(&mut self, evidence: Evidence) -> (Observed, Incident) {
         let open = self.by_node.entry(evidence.node.clone()).or_default();
         if let Some(open) = open
@@ -155,6 +175,14 @@ impl Incidents {
             let new_source = open.record.sources.insert(evidence.source);
             let better = evidence.tier > open.record.tier;
             open.record.tier = open.record.tier.max(evidence.tier);
+            let named = match (&evidence.crash, &open.record.crash) {
+                (Some(new), Some(old)) => new.better_than(old),
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            if named {
+                open.record.crash = evidence.crash;
+            }
             if open.record.boot_id.is_none() {
                 open.record.boot_id = evidence.boot_id;
             }
@@ -169,7 +197,7 @@ impl Incidents {
             }
             return (
                 Observed::Merged {
-                    new_source: new_source || better,
+                    new_source: new_source || better || named,
                 },
                 open.clone(),
             );
@@ -184,6 +212,7 @@ impl Incidents {
                 message: evidence.message,
                 sources: BTreeSet::from([evidence.source]),
                 tier: evidence.tier,
+                crash: evidence.crash,
                 time,
                 panicked_at: evidence.panicked_at,
             },
@@ -245,6 +274,7 @@ mod tests {
             kind: KernelEventKind::Panic,
             message: "Kernel panic - not syncing: sysrq triggered crash".into(),
             context: vec![],
+            crash: None,
             first_datagram: at,
             panicked_at: None,
         }

@@ -16,11 +16,11 @@ use super::{
     incidents::Evidence,
     metrics::{ChannelLabels, ControllerMetrics},
     netconsole::{KernelReport, Limits, PanicWatch, Reassembler, WatchLimits},
-    reasons::Source,
+    reasons::{Crash, Source},
     trust::{Freshness, Tier, freshness},
 };
 use crate::{
-    kernel_log::KernelEventKind,
+    kernel_log::{self, Frame, KernelEventKind},
     wire::{self, AuthKey, WireError},
 };
 
@@ -90,6 +90,7 @@ pub async fn netconsole(
                 boot_id: None,
                 source: Source::Netconsole,
                 tier: Tier::ConsoleText,
+                crash: None,
                 kind: report.kind,
                 message: report.message,
                 context: report.context,
@@ -189,11 +190,13 @@ pub async fn reports(
                     metrics.drop_datagram(REPORT, "replay");
                     continue;
                 }
+                let crash = report_crash(&report);
                 let evidence_item = Evidence {
                     node: report.node,
                     boot_id: admitted.boot_id,
                     source: admitted.source,
                     tier: admitted.tier,
+                    crash,
                     kind: admitted.kind,
                     message: report.message,
                     context: report.context,
@@ -210,6 +213,33 @@ pub async fn reports(
             }
         }
     }
+}
+
+/// The crash title of a report: from its console lines (the message and the context that came
+/// with it) when they hold a report, else from the stack the `panic()` probe took.
+fn report_crash(report: &wire::Report) -> Option<Crash> {
+    let lines =
+        std::iter::once(report.message.as_str()).chain(report.context.iter().map(String::as_str));
+    let console = kernel_log::crash_title(lines);
+    if console
+        .as_ref()
+        .is_some_and(|title| title.culprit.is_some())
+    {
+        return console.as_ref().map(Crash::new);
+    }
+    let frames: Vec<Frame> = report
+        .frames
+        .iter()
+        .filter_map(|line| Frame::parse(line))
+        .collect();
+    if frames.is_empty() || report.kind != KernelEventKind::Panic.event_kind() {
+        return console.as_ref().map(Crash::new);
+    }
+    let message = report
+        .message
+        .split_once("Kernel panic - not syncing: ")
+        .map_or(report.message.as_str(), |(_, message)| message);
+    Some(Crash::new(&kernel_log::title_from_stack(message, &frames)))
 }
 
 /// Why an authentic-looking report was not taken; the `reason` label of the drop counter.

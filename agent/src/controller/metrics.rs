@@ -1,6 +1,9 @@
 //! The controller's Prometheus metrics.
 
-use std::sync::Arc;
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -35,6 +38,18 @@ pub struct ObjectLabels {
     pub object: String,
 }
 
+/// A crash signature's labels: the same bug on many nodes is one series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CrashLabels {
+    pub kind: String,
+    pub culprit: String,
+    pub kernel_release: String,
+}
+
+/// Distinct crash signatures with a series of their own; later ones count as `other`, so a
+/// fleet of random crashes (or forged ones) cannot grow the metric without bound.
+pub const MAX_CRASH_SIGNATURES: usize = 50;
+
 pub struct ControllerMetrics {
     pub incidents: Family<KindSourceLabels, Counter>,
     pub kernel_reports: Family<KindSourceLabels, Counter>,
@@ -47,6 +62,9 @@ pub struct ControllerMetrics {
     pub breaker_open: Gauge,
     pub breaker_held_back: Counter,
     pub leader: Gauge,
+    pub crashes: Family<CrashLabels, Counter>,
+    /// The signatures that have their own series (at most [`MAX_CRASH_SIGNATURES`]).
+    crash_signatures: Mutex<HashSet<CrashLabels>>,
 }
 
 impl ControllerMetrics {
@@ -64,6 +82,8 @@ impl ControllerMetrics {
             breaker_open: Gauge::default(),
             breaker_held_back: Counter::default(),
             leader: Gauge::default(),
+            crashes: Family::default(),
+            crash_signatures: Mutex::new(HashSet::new()),
         };
         registry.register(
             "controller_incidents",
@@ -120,7 +140,35 @@ impl ControllerMetrics {
             "1 while this replica is the leader and may write",
             metrics.leader.clone(),
         );
+        registry.register(
+            "controller_crashes",
+            "Node incidents by crash signature (kind, culprit function, kernel release); the first 50 \
+             distinct signatures have their own series, later ones are counted as other",
+            metrics.crashes.clone(),
+        );
         Arc::new(metrics)
+    }
+
+    /// Counts one node's crash under its signature, or under `other` once
+    /// [`MAX_CRASH_SIGNATURES`] signatures have their series.
+    pub fn count_crash(&self, kind: &str, culprit: Option<&str>, kernel_release: Option<&str>) {
+        let labels = CrashLabels {
+            kind: kind.to_owned(),
+            culprit: culprit.unwrap_or("unknown").to_owned(),
+            kernel_release: kernel_release.unwrap_or("unknown").to_owned(),
+        };
+        let mut signatures = self.crash_signatures.lock().expect("crash signatures lock");
+        let labels = if signatures.contains(&labels) || signatures.len() < MAX_CRASH_SIGNATURES {
+            signatures.insert(labels.clone());
+            labels
+        } else {
+            CrashLabels {
+                kind: "other".into(),
+                culprit: "other".into(),
+                kernel_release: "other".into(),
+            }
+        };
+        self.crashes.get_or_create(&labels).inc();
     }
 
     pub fn drop_datagram(&self, channel: &str, reason: &str) {
@@ -130,5 +178,35 @@ impl ControllerMetrics {
                 reason: reason.into(),
             })
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crash_signatures_are_bounded() {
+        let metrics = ControllerMetrics::register(&mut Registry::default());
+        for n in 0..MAX_CRASH_SIGNATURES + 10 {
+            metrics.count_crash("oops", Some(&format!("f{n}")), Some("6.1.0-57-cloud-amd64"));
+        }
+        metrics.count_crash("oops", Some("f0"), Some("6.1.0-57-cloud-amd64"));
+        let series = |culprit: &str| {
+            metrics
+                .crashes
+                .get_or_create(&CrashLabels {
+                    kind: if culprit == "other" { "other" } else { "oops" }.into(),
+                    culprit: culprit.into(),
+                    kernel_release: if culprit == "other" {
+                        "other".into()
+                    } else {
+                        "6.1.0-57-cloud-amd64".into()
+                    },
+                })
+                .get()
+        };
+        assert_eq!(series("f0"), 2, "a known signature keeps its series");
+        assert_eq!(series("other"), 10);
     }
 }

@@ -300,7 +300,16 @@ impl Decisions {
             recorded_plan = Some(Plan::from(stored.plan));
             self.incidents.resume(stored.record, Instant::now());
         }
+        let named_before = self.incidents.crash_named(&evidence);
         let (observed, incident) = self.incidents.observe(evidence);
+        // Each node's crash counts once under its signature, when it is first named.
+        if let Some(crash) = incident.record.crash.as_ref().filter(|_| !named_before) {
+            self.metrics.count_crash(
+                &crash.kind,
+                crash.culprit.as_deref(),
+                crash.kernel_release.as_deref(),
+            );
+        }
         match observed {
             Observed::New if delayed => {
                 // The node is back up and its pods restarted: mark what the panic disrupted,

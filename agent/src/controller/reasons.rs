@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
-use crate::kernel_log::KernelEventKind;
+use crate::kernel_log::{CrashTitle, KernelEventKind};
 
 pub const ANNOTATION_REASON: &str = "lastgasp.io/termination-reason";
 pub const ANNOTATION_REASON_CODE: &str = "lastgasp.io/termination-reason-code";
@@ -15,6 +15,13 @@ pub const ANNOTATION_TIME: &str = "lastgasp.io/termination-time";
 pub const ANNOTATION_INCIDENT: &str = "lastgasp.io/incident";
 /// On the node: the incident and the plan decided for it, as JSON, to resume from.
 pub const ANNOTATION_INCIDENT_RECORD: &str = "lastgasp.io/incident-record";
+/// The crash title, e.g. `general protection fault in tcp_v4_rcv (panic: Fatal exception)`.
+pub const ANNOTATION_CRASH_TITLE: &str = "lastgasp.io/crash-title";
+/// The culprit function, with ` [module]` when it is in a module.
+pub const ANNOTATION_CRASH_CULPRIT: &str = "lastgasp.io/crash-culprit";
+pub const ANNOTATION_KERNEL_RELEASE: &str = "lastgasp.io/kernel-release";
+/// `Not tainted`, or the taint flags of the `Tainted:` line.
+pub const ANNOTATION_KERNEL_TAINT: &str = "lastgasp.io/kernel-taint";
 /// Field manager of the controller's server-side applies.
 pub const FIELD_MANAGER: &str = "lastgasp-controller";
 pub const CONDITION_TYPE: &str = "DisruptionTarget";
@@ -50,7 +57,70 @@ pub fn sources_label(sources: &BTreeSet<Source>) -> String {
         .join(",")
 }
 
-/// The annotation text: `node worker-3 kernel panic: Kernel panic - not syncing: ...`.
+/// What an incident's crash title says, as written on the node and its pods and kept in the
+/// node's incident record: computed once per incident from the sender's console lines (or the
+/// agent's stack at `panic()`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Crash {
+    /// The full title, e.g. `general protection fault in tcp_v4_rcv (panic: Fatal exception)`.
+    pub title: String,
+    /// The crash kind's metric label, e.g. `general_protection_fault`.
+    pub kind: String,
+    /// `function` or `function [module]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub culprit: Option<String>,
+    /// The fleet signature: kind and culprit without addresses, offsets or numbers.
+    pub signature: String,
+    /// Up to five culprit candidates, culprit first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub frames: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_release: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_taint: Option<String>,
+    /// The first lines of the report (bounded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excerpt: Vec<String>,
+}
+
+impl Crash {
+    pub fn new(title: &CrashTitle) -> Self {
+        Self {
+            title: title.title(),
+            kind: title.kind.as_str().to_owned(),
+            culprit: title.culprit.as_ref().map(|frame| frame.label()),
+            signature: title.signature(),
+            frames: title.frames.iter().map(|frame| frame.label()).collect(),
+            kernel_release: title.release.clone(),
+            kernel_taint: title.taint.clone(),
+            excerpt: title.excerpt.clone(),
+        }
+    }
+
+    /// Whether this names the crash better than `other`: a culprit beats none, a report found
+    /// on the console (with its lines) beats one made from a stack alone.
+    pub fn better_than(&self, other: &Self) -> bool {
+        let rank = |crash: &Self| (crash.culprit.is_some(), !crash.excerpt.is_empty());
+        rank(self) > rank(other)
+    }
+}
+
+/// The reason text: the crash title when there is one, and where it happened,
+/// `general protection fault in tcp_v4_rcv (panic: Fatal exception) on node worker-3`; else
+/// `node worker-3 kernel panic: Kernel panic - not syncing: ...`.
+pub fn incident_reason(
+    node: &str,
+    kind: KernelEventKind,
+    message: &str,
+    crash: Option<&Crash>,
+) -> String {
+    match crash {
+        Some(crash) => format!("{} on node {node}", crash.title),
+        None => reason_text(node, kind, message),
+    }
+}
+
+/// The reason text without a crash title: `node worker-3 kernel panic: Kernel panic - not syncing: ...`.
 pub fn reason_text(node: &str, kind: KernelEventKind, message: &str) -> String {
     let what = match kind {
         KernelEventKind::Panic => "kernel panic",

@@ -33,6 +33,20 @@ impl Frame {
             module: module.map(str::to_owned),
         }
     }
+
+    /// A reliable call-trace line, `func+0xoff/0xsize [module]` (with or without addresses in
+    /// front), as the kernel prints one and the agent's stack symbolizer writes one.
+    pub fn parse(line: &str) -> Option<Self> {
+        parse_trace_frame(line).map(FrameRef::to_frame)
+    }
+
+    /// `function`, or `function [module]` for a module's frame.
+    pub fn label(&self) -> String {
+        match &self.module {
+            Some(module) => format!("{} [{module}]", self.function),
+            None => self.function.clone(),
+        }
+    }
 }
 
 /// A frame borrowed from its console line.

@@ -178,6 +178,27 @@ pub struct CrashTitle {
     pub taint: Option<String>,
     /// The report is truncated or interleaved so that no culprit was found.
     pub corrupted: bool,
+    /// The report's first lines, as printed without printk prefixes: at most
+    /// [`MAX_EXCERPT_LINES`] lines and [`MAX_EXCERPT_BYTES`] bytes. Empty for
+    /// a title made from a stack.
+    pub excerpt: Vec<String>,
+}
+
+/// Bounds of [`CrashTitle::excerpt`], which is kept in the node's incident record.
+pub const MAX_EXCERPT_LINES: usize = 40;
+pub const MAX_EXCERPT_BYTES: usize = 4096;
+
+/// The first lines of `body` within the excerpt bounds.
+fn excerpt(body: &[&str]) -> Vec<String> {
+    let mut bytes = 0;
+    body.iter()
+        .take(MAX_EXCERPT_LINES)
+        .take_while(|line| {
+            bytes += line.len() + 1;
+            bytes <= MAX_EXCERPT_BYTES
+        })
+        .map(|line| (*line).to_owned())
+        .collect()
 }
 
 impl CrashTitle {
@@ -329,6 +350,7 @@ pub fn title_from_stack(panic_message: &str, frames: &[Frame]) -> CrashTitle {
         release: None,
         taint: None,
         corrupted: false,
+        excerpt: Vec::new(),
     }
 }
 
@@ -395,6 +417,7 @@ fn title_report(report: &[&str], panic: Option<&str>, header: Header<'_>) -> Cra
         release,
         taint,
         corrupted,
+        excerpt: excerpt(body),
     }
 }
 
