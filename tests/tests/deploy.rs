@@ -209,6 +209,7 @@ fn alert_rules_pass_promtool_and_match_the_prometheus_rule() {
             "LastgaspAgentDown",
             "LastgaspCNICallsStuck",
             "LastgaspControllerCircuitBreakerOpen",
+            "LastgaspCrashSignatureOnManyNodes",
             "LastgaspNetconsoleTargetsNotEnabled",
             "LastgaspNetlinkRecvHung",
             "LastgaspNodeKernelPanic",
