@@ -33,16 +33,34 @@ const PSTORE: &str = "pstore";
 /// installed on a node with an old record reports it too.
 pub const DELAYED_REPORT_MAX_AGE: Duration = Duration::from_secs(24 * 60 * 60);
 
-/// Receives netconsole datagrams; only those from a node's address are parsed.
+/// Receives netconsole datagrams; only those from a node's address are parsed. Drops are
+/// counted in metrics and logged as one summary line per 10 s, not one line each.
 pub async fn netconsole(
     socket: UdpSocket,
     cluster: ClusterCache,
     evidence: mpsc::Sender<Evidence>,
     metrics: Arc<ControllerMetrics>,
 ) {
-    let mut reassembler = Reassembler::new(Limits::default());
+    use super::{
+        metrics::KindFramingLabels,
+        netconsole::{DropSummary, ParseError},
+    };
+    let limits = Limits::default();
+    // One byte more than the kernel ever sends: a larger datagram is cut to this, and
+    // rejected as oversized without copying the rest of it.
+    let mut buffer = vec![0u8; limits.max_datagram_bytes + 1];
+    let mut reassembler = Reassembler::new(limits);
     let mut watch: PanicWatch<String> = PanicWatch::new(WatchLimits::default());
-    let mut buffer = vec![0u8; 65536];
+    let mut drops = DropSummary::new(Duration::from_secs(10), Instant::now());
+    fn dropped(
+        metrics: &ControllerMetrics,
+        drops: &mut DropSummary,
+        reason: &'static str,
+        from: SocketAddr,
+    ) {
+        metrics.drop_datagram(NETCONSOLE, reason);
+        drops.count(reason, from);
+    }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         let reports = tokio::select! {
@@ -55,21 +73,33 @@ pub async fn netconsole(
                     continue;
                 }
                 let Some(node) = cluster.node_by_address(from.ip()) else {
-                    metrics.drop_datagram(NETCONSOLE, "unknown_sender");
+                    dropped(&metrics, &mut drops, "unknown_sender", from);
                     continue;
                 };
                 let now = Instant::now();
-                match reassembler.push(from, &buffer[..len], now) {
-                    Ok(records) => records
-                        .iter()
-                        .flat_map(|record| watch.push(node.clone(), record, now))
-                        .collect(),
-                    Err(error) => {
-                        tracing::debug!(%from, %error, "unparsable netconsole datagram");
-                        metrics.drop_datagram(NETCONSOLE, "unparsable");
+                let records = match reassembler.push(from, &buffer[..len], now) {
+                    Ok(records) => records,
+                    Err(ParseError::Oversized { .. }) => {
+                        dropped(&metrics, &mut drops, "oversized", from);
                         continue;
                     }
+                    Err(_) => {
+                        dropped(&metrics, &mut drops, "unparsable", from);
+                        continue;
+                    }
+                };
+                let before = watch.stats();
+                let reports: Vec<(String, KernelReport)> = records
+                    .iter()
+                    .flat_map(|record| watch.push(node.clone(), record, now))
+                    .collect();
+                let after = watch.stats();
+                if after.not_kernel_level > before.not_kernel_level {
+                    dropped(&metrics, &mut drops, "not_kernel_level", from);
+                } else if after.not_first_line > before.not_first_line {
+                    dropped(&metrics, &mut drops, "not_first_line", from);
                 }
+                reports
             }
             _ = tick.tick() => {
                 let now = Instant::now();
@@ -80,10 +110,27 @@ pub async fn netconsole(
                     }
                 }
                 reports.extend(watch.poll(now));
+                if let Some((counts, last_from, over)) = drops.take_due(now) {
+                    tracing::warn!(%counts, %last_from, ?over, "netconsole datagrams dropped");
+                }
                 reports
             }
         };
         for (node, report) in reports {
+            if report.complete {
+                metrics
+                    .netconsole_incidents
+                    .get_or_create(&KindFramingLabels {
+                        kind: report.kind.as_str().into(),
+                        framing: report.framing.as_str().into(),
+                    })
+                    .inc();
+            }
+            // Each update of a panic adds context to its incident; a non-fatal failure is
+            // only logged, so it goes once, complete, not once per context line.
+            if !report.kind.is_fatal() && !report.complete {
+                continue;
+            }
             let evidence_item = Evidence {
                 node,
                 boot_id: None,
