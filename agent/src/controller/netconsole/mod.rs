@@ -12,6 +12,8 @@
 //!   after the text. A longer record is sent as fragments carrying
 //!   `ncfrag=<offset>/<total>` and reassembled per (source address, seq).
 //!
+//! [`ByteBudget`] bounds the bytes parsed per source address and second, so a
+//! flood from one node is dropped cheaply instead of starving the others.
 //! [`Reassembler`] turns datagrams into [`Record`]s, within per-address and
 //! global memory budgets; [`PanicWatch`] turns records into [`KernelReport`]s,
 //! classifying with [`crate::kernel_log`] only the line that starts a record
@@ -29,12 +31,14 @@
 //! for (node, report) in watch.poll(now) { /* act */ }
 //! ```
 
+mod budget;
 mod dedupe;
 mod incident;
 mod parse;
 mod reassembly;
 mod summary;
 
+pub use budget::{BudgetLimits, ByteBudget};
 pub use incident::{Framing, KernelReport, PanicWatch, WatchLimits, WatchStats, kernel_levels};
 pub use parse::{Format, ParseError, Record};
 pub use reassembly::{Limits, MAX_PRINT_CHUNK, Reassembler, Stats};
