@@ -69,7 +69,7 @@ async fn a_panic_line_after_the_first_of_a_record_sends_nothing() {
     write_kmsg(&format!("<0>{first_line}\n"));
 
     let seen = kernel_events_until(&mut events, &first_line).await;
-    assert_eq!(seen, [first_line.clone()], "kernel events");
+    assert_eq!(seen, [first_line.as_str()], "kernel events");
     let mut datagram = [0u8; 4096];
     let len = controller
         .recv(&mut datagram)

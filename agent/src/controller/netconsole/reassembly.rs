@@ -762,7 +762,7 @@ mod tests {
         // What the storm sent: 64 KiB of short escaped lines in one extended datagram.
         let storm = format!("4,2,2,-;{}\n", "a\\x0a".repeat(13_000));
         assert!(storm.len() > 64_000);
-        for datagram in [&fits.as_bytes()[..], storm.as_bytes()] {
+        for datagram in [fits.as_bytes(), storm.as_bytes()] {
             let mut over = datagram.to_vec();
             over.push(b'\n');
             assert!(matches!(
