@@ -38,8 +38,9 @@ impl Default for WatchLimits {
             context_lines: 20,
             context_time: Duration::from_secs(10),
             dedupe_window: Duration::from_secs(2),
-            // Lookups cost the same however many are remembered; this bounds memory.
-            max_recent_lines: 4096,
+            // Lookups cost the same however many are remembered; this bounds memory (some
+            // 150 bytes a line). A line's two copies arrive milliseconds apart.
+            max_recent_lines: 1024,
             max_senders: 4096,
         }
     }
