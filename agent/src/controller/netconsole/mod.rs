@@ -12,8 +12,9 @@
 //!   after the text. A longer record is sent as fragments carrying
 //!   `ncfrag=<offset>/<total>` and reassembled per (source address, seq).
 //!
-//! [`ByteBudget`] bounds the bytes parsed per source address and second, so a
-//! flood from one node is dropped cheaply instead of starving the others.
+//! [`ByteBudget`] bounds the parsing work (bytes and lines) per source address
+//! and second, so a flood from one node is dropped cheaply instead of starving
+//! the others.
 //! [`Reassembler`] turns datagrams into [`Record`]s, within per-address and
 //! global memory budgets; [`PanicWatch`] turns records into [`KernelReport`]s,
 //! classifying with [`crate::kernel_log`] only the line that starts a record
@@ -22,7 +23,9 @@
 //! other format.
 //!
 //! ```text
+//! if !budget.admit(from.ip(), datagram.len(), now) { /* drop */ }
 //! let records = reassembler.push(from, &datagram, now)?;
+//! budget.charge_lines(from.ip(), /* lines in records */);
 //! for record in &records {
 //!     for (node, report) in watch.push(from.ip(), record, now) { /* act */ }
 //! }
