@@ -118,7 +118,13 @@ fn dropped(reason: &str) -> String {
 }
 
 fn netconsole_incidents(framing: &str) -> String {
-    format!(r#"lastgasp_controller_netconsole_incidents_total{{kind="panic",framing="{framing}"}}"#)
+    kind_incidents("panic", framing)
+}
+
+fn kind_incidents(kind: &str, framing: &str) -> String {
+    format!(
+        r#"lastgasp_controller_netconsole_incidents_total{{kind="{kind}",framing="{framing}"}}"#
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -308,17 +314,29 @@ async fn many_ports_of_one_address_cannot_evict_another_nodes_partial_line() {
     let controller = start(&server, Policy::Annotate).await;
     let to = controller.netconsole_addr();
 
-    // The victim's plain target has sent half a line when the attack starts.
+    // The victim's plain target has sent half a line when the attack starts, its extended
+    // target the first fragment of a record too long for one datagram.
     let victim = UdpSocket::bind((VICTIM, 0)).unwrap();
     victim
         .send_to(b"[    9.000000] Kernel panic - not sy", to)
         .unwrap();
+    let victim_extended = UdpSocket::bind((VICTIM, 0)).unwrap();
+    let body = format!(
+        "watchdog: BUG: soft lockup - CPU#0 stuck for 23s! [x:1] {}\n",
+        "p".repeat(1500)
+    );
+    let header = |offset: usize| format!("0,500,8000000,-,ncfrag={offset}/{};", body.len());
+    let cut = 1000 - header(0).len();
+    let first = format!("{}{}", header(0), &body[..cut]);
+    let second = format!("{}{}", header(cut), &body[cut..]);
+    victim_extended.send_to(first.as_bytes(), to).unwrap();
     let started = Instant::now();
-    // More ports than the controller tracks senders in all (4096), each with a partial line.
+    // More ports than the controller tracks senders in all (4096), each with a partial line
+    // of one byte (well within the address's byte budget).
     let attack = std::thread::spawn(move || {
         for port in 0..PORTS {
             let socket = UdpSocket::bind((ATTACKER, 0)).unwrap();
-            socket.send_to(&[b'z'; 999], to).unwrap();
+            socket.send_to(b"z", to).unwrap();
             if port % 500 == 0 {
                 // Let the controller keep up rather than have the kernel drop datagrams.
                 std::thread::sleep(Duration::from_millis(20));
@@ -333,6 +351,7 @@ async fn many_ports_of_one_address_cannot_evict_another_nodes_partial_line() {
         "within the line's 5 s lifetime: {took:?}"
     );
 
+    victim_extended.send_to(second.as_bytes(), to).unwrap();
     victim
         .send_to(b"ncing: sysrq triggered crash\n", to)
         .unwrap();
@@ -341,6 +360,14 @@ async fn many_ports_of_one_address_cannot_evict_another_nodes_partial_line() {
             .send_to(format!("[    9.00001{i}] context {i}\n").as_bytes(), to)
             .unwrap();
     }
+    // Both survived: the record completed (the panic superseded it), the line was a panic.
+    wait_for_metric(
+        &controller,
+        &kind_incidents("soft_lockup", "extended_record"),
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
     wait_for_metric(
         &controller,
         &netconsole_incidents("plain_line"),
