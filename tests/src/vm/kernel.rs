@@ -207,13 +207,8 @@ fn download_and_unpack(package: &str, root: &Path, unpacked: &Path) -> anyhow::R
         .find(|path| path.extension().is_some_and(|ext| ext == "deb"))
         .with_context(|| format!("apt-get download {package} left no .deb"))?;
     let bytes = deb.metadata()?.len();
-    let version = output(
-        Command::new("dpkg-deb")
-            .arg("--field")
-            .arg(&deb)
-            .arg("Version"),
-    )
-    .with_context(|| format!("reading the version of {}", deb.display()))?;
+    let version = output(Command::new("dpkg-deb").arg("--field").arg(&deb).arg("Version"))
+        .with_context(|| format!("reading the version of {}", deb.display()))?;
     std::fs::write(
         version_file(root, package),
         String::from_utf8_lossy(&version).trim(),
