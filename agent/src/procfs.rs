@@ -1,27 +1,74 @@
 //! What /proc and /sys tell about a process or the machine, parsed at the edge.
+//!
+//! What a process controls is read with a byte cap (its command line can be megabytes, and
+//! the agent reads it for every hung thread); the cut is said, never silent.
 
-use std::{fs, io, path::Path};
+use std::{
+    fs,
+    io::{self, Read as _},
+    path::Path,
+};
+
+/// Bytes read of a command line.
+pub const CMDLINE_MAX: usize = 4 << 10;
+/// Bytes read of a kernel stack or a cgroup list (both far smaller in practice).
+pub const LISTING_MAX: usize = 16 << 10;
+/// Bytes read of a one-line file (`comm`, `syscall`).
+const LINE_MAX: usize = 512;
+/// Appended where a read was cut at its cap.
+pub const TRUNCATED: &str = "[truncated]";
+
+/// At most `max` bytes of a file, and whether it had more.
+fn read_capped(path: &str, max: usize) -> io::Result<(Vec<u8>, bool)> {
+    let mut bytes = Vec::new();
+    fs::File::open(path)?
+        .take(max as u64 + 1)
+        .read_to_end(&mut bytes)?;
+    let truncated = bytes.len() > max;
+    bytes.truncate(max);
+    Ok((bytes, truncated))
+}
+
+fn read_capped_string(path: &str, max: usize) -> io::Result<(String, bool)> {
+    let (bytes, truncated) = read_capped(path, max)?;
+    Ok((String::from_utf8_lossy(&bytes).into_owned(), truncated))
+}
 
 /// A thread's name, from `/proc/<pid>/task/<tid>/comm`.
 pub fn thread_comm(pid: u32, tid: u32) -> io::Result<String> {
-    Ok(fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))?
-        .trim_end()
-        .to_owned())
+    let (text, _) = read_capped_string(&format!("/proc/{pid}/task/{tid}/comm"), LINE_MAX)?;
+    Ok(text.trim_end().to_owned())
 }
 
-/// The process's command line with its NUL separators turned into spaces.
+/// The process's command line with its NUL separators turned into spaces: the first
+/// [`CMDLINE_MAX`] bytes, then ` [truncated]` if there was more.
 pub fn cmdline(pid: u32) -> io::Result<String> {
-    let raw = fs::read(format!("/proc/{pid}/cmdline"))?;
-    let text = String::from_utf8_lossy(&raw);
-    Ok(text.trim_end_matches('\0').replace('\0', " "))
+    let (raw, truncated) = read_capped(&format!("/proc/{pid}/cmdline"), CMDLINE_MAX)?;
+    Ok(cmdline_text(&raw, truncated))
+}
+
+fn cmdline_text(raw: &[u8], truncated: bool) -> String {
+    let text = String::from_utf8_lossy(raw);
+    let mut text = text.trim_end_matches('\0').replace('\0', " ");
+    if truncated {
+        text.push(' ');
+        text.push_str(TRUNCATED);
+    }
+    text
 }
 
 /// The process's cgroup path that says most: one naming a container (on hybrid hosts the v1
 /// hierarchies may name it while the unified entry is `/`), else the v2 unified entry, else
 /// the first v1 hierarchy's.
 pub fn cgroup(pid: u32) -> io::Result<String> {
-    let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
-    Ok(parse_cgroup(&text).unwrap_or_default().to_owned())
+    // A cut last line has no path field, or a cut one: only complete lines count.
+    let (text, truncated) = read_capped_string(&format!("/proc/{pid}/cgroup"), LISTING_MAX)?;
+    let complete = if truncated {
+        text.rsplit_once('\n').map_or("", |(lines, _)| lines)
+    } else {
+        &text
+    };
+    Ok(parse_cgroup(complete).unwrap_or_default().to_owned())
 }
 
 fn parse_cgroup(text: &str) -> Option<&str> {
@@ -51,12 +98,22 @@ pub fn container_id(cgroup_path: &str) -> Option<&str> {
         .find(|part| part.len() == 64)
 }
 
-/// The kernel stack of a thread, one frame a line, from `/proc/<pid>/task/<tid>/stack`.
+/// The kernel stack of a thread, one frame a line, from `/proc/<pid>/task/<tid>/stack`; a
+/// last line [`TRUNCATED`] if it was longer than [`LISTING_MAX`].
 pub fn kernel_stack(pid: u32, tid: u32) -> io::Result<Vec<String>> {
-    Ok(fs::read_to_string(format!("/proc/{pid}/task/{tid}/stack"))?
-        .lines()
-        .map(str::to_owned)
-        .collect())
+    let (text, truncated) =
+        read_capped_string(&format!("/proc/{pid}/task/{tid}/stack"), LISTING_MAX)?;
+    Ok(stack_lines(&text, truncated))
+}
+
+fn stack_lines(text: &str, truncated: bool) -> Vec<String> {
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    if truncated {
+        // The last frame was cut.
+        lines.pop();
+        lines.push(TRUNCATED.to_owned());
+    }
+    lines
 }
 
 /// What a thread is doing, from `/proc/<pid>/task/<tid>/syscall`.
@@ -71,7 +128,7 @@ pub enum ThreadSyscall {
 }
 
 pub fn thread_syscall(pid: u32, tid: u32) -> io::Result<ThreadSyscall> {
-    let text = fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall"))?;
+    let (text, _) = read_capped_string(&format!("/proc/{pid}/task/{tid}/syscall"), LINE_MAX)?;
     parse_syscall(&text).ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidData,
@@ -195,6 +252,56 @@ mod tests {
         assert_eq!(boot_id().unwrap().len(), 36);
         let booted = boot_time().unwrap();
         assert!(booted < std::time::SystemTime::now());
+    }
+
+    #[test]
+    fn a_huge_command_line_is_read_up_to_its_cap() {
+        // 1.5 MiB of arguments (one may be 128 KiB at most, all a quarter of the stack
+        // limit): read 4 KiB of them.
+        let arg = "a".repeat(64 << 10);
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .args(std::iter::repeat_n(&arg, 24))
+            .spawn()
+            .unwrap();
+        // Until the exec is done the command line is not sleep's.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let text = loop {
+            let text = cmdline(child.id()).unwrap();
+            if text.starts_with("sleep") || std::time::Instant::now() > deadline {
+                break text;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(text.starts_with("sleep 30 aaa"), "{text:.20}");
+        assert!(text.ends_with(" [truncated]"));
+        assert_eq!(text.len(), CMDLINE_MAX + " [truncated]".len());
+        // A short one is whole.
+        assert_eq!(cmdline_text(b"sleep\x0030\x00", false), "sleep 30");
+    }
+
+    #[test]
+    fn capped_reads_say_they_were_cut() {
+        let path = std::env::temp_dir().join(format!("lastgasp-capped-{}", std::process::id()));
+        let frames: String = (0..2000)
+            .map(|i| format!("[<0>] frame_{i}+0x10/0x20\n"))
+            .collect();
+        std::fs::write(&path, &frames).unwrap();
+        let path_text = path.to_str().unwrap();
+        let (text, truncated) = read_capped_string(path_text, LISTING_MAX).unwrap();
+        assert!(truncated && text.len() == LISTING_MAX);
+        let lines = stack_lines(&text, truncated);
+        assert_eq!(lines.last().map(String::as_str), Some(TRUNCATED));
+        assert!(
+            lines[..lines.len() - 1]
+                .iter()
+                .all(|l| l.ends_with("+0x10/0x20"))
+        );
+        let (whole, truncated) = read_capped_string(path_text, frames.len()).unwrap();
+        assert!(!truncated && whole == frames);
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

@@ -1,6 +1,14 @@
 //! The kernel-log watcher: a thread of its own that drains the `KERNEL_LOG` ring buffer,
-//! classifies each console line and, on a panic, sends the last gasp without waiting for
-//! the async runtime.
+//! classifies the first line of each printk record and, on a panic, sends the last gasp
+//! without waiting for the async runtime.
+//!
+//! The `printk:console` tracepoint passes one record's text per event. Only its first line
+//! can be a failure: a kernel message that echoes user text with a newline in it (a file or
+//! device name) puts a well-formed `Kernel panic - not syncing:` at the start of a later
+//! line, never at the start of the record. The later lines are context only. The tracepoint
+//! carries no facility or level, so a `/dev/kmsg` writer (root) can still start a record
+//! with a panic line; a `panic()` probe's report is sent all the same (see
+//! [`LastGasp::on_panic`]).
 //!
 //! It drains the ring on a short timer instead of waiting for wake-ups: a panicking CPU runs
 //! with interrupts off, so a ring-buffer wake-up (an irq_work) may never be delivered, and a
@@ -63,8 +71,12 @@ impl ConsoleWatcher {
                         // The kernel's length counts the string's NUL.
                         let len = (line.len as usize).min(line.text.len());
                         let text = c_text(&line.text[..len]);
-                        for line in text.lines() {
-                            self.on_line(line);
+                        let mut lines = text.lines();
+                        if let Some(first) = lines.next() {
+                            self.on_line(first);
+                        }
+                        for line in lines {
+                            self.on_context(line);
                         }
                     }
                     Ok(Record::PanicCall(call, probe)) => {
@@ -87,16 +99,22 @@ impl ConsoleWatcher {
         }
     }
 
+    /// The first line of a record: may be a failure.
     fn on_line(&mut self, line: &str) {
         let Some(classified) = kernel_log::classify(line) else {
-            if let Some(last_gasp) = &mut self.last_gasp {
-                let sent = last_gasp.on_line(kernel_log::strip_prefix(line));
-                self.count_send(sent);
-            }
+            self.on_context(line);
             return;
         };
         let message = classified.message.to_owned();
         self.on_kernel_event(classified.kind, KernelSource::Console, &message);
+    }
+
+    /// Any other line: context of an open last gasp, never a failure of its own.
+    fn on_context(&mut self, line: &str) {
+        if let Some(last_gasp) = &mut self.last_gasp {
+            let sent = last_gasp.on_line(kernel_log::strip_prefix(line));
+            self.count_send(sent);
+        }
     }
 
     fn on_kernel_event(&mut self, kind: KernelEventKind, source: KernelSource, message: &str) {

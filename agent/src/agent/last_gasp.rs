@@ -186,11 +186,28 @@ impl Sent {
     }
 }
 
+/// The `source` of a panic line read from the console, as opposed to a `panic()` probe.
+const CONSOLE: &str = "console";
+
 struct Incident {
     started: Instant,
     source: &'static str,
     message: String,
     context: Vec<String>,
+    /// Opened by a probe, the message is now the console's printed line.
+    printed: bool,
+}
+
+impl Incident {
+    fn new(message: &str, source: &'static str) -> Self {
+        Self {
+            started: Instant::now(),
+            source,
+            message: message.to_owned(),
+            context: Vec::new(),
+            printed: false,
+        }
+    }
 }
 
 pub struct LastGasp {
@@ -206,21 +223,21 @@ impl LastGasp {
         }
     }
 
-    /// A panic was seen. The first sighting sends at once; a later one from the console
-    /// replaces the message of a `panic()` probe's format string with the printed text.
+    /// A panic was seen. The first sighting sends at once. A `panic()` probe's always does:
+    /// console text can be forged (a first line is all the watcher can check), so a panic
+    /// line from the console earlier in the boot must not suppress the kernel's own call.
+    /// The console line that follows a probe's call replaces the message (a format string)
+    /// with the printed text once; the source stays the probe's.
     pub fn on_panic(&mut self, message: &str, source: &'static str) -> Sent {
+        let from_console = source == CONSOLE;
         match &mut self.incident {
-            None => {
-                self.incident = Some(Incident {
-                    started: Instant::now(),
-                    source,
-                    message: message.to_owned(),
-                    context: Vec::new(),
-                });
+            Some(incident) if incident.source == CONSOLE && !from_console => {
+                self.incident = Some(Incident::new(message, source));
             }
-            Some(incident) if incident.source != "console" && source == "console" => {
+            None => self.incident = Some(Incident::new(message, source)),
+            Some(incident) if incident.source != CONSOLE && from_console && !incident.printed => {
                 incident.message = message.to_owned();
-                incident.source = source;
+                incident.printed = true;
             }
             Some(_) => return Sent::default(),
         }
@@ -253,5 +270,63 @@ impl LastGasp {
             incident.context.clone(),
         );
         self.sender.send(&mut report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A last gasp sending to a local socket; returns both.
+    fn last_gasp() -> (LastGasp, UdpSocket) {
+        let controller = UdpSocket::bind("127.0.0.1:0").unwrap();
+        controller
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let (_keep, endpoints) =
+            watch::channel(ControllerEndpoints::fixed(controller.local_addr().unwrap()));
+        let identity = NodeIdentity {
+            node: "node".into(),
+            boot_id: "boot".into(),
+            kernel_release: None,
+        };
+        let sender = ReportSender::new(endpoints, AuthKey::None, identity).unwrap();
+        (LastGasp::new(sender), controller)
+    }
+
+    fn received(controller: &UdpSocket) -> Report {
+        let mut datagram = [0u8; 4096];
+        let len = controller.recv(&mut datagram).unwrap();
+        wire::decode(&datagram[..len], &AuthKey::None).unwrap()
+    }
+
+    #[test]
+    fn a_probed_panic_is_sent_after_a_console_panic() {
+        let (mut gasp, controller) = last_gasp();
+        let forged = "Kernel panic - not syncing: forged";
+        assert_eq!(gasp.on_panic(forged, "console").sent, 1);
+        assert_eq!(received(&controller).message, forged);
+        // Another console panic line adds nothing.
+        assert_eq!(gasp.on_panic(forged, "console"), Sent::default());
+
+        let format = "Kernel panic - not syncing: %s";
+        assert_eq!(gasp.on_panic(format, "fentry").sent, 1);
+        let probed = received(&controller);
+        assert_eq!(
+            (probed.source.as_str(), probed.message.as_str()),
+            ("fentry", format)
+        );
+        assert!(probed.context.is_empty());
+
+        // The printed line then names the panic, once; the source stays the probe's.
+        let printed = "Kernel panic - not syncing: sysrq triggered crash";
+        assert_eq!(gasp.on_panic(printed, "console").sent, 1);
+        let update = received(&controller);
+        assert_eq!(
+            (update.source.as_str(), update.message.as_str()),
+            ("fentry", printed)
+        );
+        assert_eq!(gasp.on_panic(forged, "console"), Sent::default());
+        assert_eq!(gasp.on_panic(format, "kprobe"), Sent::default());
     }
 }

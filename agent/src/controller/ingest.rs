@@ -34,43 +34,104 @@ const PSTORE: &str = "pstore";
 /// installed on a node with an old record reports it too.
 pub const DELAYED_REPORT_MAX_AGE: Duration = Duration::from_secs(24 * 60 * 60);
 
-/// Receives netconsole datagrams; only those from a node's address are parsed.
+/// Receives netconsole datagrams; only those from a node's address, within its byte budget,
+/// are parsed. Drops are counted in metrics and logged as one summary line per 10 s, not one
+/// line each: a flood costs little more than reading it.
 pub async fn netconsole(
     socket: UdpSocket,
     cluster: ClusterCache,
     evidence: mpsc::Sender<Evidence>,
     metrics: Arc<ControllerMetrics>,
 ) {
+    use prometheus_client::metrics::counter::Counter;
+
+    use super::{
+        metrics::{DropLabels, KindFramingLabels},
+        netconsole::{BudgetLimits, ByteBudget, DropSummary, MAX_PRINT_CHUNK},
+    };
+    // One byte more than the kernel ever sends: a larger datagram is cut to this, and
+    // rejected as oversized without copying the rest of it.
+    let mut buffer = vec![0u8; MAX_PRINT_CHUNK + 1];
     let mut reassembler = Reassembler::new(Limits::default());
     let mut watch: PanicWatch<String> = PanicWatch::new(WatchLimits::default());
-    let mut buffer = vec![0u8; 65536];
+    let mut budget = ByteBudget::new(BudgetLimits::default());
+    let mut drops = DropSummary::new(Duration::from_secs(10), Instant::now());
+    // Counters looked up once (a series appears with its first drop), not per datagram.
+    let datagrams = metrics
+        .datagrams
+        .get_or_create(&ChannelLabels {
+            channel: NETCONSOLE.into(),
+        })
+        .clone();
+    let mut drop_counters: HashMap<&'static str, Counter> = HashMap::new();
+    let mut dropped = |drops: &mut DropSummary, reason: &'static str, from: SocketAddr| {
+        drop_counters
+            .entry(reason)
+            .or_insert_with(|| {
+                metrics
+                    .dropped
+                    .get_or_create(&DropLabels {
+                        channel: NETCONSOLE.into(),
+                        reason: reason.into(),
+                    })
+                    .clone()
+            })
+            .inc();
+        drops.count(reason, from);
+    };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         let reports = tokio::select! {
-            received = socket.recv_from(&mut buffer) => {
-                let Ok((len, from)) = received else { continue };
-                metrics.datagrams.get_or_create(&ChannelLabels { channel: NETCONSOLE.into() }).inc();
-                // The kernel never sends an empty one; an agent does, to make its kernel
-                // resolve the next hop's MAC for netconsole (agent/src/agent/netconsole/).
-                if len == 0 {
+            ready = socket.readable() => {
+                if ready.is_err() {
                     continue;
                 }
-                let Some(node) = cluster.node_by_address(from.ip()) else {
-                    metrics.drop_datagram(NETCONSOLE, "unknown_sender");
-                    continue;
-                };
-                let now = Instant::now();
-                match reassembler.push(from, &buffer[..len], now) {
-                    Ok(records) => records
-                        .iter()
-                        .flat_map(|record| watch.push(node.clone(), record, now))
-                        .collect(),
-                    Err(error) => {
-                        tracing::debug!(%from, %error, "unparsable netconsole datagram");
-                        metrics.drop_datagram(NETCONSOLE, "unparsable");
+                let mut reports: Vec<(String, KernelReport)> = Vec::new();
+                // Drain what is queued without a wake-up per datagram (a flood must not
+                // outrun the reading), a bounded batch so the tick still runs.
+                for _ in 0..256 {
+                    let (len, from) = match socket.try_recv_from(&mut buffer) {
+                        Ok(received) => received,
+                        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(_) => continue,
+                    };
+                    datagrams.inc();
+                    // The kernel never sends an empty one; an agent does, to make its kernel
+                    // resolve the next hop's MAC for netconsole (agent/src/agent/netconsole/).
+                    if len == 0 {
                         continue;
                     }
+                    let Some(node) = cluster.node_by_address(from.ip()) else {
+                        dropped(&mut drops, "unknown_sender", from);
+                        continue;
+                    };
+                    if len > MAX_PRINT_CHUNK {
+                        dropped(&mut drops, "oversized", from);
+                        continue;
+                    }
+                    let now = Instant::now();
+                    if !budget.admit(from.ip(), len, now) {
+                        dropped(&mut drops, "rate_limited", from);
+                        continue;
+                    }
+                    let Ok(records) = reassembler.push(from, &buffer[..len], now) else {
+                        dropped(&mut drops, "unparsable", from);
+                        continue;
+                    };
+                    let lines = records.iter().map(|record| record.lines().count()).sum();
+                    budget.charge_lines(from.ip(), lines);
+                    let before = watch.stats();
+                    for record in &records {
+                        reports.extend(watch.push(node.clone(), record, now));
+                    }
+                    let after = watch.stats();
+                    if after.not_kernel_level > before.not_kernel_level {
+                        dropped(&mut drops, "not_kernel_level", from);
+                    } else if after.not_first_line > before.not_first_line {
+                        dropped(&mut drops, "not_first_line", from);
+                    }
                 }
+                reports
             }
             _ = tick.tick() => {
                 let now = Instant::now();
@@ -81,10 +142,28 @@ pub async fn netconsole(
                     }
                 }
                 reports.extend(watch.poll(now));
+                budget.forget_refilled(now);
+                if let Some((counts, last_from, over)) = drops.take_due(now) {
+                    tracing::warn!(%counts, %last_from, ?over, "netconsole datagrams dropped");
+                }
                 reports
             }
         };
         for (node, report) in reports {
+            if report.complete {
+                metrics
+                    .netconsole_incidents
+                    .get_or_create(&KindFramingLabels {
+                        kind: report.kind.as_str().into(),
+                        framing: report.framing.as_str().into(),
+                    })
+                    .inc();
+            }
+            // Each update of a panic adds context to its incident; a non-fatal failure is
+            // only logged, so it goes once, complete, not once per context line.
+            if !report.kind.is_fatal() && !report.complete {
+                continue;
+            }
             let evidence_item = Evidence {
                 node,
                 boot_id: None,

@@ -23,6 +23,12 @@ pub struct KindSourceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindFramingLabels {
+    pub kind: String,
+    pub framing: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ChannelLabels {
     pub channel: String,
 }
@@ -53,6 +59,7 @@ pub const MAX_CRASH_SIGNATURES: usize = 50;
 pub struct ControllerMetrics {
     pub incidents: Family<KindSourceLabels, Counter>,
     pub kernel_reports: Family<KindSourceLabels, Counter>,
+    pub netconsole_incidents: Family<KindFramingLabels, Counter>,
     pub marked: Family<ObjectLabels, Counter>,
     pub deleted: Family<ObjectLabels, Counter>,
     pub time_to_last_write: Histogram,
@@ -72,6 +79,7 @@ impl ControllerMetrics {
         let metrics = Self {
             incidents: Family::default(),
             kernel_reports: Family::default(),
+            netconsole_incidents: Family::default(),
             marked: Family::default(),
             deleted: Family::default(),
             // 10 ms to ~5.5 min.
@@ -96,6 +104,13 @@ impl ControllerMetrics {
             metrics.kernel_reports.clone(),
         );
         registry.register(
+            "controller_netconsole_incidents",
+            "Kernel failures recognised on a node's netconsole stream, by kind and by the framing \
+             of the line that opened them (extended_record: the first line of a kernel record at \
+             the kernel's level; plain_line: a plain console line)",
+            metrics.netconsole_incidents.clone(),
+        );
+        registry.register(
             "controller_marked_objects",
             "Pods and nodes given a termination reason",
             metrics.marked.clone(),
@@ -117,7 +132,9 @@ impl ControllerMetrics {
         );
         registry.register(
             "controller_datagrams_dropped",
-            "UDP datagrams dropped, by channel and reason",
+            "UDP datagrams dropped, by channel and reason. For netconsole, not_first_line and \
+             not_kernel_level count datagrams whose failure line was refused as a trigger (the \
+             rest of their text may still be context of an open incident)",
             metrics.dropped.clone(),
         );
         registry.register(

@@ -256,8 +256,14 @@ fn parse_route_answer(answer: &[u8], seq: u32) -> Result<Route, RouteError> {
             while attributes.len() >= 4 {
                 let len = u16::from_ne_bytes([attributes[0], attributes[1]]) as usize;
                 let kind = u16::from_ne_bytes([attributes[2], attributes[3]]) & 0x3fff;
+                // rta_len counts its own 4-byte header: less would never advance.
+                if len < 4 {
+                    return Err(RouteError::Malformed(format!(
+                        "route attribute of type {kind} with length {len}, shorter than its header"
+                    )));
+                }
                 let value = attributes
-                    .get(4..len.max(4))
+                    .get(4..len)
                     .ok_or_else(|| malformed("route attribute beyond the message"))?;
                 let ipv4 = || -> Result<Ipv4Addr, RouteError> {
                     let octets: [u8; 4] = value
@@ -617,6 +623,24 @@ mod tests {
         assert!(matches!(
             parse_route_answer(&no_source, 1),
             Err(RouteError::Missing(what)) if what.contains("RTA_PREFSRC")
+        ));
+        // A zero-length attribute (it would never advance) and an overlong one.
+        for (len, why) in [
+            (0u16, "shorter than its header"),
+            (3, "shorter than its header"),
+        ] {
+            let mut bad = good.clone();
+            bad[at..at + 2].copy_from_slice(&len.to_ne_bytes());
+            assert!(matches!(
+                parse_route_answer(&bad, 1),
+                Err(RouteError::Malformed(message)) if message.contains(why)
+            ));
+        }
+        let mut overlong = good.clone();
+        overlong[at..at + 2].copy_from_slice(&200u16.to_ne_bytes());
+        assert!(matches!(
+            parse_route_answer(&overlong, 1),
+            Err(RouteError::Malformed(message)) if message.contains("beyond the message")
         ));
     }
 

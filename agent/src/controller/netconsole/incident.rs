@@ -1,11 +1,20 @@
 //! Turns records into kernel failure reports with the context that follows.
+//!
+//! Only the first line of a printk record can start an incident: a kernel message that echoes
+//! user text with a newline in it (a file name, a device name) puts that text at the start of
+//! a console line, but never at the start of a record. Extended netconsole shows record
+//! boundaries, facility and level, so there the line must also be the kernel's own (facility 0)
+//! at the level the kernel prints it ([`kernel_levels`]). Plain netconsole shows none of this:
+//! every plain line counts as a first line, and the report says so ([`Framing::PlainLine`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::hash::Hash;
+use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
+use super::dedupe::Recent;
 use super::parse::{Format, Record};
-use crate::kernel_log::{self, KernelEventKind};
+use crate::kernel_log::{self, Classified, KernelEventKind};
 
 /// Bounds of a [`PanicWatch`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,8 +38,32 @@ impl Default for WatchLimits {
             context_lines: 20,
             context_time: Duration::from_secs(10),
             dedupe_window: Duration::from_secs(2),
-            max_recent_lines: 256,
+            // Lookups cost the same however many are remembered; this bounds memory (some
+            // 150 bytes a line). A line's two copies arrive milliseconds apart.
+            max_recent_lines: 1024,
             max_senders: 4096,
+        }
+    }
+}
+
+/// How the line that opened an incident was framed on the wire: what the controller can tell
+/// about whether the kernel itself printed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Framing {
+    /// The first line of an extended record with the kernel's facility (0) and the level the
+    /// kernel prints this message at: no user text echoed by a kernel message and no
+    /// `/dev/kmsg` writer can produce it.
+    ExtendedRecord,
+    /// A plain console line: no facility, level or record boundary, so a kernel message that
+    /// echoes user text containing a newline can produce it. The weakest evidence.
+    PlainLine,
+}
+
+impl Framing {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ExtendedRecord => "extended_record",
+            Self::PlainLine => "plain_line",
         }
     }
 }
@@ -44,25 +77,40 @@ pub struct KernelReport {
     /// The lines that followed, without printk prefix, in arrival order.
     pub context: Vec<String>,
     /// True on the last report of an incident: the context is full, its
-    /// time is up, or a panic superseded a non-fatal incident.
+    /// time is up, or a panic superseded it.
     pub complete: bool,
     /// When the triggering line arrived; with the sender it identifies the
     /// incident across its updates.
     pub first_seen: Instant,
     /// Kernel release, if an extended target with `release` enabled sent it.
     pub release: Option<String>,
+    /// How the triggering line was framed. An incident opened by a plain line becomes
+    /// [`Framing::ExtendedRecord`] when the extended copy of that line arrives.
+    pub framing: Framing,
+}
+
+/// Lines that matched a failure but were refused as a trigger; all only grow.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WatchStats {
+    /// A line after the first of an extended record.
+    pub not_first_line: u64,
+    /// The first line of an extended record with another facility than the kernel's, another
+    /// level than the kernel prints that message at, or the continuation flag.
+    pub not_kernel_level: u64,
 }
 
 /// Recognises kernel failures per sender and collects their context.
 ///
 /// Feed every record with [`PanicWatch::push`] and call [`PanicWatch::poll`]
 /// periodically (e.g. every second). A report is returned as soon as the
-/// triggering line arrives, again whenever its context or release changes
-/// (at most once per pushed record), and a last time with `complete` set.
-/// A line that [`kernel_log::classify`] recognises starts an incident unless
-/// one is open; then it is context, except that a panic supersedes a
-/// non-fatal incident (e.g. `BUG:` / `Oops:` / `Kernel panic - not syncing:
-/// Fatal exception` give a page fault report and a panic report).
+/// triggering line arrives, again whenever its context, release or framing
+/// changes (at most once per pushed record), and a last time with `complete`
+/// set. A line that [`kernel_log::classify`] recognises, and that may open an
+/// incident (see the module docs), starts one unless one is open; then it is
+/// context, except that a panic supersedes a non-fatal incident (e.g. `BUG:` /
+/// `Oops:` / `Kernel panic - not syncing: Fatal exception` give a page fault
+/// report and a panic report), and a panic from an extended record supersedes
+/// any incident opened by a plain line that is not this same line.
 ///
 /// Key senders by node (e.g. source IP, not address and port) so that the
 /// plain and extended copies of a line meet and one of them is dropped.
@@ -70,6 +118,7 @@ pub struct KernelReport {
 pub struct PanicWatch<K> {
     limits: WatchLimits,
     senders: HashMap<K, Watched>,
+    stats: WatchStats,
 }
 
 impl<K: Clone + Eq + Hash> PanicWatch<K> {
@@ -77,7 +126,12 @@ impl<K: Clone + Eq + Hash> PanicWatch<K> {
         Self {
             limits,
             senders: HashMap::new(),
+            stats: WatchStats::default(),
         }
+    }
+
+    pub fn stats(&self) -> WatchStats {
+        self.stats
     }
 
     /// Processes one record from `sender`. Reports of other senders appear
@@ -90,9 +144,9 @@ impl<K: Clone + Eq + Hash> PanicWatch<K> {
         let watched = self
             .senders
             .entry(sender.clone())
-            .or_insert_with(|| Watched::new(now));
+            .or_insert_with(|| Watched::new(now, &self.limits));
         let mut reports = Vec::new();
-        watched.push(record, now, &self.limits, &mut reports);
+        watched.push(record, now, &self.limits, &mut self.stats, &mut reports);
         out.extend(reports.into_iter().map(|r| (sender.clone(), r)));
         out
     }
@@ -126,34 +180,88 @@ impl<K: Clone + Eq + Hash> PanicWatch<K> {
     }
 }
 
+/// The syslog levels at which the kernel prints the line [`kernel_log::classify`] recognises
+/// as `kind`; the first line of an extended record at another level is not that message.
+pub fn kernel_levels(kind: KernelEventKind) -> RangeInclusive<u8> {
+    use KernelEventKind as K;
+    match kind {
+        // kernel/panic.c panic(): pr_emerg("Kernel panic - not syncing: %s\n").
+        K::Panic => 0..=0,
+        // kernel/watchdog.c: pr_emerg("BUG: soft lockup - CPU#%d stuck for %us! ...").
+        K::SoftLockup => 0..=0,
+        // kernel/watchdog.c, watchdog_perf.c (watchdog_hld.c before 6.6): pr_emerg(
+        // "... Watchdog detected hard LOCKUP on cpu %u"); kernels before 4.0 printed it
+        // without prefix through WARN(), at KERN_WARNING.
+        K::HardLockup => 0..=4,
+        // arch/x86/mm/fault.c page_fault_oops(): pr_alert("BUG: kernel NULL pointer
+        // dereference, ...") / pr_alert("BUG: unable to handle page fault ..."); arm64
+        // die_kernel_fault(): pr_alert("Unable to handle kernel %s at virtual address ...").
+        K::PageFault => 1..=1,
+        // lib/bug.c report_bug(): pr_crit("kernel BUG at %s:%u!"); the other "BUG: " lines
+        // come from KERN_EMERG (workqueue lockup) down to KERN_ERR (scheduling while atomic,
+        // sleeping function called from invalid context, KASAN reports).
+        K::KernelBug => 0..=3,
+        // kernel/hung_task.c: pr_err("INFO: task %s:%d blocked for more than ...");
+        // kernel/rcu/tree_stall.h, tree_exp.h, tasks.h: pr_err("INFO: %s detected stalls
+        // ...") / pr_err("INFO: %s self-detected stall on CPU"); mm/oom_kill.c
+        // __oom_kill_process(): pr_err("%s: Killed process %d (%s) ...").
+        K::HungTask | K::RcuStall | K::OutOfMemory => 3..=3,
+        // x86 __die_header(): printk(KERN_DEFAULT "%s: %04lx [#%d]..."), stored at the
+        // node's default message level (kernel.printk, 4 unless changed), so any level;
+        // arm64 die(): pr_emerg("Internal error: %s: %016lx [#%d]...").
+        K::Oops | K::GeneralProtectionFault => 0..=7,
+    }
+}
+
+/// Line `index` of `record` as a trigger: its classification and framing when it may open an
+/// incident, counting it in `stats` when it matched but may not.
+fn trigger<'a>(
+    record: &Record,
+    index: usize,
+    line: &'a str,
+    stats: &mut WatchStats,
+) -> Option<(Classified<'a>, Framing)> {
+    let classified = kernel_log::classify(line)?;
+    match record.format {
+        Format::Plain => Some((classified, Framing::PlainLine)),
+        Format::Extended if index > 0 => {
+            stats.not_first_line += 1;
+            None
+        }
+        Format::Extended => {
+            let kernel = record.facility == Some(0)
+                && !record.continuation
+                && record
+                    .level
+                    .is_some_and(|level| kernel_levels(classified.kind).contains(&level));
+            if !kernel {
+                stats.not_kernel_level += 1;
+                return None;
+            }
+            Some((classified, Framing::ExtendedRecord))
+        }
+    }
+}
+
 /// One sender's recent lines and open incident.
 #[derive(Debug)]
 struct Watched {
-    recent: VecDeque<Seen>,
+    recent: Recent,
     open: Option<KernelReport>,
+    /// The printk timestamp of the line that opened `open`, if it had one.
+    open_usec: Option<u64>,
     /// `open` changed since it was last reported.
     dirty: bool,
     release: Option<String>,
     last_seen: Instant,
 }
 
-/// A line remembered for deduplication.
-#[derive(Debug)]
-struct Seen {
-    format: Format,
-    text: String,
-    usec: Option<u64>,
-    seq: Option<u64>,
-    at: Instant,
-    /// Its copy from the other format has been dropped already.
-    matched: bool,
-}
-
 impl Watched {
-    fn new(now: Instant) -> Self {
+    fn new(now: Instant, limits: &WatchLimits) -> Self {
         Self {
-            recent: VecDeque::new(),
+            recent: Recent::new(limits.dedupe_window, limits.max_recent_lines),
             open: None,
+            open_usec: None,
             dirty: false,
             release: None,
             last_seen: now,
@@ -165,6 +273,7 @@ impl Watched {
         record: &Record,
         now: Instant,
         limits: &WatchLimits,
+        stats: &mut WatchStats,
         out: &mut Vec<KernelReport>,
     ) {
         self.last_seen = now;
@@ -180,16 +289,32 @@ impl Watched {
                 self.dirty = true;
             }
         }
-        while self
-            .recent
-            .front()
-            .is_some_and(|seen| now.duration_since(seen.at) > limits.dedupe_window)
-        {
-            self.recent.pop_front();
-        }
-        for line in record.lines() {
-            if !self.is_copy(record, line, now, limits) {
-                self.line(line, now, limits, out);
+        for (index, line) in record.lines().enumerate() {
+            let trigger = trigger(record, index, line, stats);
+            let copy = self
+                .recent
+                .seen(record.format, record.seq, record.usec, index, line, now);
+            if let Some((classified, Framing::ExtendedRecord)) = trigger
+                && let Some(open) = &mut self.open
+                && open.framing == Framing::PlainLine
+            {
+                if open.message == classified.message
+                    && self.open_usec.zip(record.usec).is_none_or(|(a, b)| a == b)
+                {
+                    // The extended copy of the plain line that opened the incident.
+                    open.framing = Framing::ExtendedRecord;
+                    self.dirty = true;
+                    continue;
+                }
+                if classified.kind.is_fatal() {
+                    // Even when a copy: its plain twin was only context of the plain incident.
+                    self.start(classified, Framing::ExtendedRecord, record.usec, now, out);
+                    self.close_if_full(limits, out);
+                    continue;
+                }
+            }
+            if !copy {
+                self.line(line, trigger, record.usec, now, limits, out);
             }
         }
         if self.dirty
@@ -200,70 +325,53 @@ impl Watched {
         self.dirty = false;
     }
 
-    /// Remembers `line` and tells whether it repeats one already seen: the
-    /// same message from the other format (same text, and same timestamp
-    /// when both have one), or the same extended record again.
-    fn is_copy(&mut self, record: &Record, line: &str, now: Instant, limits: &WatchLimits) -> bool {
-        // Each line matches one copy at most, so repeated identical lines
-        // (common in stack traces) survive.
-        let twin = self.recent.iter_mut().find(|seen| {
-            !seen.matched
-                && seen.format != record.format
-                && seen.text == line
-                && seen.usec.zip(record.usec).is_none_or(|(a, b)| a == b)
-        });
-        if let Some(twin) = twin {
-            twin.matched = true;
-            return true;
-        }
-        if record.seq.is_some()
-            && self.recent.iter().any(|seen| {
-                seen.format == record.format && seen.seq == record.seq && seen.text == line
-            })
-        {
-            return true;
-        }
-        if self.recent.len() >= limits.max_recent_lines {
-            self.recent.pop_front();
-        }
-        self.recent.push_back(Seen {
-            format: record.format,
-            text: line.to_owned(),
-            usec: record.usec,
-            seq: record.seq,
-            at: now,
-            matched: false,
-        });
-        false
-    }
-
     fn line(
         &mut self,
         line: &str,
+        trigger: Option<(Classified<'_>, Framing)>,
+        usec: Option<u64>,
         now: Instant,
         limits: &WatchLimits,
         out: &mut Vec<KernelReport>,
     ) {
-        if let Some(c) = kernel_log::classify(line)
+        if let Some((c, framing)) = trigger
             && self
                 .open
                 .as_ref()
                 .is_none_or(|open| c.kind.is_fatal() && !open.kind.is_fatal())
         {
-            self.close(out);
-            self.open = Some(KernelReport {
-                kind: c.kind,
-                message: c.message.to_owned(),
-                context: Vec::new(),
-                complete: false,
-                first_seen: now,
-                release: self.release.clone(),
-            });
-            self.dirty = true;
+            self.start(c, framing, usec, now, out);
         } else if let Some(open) = &mut self.open {
             open.context.push(line.to_owned());
             self.dirty = true;
         }
+        self.close_if_full(limits, out);
+    }
+
+    /// Closes the open incident, if any, and opens one for `c`.
+    fn start(
+        &mut self,
+        c: Classified<'_>,
+        framing: Framing,
+        usec: Option<u64>,
+        now: Instant,
+        out: &mut Vec<KernelReport>,
+    ) {
+        self.close(out);
+        self.open = Some(KernelReport {
+            kind: c.kind,
+            message: c.message.to_owned(),
+            context: Vec::new(),
+            complete: false,
+            first_seen: now,
+            release: self.release.clone(),
+            framing,
+        });
+        self.open_usec = usec;
+        self.dirty = true;
+    }
+
+    fn close_if_full(&mut self, limits: &WatchLimits, out: &mut Vec<KernelReport>) {
         if self
             .open
             .as_ref()
@@ -304,9 +412,16 @@ mod tests {
         parse::plain_record(line.as_bytes())
     }
 
+    /// An extended record from the kernel: facility 0, at the level the kernel prints a
+    /// failure line at, else KERN_WARNING.
     fn ext(release: Option<&str>, seq: u64, usec: u64, message: &str) -> Record {
+        let level = kernel_log::classify(message).map_or(4, |c| *kernel_levels(c.kind).start());
+        ext_at(release, u16::from(level), seq, usec, message)
+    }
+
+    fn ext_at(release: Option<&str>, prefix: u16, seq: u64, usec: u64, message: &str) -> Record {
         let release = release.map(|r| format!("{r},")).unwrap_or_default();
-        let datagram = format!("{release}4,{seq},{usec},-;{message}\n");
+        let datagram = format!("{release}{prefix},{seq},{usec},-;{message}\n");
         let e = parse::extended(datagram.as_bytes()).unwrap().unwrap();
         e.meta.record(e.body)
     }
@@ -499,5 +614,88 @@ mod tests {
         let later = t0 + Duration::from_secs(60);
         assert_eq!(w.poll(later).len(), 2);
         assert!(w.senders.is_empty());
+    }
+
+    #[test]
+    fn only_the_kernels_first_line_of_an_extended_record_opens_an_incident() {
+        let t0 = Instant::now();
+        let mut w = watch();
+        let forged = "Kernel panic - not syncing: forged";
+        let records = [
+            // A kernel message echoing user text with a newline.
+            ext(None, 1, 10, &format!("innocent\\x0a{forged}")),
+            // A /dev/kmsg writer: facility 1 (user), even at KERN_EMERG.
+            ext_at(None, 8, 2, 11, forged),
+            // Facility 0 at another level than panic() prints at.
+            ext_at(None, 4, 3, 12, forged),
+        ];
+        assert!(push_all(&mut w, &records, t0).is_empty());
+        // A continuation fragment that starts a record.
+        let datagram = format!("0,4,13,c;{forged}\n");
+        let cont = parse::extended(datagram.as_bytes()).unwrap().unwrap();
+        assert!(w.push("node", &cont.meta.record(cont.body), t0).is_empty());
+        assert_eq!(
+            w.stats(),
+            WatchStats {
+                not_first_line: 1,
+                not_kernel_level: 3
+            }
+        );
+        assert!(w.poll(t0 + Duration::from_secs(60)).is_empty());
+
+        // Levels are per kind: a page fault is KERN_ALERT, not KERN_EMERG.
+        let fault = "BUG: kernel NULL pointer dereference, address: 0000000000000008";
+        assert!(
+            w.push("node", &ext_at(None, 0, 5, 14, fault), t0)
+                .is_empty()
+        );
+        let opened = w.push("node", &ext_at(None, 1, 6, 15, fault), t0);
+        assert_eq!(opened[0].1.kind, K::PageFault);
+        assert_eq!(opened[0].1.framing, Framing::ExtendedRecord);
+    }
+
+    #[test]
+    fn an_extended_panic_supersedes_an_incident_a_plain_line_opened() {
+        let t0 = Instant::now();
+        let forged = "Kernel panic - not syncing: forged";
+        let real = "Kernel panic - not syncing: sysrq triggered crash";
+
+        // The plain copy of the real panic comes first: context of the forged incident,
+        // until its extended copy supersedes it.
+        for real_plain_first in [false, true] {
+            let mut w = watch();
+            let opened = push_all(&mut w, &[plain(1, forged)], t0);
+            assert_eq!(opened[0].framing, Framing::PlainLine);
+            let mut records = vec![ext(None, 9, 5, real), plain(5, real)];
+            if real_plain_first {
+                records.reverse();
+            }
+            records.push(plain(6, "Kernel Offset: disabled"));
+            let reports = push_all(&mut w, &records, t0);
+            let closed: Vec<&KernelReport> = reports.iter().filter(|r| r.complete).collect();
+            assert_eq!(closed.len(), 1);
+            assert_eq!(closed[0].message, forged);
+            let last = reports.last().unwrap();
+            assert_eq!(
+                (last.message.as_str(), last.framing),
+                (real, Framing::ExtendedRecord)
+            );
+            assert_eq!(last.context, ["Kernel Offset: disabled"]);
+        }
+
+        // The extended copy of the very line that opened the incident upgrades it.
+        let mut w = watch();
+        push_all(&mut w, &[plain(5, real), plain(6, "CPU: 0 PID: 1")], t0);
+        let upgraded = push_all(&mut w, &[ext(None, 9, 5, real)], t0);
+        assert_eq!(upgraded.len(), 1);
+        assert_eq!(upgraded[0].framing, Framing::ExtendedRecord);
+        assert!(!upgraded[0].complete);
+        assert_eq!(upgraded[0].context, ["CPU: 0 PID: 1"]);
+        // A plain panic does not supersede an extended one.
+        let mut w = watch();
+        push_all(&mut w, &[ext(None, 9, 5, real)], t0);
+        let later = push_all(&mut w, &[plain(7, forged)], t0);
+        assert_eq!(later[0].message, real);
+        assert_eq!(later[0].context, [forged]);
     }
 }

@@ -1,7 +1,8 @@
 //! Netconsole ingest: UDP datagrams from dying nodes to kernel failure reports.
 //!
 //! Two wire formats (kernel `Documentation/networking/netconsole.rst`,
-//! `drivers/net/netconsole.c`), detected per datagram:
+//! `drivers/net/netconsole.c`), detected per datagram, neither ever sent in
+//! datagrams over 1000 bytes (`MAX_PRINT_CHUNK`; larger ones are rejected):
 //!
 //! * Plain: raw console text. A console write longer than 1000 bytes
 //!   (`MAX_PRINT_CHUNK`) is cut into datagrams with no header, so lines are
@@ -11,12 +12,20 @@
 //!   after the text. A longer record is sent as fragments carrying
 //!   `ncfrag=<offset>/<total>` and reassembled per (source address, seq).
 //!
-//! [`Reassembler`] turns datagrams into [`Record`]s; [`PanicWatch`] turns
-//! records into [`KernelReport`]s, classifying with [`crate::kernel_log`] and
-//! dropping the copy of a message that arrives through the other format.
+//! [`ByteBudget`] bounds the parsing work (bytes and lines) per source address
+//! and second, so a flood from one node is dropped cheaply instead of starving
+//! the others.
+//! [`Reassembler`] turns datagrams into [`Record`]s, within per-address and
+//! global memory budgets; [`PanicWatch`] turns records into [`KernelReport`]s,
+//! classifying with [`crate::kernel_log`] only the line that starts a record
+//! (and on extended records only the kernel's own, at the kernel's level: see
+//! [`Framing`]), and dropping the copy of a message that arrives through the
+//! other format.
 //!
 //! ```text
+//! if !budget.admit(from.ip(), datagram.len(), now) { /* drop */ }
 //! let records = reassembler.push(from, &datagram, now)?;
+//! budget.charge_lines(from.ip(), /* lines in records */);
 //! for record in &records {
 //!     for (node, report) in watch.push(from.ip(), record, now) { /* act */ }
 //! }
@@ -25,13 +34,18 @@
 //! for (node, report) in watch.poll(now) { /* act */ }
 //! ```
 
+mod budget;
+mod dedupe;
 mod incident;
 mod parse;
 mod reassembly;
+mod summary;
 
-pub use incident::{KernelReport, PanicWatch, WatchLimits};
+pub use budget::{BudgetLimits, ByteBudget};
+pub use incident::{Framing, KernelReport, PanicWatch, WatchLimits, WatchStats, kernel_levels};
 pub use parse::{Format, ParseError, Record};
-pub use reassembly::{Limits, Reassembler, Stats};
+pub use reassembly::{Limits, MAX_PRINT_CHUNK, Reassembler, Stats};
+pub use summary::DropSummary;
 
 #[cfg(test)]
 mod tests {
@@ -157,8 +171,14 @@ mod tests {
             );
             assert!(plain.context.iter().any(|l| l == " panic+0x118/0x2f4"));
             assert_eq!(plain.release, None);
+            // The real kernel prints the panic at facility 0, KERN_EMERG; the plain copy
+            // cannot tell, and when both arrive the extended copy upgrades the incident.
+            assert_eq!(plain.framing, Framing::PlainLine);
+            assert_eq!(extended.framing, Framing::ExtendedRecord);
+            assert_eq!(both.framing, Framing::ExtendedRecord);
 
-            // Identical apart from when the first copy arrived.
+            // Identical apart from when the first copy arrived and the framing.
+            plain.framing = Framing::ExtendedRecord;
             plain.first_seen = extended.first_seen;
             assert_eq!(plain, extended, "{name}");
             plain.first_seen = both.first_seen;

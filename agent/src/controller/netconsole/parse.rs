@@ -35,6 +35,10 @@ pub struct Record {
     pub facility: Option<u8>,
     /// printk sequence number, extended only.
     pub seq: Option<u64>,
+    /// Extended only: the header's flag is not `-`. Since 4.9 `c` means the text began
+    /// as a continuation (`pr_cont`) that could not join the record before it; older
+    /// kernels flagged continuation fragments `+`.
+    pub continuation: bool,
     /// Timestamp in microseconds since boot: the extended header field, or
     /// the `[secs.usecs]` prefix of a plain line when it has one.
     pub usec: Option<u64>,
@@ -83,6 +87,9 @@ pub enum ParseError {
     },
     #[error("fragmented message of {total} bytes exceeds the {max}-byte limit")]
     MessageTooLarge { total: usize, max: usize },
+    /// Netconsole never sends more than `MAX_PRINT_CHUNK` bytes in one datagram.
+    #[error("datagram of {len} bytes or more exceeds the kernel's {max}-byte limit")]
+    Oversized { len: usize, max: usize },
 }
 
 /// Header fields shared by every fragment of an extended record.
@@ -92,6 +99,7 @@ pub(crate) struct Meta {
     pub prefix: u16,
     pub seq: u64,
     pub usec: u64,
+    pub continuation: bool,
 }
 
 /// Position of one fragment in the message body (`ncfrag=<offset>/<total>`).
@@ -144,6 +152,7 @@ pub(crate) fn extended(datagram: &[u8]) -> Result<Option<Extended<'_>>, ParseErr
             prefix: head.prefix,
             seq: head.seq,
             usec: head.usec,
+            continuation: head.continuation,
         },
         frag,
         body,
@@ -155,6 +164,7 @@ struct Head<'a> {
     prefix: u16,
     seq: u64,
     usec: u64,
+    continuation: bool,
     ncfrag: Option<&'a str>,
 }
 
@@ -172,6 +182,7 @@ impl<'a> Head<'a> {
             prefix: u16::try_from(prefix).ok()?,
             seq: number(seq)?,
             usec: number(usec)?,
+            continuation: *flags != "-",
             ncfrag: extra.iter().find_map(|f| f.strip_prefix("ncfrag=")),
         })
     }
@@ -227,6 +238,7 @@ impl Meta {
             level: Some((self.prefix & 7) as u8),
             facility: u8::try_from(self.prefix >> 3).ok(),
             seq: Some(self.seq),
+            continuation: self.continuation,
             usec: Some(self.usec),
             release: self.release.clone(),
             dict,
@@ -270,6 +282,7 @@ pub(crate) fn plain_record(line: &[u8]) -> Record {
         level: None,
         facility: None,
         seq: None,
+        continuation: false,
         release: None,
         dict: Vec::new(),
     }
@@ -313,9 +326,12 @@ mod tests {
         assert_eq!(r.release, None);
         assert_eq!(r.message(), "short-test hello");
 
+        assert!(!r.continuation);
+
         // Continuation flag and a CONFIG_PRINTK_CALLER field.
         let r = record("4,9,10,c,caller=T1;more\n");
         assert_eq!((r.text.as_str(), r.seq), ("more", Some(9)));
+        assert!(r.continuation);
     }
 
     #[test]

@@ -1,15 +1,24 @@
 //! Per-sender state: rejoining plain lines split into 1000-byte datagrams and
 //! reassembling extended records sent as `ncfrag` fragments.
+//!
+//! A sender is a source address and port; memory is budgeted per IP address too, so one
+//! address sending from many ports evicts only its own partial data, never another node's.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use super::parse::{self, Fragment, Meta, ParseError, Record};
 
-/// Memory bounds of a [`Reassembler`].
+/// `MAX_PRINT_CHUNK` in drivers/net/netconsole.c: the largest datagram netconsole sends,
+/// plain or extended, whole or a fragment (the `release` prefix and userdata included).
+pub const MAX_PRINT_CHUNK: usize = 1000;
+
+/// Memory and size bounds of a [`Reassembler`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
+    /// Larger datagrams are not the kernel's and are rejected unparsed.
+    pub max_datagram_bytes: usize,
     /// Longest plain line buffered while waiting for its newline; a longer
     /// one is emitted in pieces of this size.
     pub max_line_bytes: usize,
@@ -27,17 +36,29 @@ pub struct Limits {
     /// Buffered bytes over all senders; beyond this the least recently
     /// active senders' data is dropped.
     pub max_buffered_bytes: usize,
+    /// Senders (ports) with buffered data per IP address; beyond this the
+    /// address's least recently active sender's data is dropped.
+    pub max_senders_per_ip: usize,
+    /// Buffered bytes per IP address; beyond this the address's least
+    /// recently active senders' data is dropped (never the one just active).
+    pub max_buffered_bytes_per_ip: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
+            max_datagram_bytes: MAX_PRINT_CHUNK,
             max_line_bytes: 8 << 10,
             max_pending_messages: 64,
             max_message_bytes: 16 << 10,
             ttl: Duration::from_secs(5),
             max_senders: 4096,
             max_buffered_bytes: 32 << 20,
+            // A node has a plain and an extended port per netconsole target.
+            max_senders_per_ip: 16,
+            // Above what one sender can hold (a line and `max_pending_messages`
+            // records of `max_message_bytes`).
+            max_buffered_bytes_per_ip: 2 << 20,
         }
     }
 }
@@ -61,6 +82,8 @@ pub struct Stats {
     /// Senders whose buffered data was dropped for `max_senders` or
     /// `max_buffered_bytes`.
     pub senders_evicted: u64,
+    /// Senders whose buffered data was dropped for their IP address's budget.
+    pub senders_evicted_by_ip: u64,
 }
 
 /// Turns datagrams into [`Record`]s, keeping per-sender partial state.
@@ -74,6 +97,8 @@ pub struct Reassembler {
     senders: HashMap<SocketAddr, Sender>,
     /// Senders by last activity, oldest first, for eviction.
     lru: BTreeMap<u64, SocketAddr>,
+    /// Senders and their bytes per IP address.
+    by_ip: HashMap<IpAddr, IpUsage>,
     tick: u64,
     /// Heap bytes held by all senders.
     buffered: usize,
@@ -90,6 +115,7 @@ impl Reassembler {
             },
             senders: HashMap::new(),
             lru: BTreeMap::new(),
+            by_ip: HashMap::new(),
             tick: 0,
             buffered: 0,
             stats: Stats::default(),
@@ -130,6 +156,9 @@ impl Reassembler {
                 self.stats.lines_flushed += 1;
             }
             self.buffered -= before - sender.bytes();
+            if let Some(usage) = self.by_ip.get_mut(&from.ip()) {
+                usage.bytes -= before - sender.bytes();
+            }
             if sender.is_empty() {
                 emptied.push((from, sender.tick));
             }
@@ -137,6 +166,7 @@ impl Reassembler {
         for (from, tick) in emptied {
             if let Some(sender) = self.senders.remove(&from) {
                 self.buffered -= sender.bytes();
+                self.unaccount(from, sender.bytes());
             }
             self.lru.remove(&tick);
         }
@@ -158,6 +188,11 @@ impl Reassembler {
         self.senders.len()
     }
 
+    /// Senders from `ip` that currently have buffered data.
+    pub fn senders_of(&self, ip: IpAddr) -> usize {
+        self.by_ip.get(&ip).map_or(0, |usage| usage.senders.len())
+    }
+
     fn parse(
         &mut self,
         from: SocketAddr,
@@ -166,6 +201,12 @@ impl Reassembler {
     ) -> Result<Vec<Record>, ParseError> {
         if datagram.is_empty() {
             return Err(ParseError::Empty);
+        }
+        if datagram.len() > self.limits.max_datagram_bytes {
+            return Err(ParseError::Oversized {
+                len: datagram.len(),
+                max: self.limits.max_datagram_bytes,
+            });
         }
         if let Some(offset) = datagram.iter().position(|&b| b == 0) {
             return Err(ParseError::Binary { offset });
@@ -198,6 +239,7 @@ impl Reassembler {
             Some(sender) => {
                 self.lru.remove(&sender.tick);
                 self.buffered -= sender.bytes();
+                self.unaccount(from, sender.bytes());
                 sender
             }
             None => Sender::new(now),
@@ -205,7 +247,8 @@ impl Reassembler {
     }
 
     /// Stores a sender's state as most recently active, then evicts the
-    /// least recently active senders until the limits hold.
+    /// least recently active senders until the limits hold: first those of
+    /// the same IP address for its budget, then any for the global one.
     fn put(&mut self, from: SocketAddr, mut sender: Sender) {
         if sender.is_empty() {
             return;
@@ -213,20 +256,66 @@ impl Reassembler {
         self.tick += 1;
         sender.tick = self.tick;
         self.buffered += sender.bytes();
+        let usage = self.by_ip.entry(from.ip()).or_default();
+        usage.bytes += sender.bytes();
+        usage.senders.push(from);
         self.lru.insert(sender.tick, from);
         self.senders.insert(from, sender);
+        while let Some(usage) = self.by_ip.get(&from.ip())
+            && (usage.senders.len() > self.limits.max_senders_per_ip
+                || usage.bytes > self.limits.max_buffered_bytes_per_ip)
+        {
+            // At most `max_senders_per_ip` + 1 to look at.
+            let victim = usage
+                .senders
+                .iter()
+                .filter(|&&other| other != from)
+                .min_by_key(|other| self.senders.get(other).map_or(0, |s| s.tick))
+                .copied();
+            let Some(victim) = victim else {
+                break;
+            };
+            self.evict(victim);
+            self.stats.senders_evicted_by_ip += 1;
+        }
         while self.senders.len() > self.limits.max_senders
             || self.buffered > self.limits.max_buffered_bytes
         {
-            let Some((_, victim)) = self.lru.pop_first() else {
+            let Some(&victim) = self.lru.first_key_value().map(|(_, victim)| victim) else {
                 break;
             };
-            if let Some(evicted) = self.senders.remove(&victim) {
-                self.buffered -= evicted.bytes();
-                self.stats.senders_evicted += 1;
+            self.evict(victim);
+            self.stats.senders_evicted += 1;
+        }
+    }
+
+    fn evict(&mut self, victim: SocketAddr) {
+        if let Some(evicted) = self.senders.remove(&victim) {
+            self.lru.remove(&evicted.tick);
+            self.buffered -= evicted.bytes();
+            self.unaccount(victim, evicted.bytes());
+        }
+    }
+
+    /// Removes a sender and its bytes from its IP address's usage.
+    fn unaccount(&mut self, from: SocketAddr, bytes: usize) {
+        let ip = from.ip();
+        if let Some(usage) = self.by_ip.get_mut(&ip) {
+            usage.bytes -= bytes;
+            usage.senders.retain(|&other| other != from);
+            if usage.senders.is_empty() {
+                self.by_ip.remove(&ip);
             }
         }
     }
+}
+
+/// What one IP address holds.
+#[derive(Debug, Default)]
+struct IpUsage {
+    /// Its senders with buffered data, at most `max_senders_per_ip` + 1.
+    senders: Vec<SocketAddr>,
+    bytes: usize,
 }
 
 /// Partial data from one source address.
@@ -590,19 +679,23 @@ mod tests {
     #[test]
     fn memory_caps_hold_under_random_input() {
         let limits = Limits {
+            max_datagram_bytes: 1400,
             max_line_bytes: 512,
             max_pending_messages: 4,
             max_message_bytes: 4096,
             ttl: Duration::from_secs(2),
             max_senders: 64,
             max_buffered_bytes: 128 << 10,
+            max_senders_per_ip: 4,
+            // Above what one sender can hold.
+            max_buffered_bytes_per_ip: 32 << 10,
         };
         let mut r = Reassembler::new(limits.clone());
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         let t0 = Instant::now();
         for i in 0..20_000u64 {
             let now = t0 + Duration::from_millis(i);
-            let from = addr(rng.below(1000) as u32);
+            let from = SocketAddr::new(addr(rng.below(30) as u32).ip(), 6665 + rng.below(8) as u16);
             let datagram = match rng.below(4) {
                 // Plain text, mostly without newline.
                 0 => (0..rng.below(1200))
@@ -640,10 +733,86 @@ mod tests {
                 assert!(sender.line.len() <= limits.max_line_bytes);
                 assert!(sender.pending.len() <= limits.max_pending_messages);
             }
+            for (ip, usage) in &r.by_ip {
+                assert!(usage.senders.len() <= limits.max_senders_per_ip);
+                assert!(usage.bytes <= limits.max_buffered_bytes_per_ip);
+                let held: usize = usage.senders.iter().map(|s| r.senders[s].bytes()).sum();
+                assert_eq!(held, usage.bytes);
+                assert!(usage.senders.iter().all(|s| s.ip() == *ip));
+            }
+            let accounted: usize = r.by_ip.values().map(|usage| usage.senders.len()).sum();
+            assert_eq!(accounted, r.senders());
         }
         let stats = r.stats();
         assert!(stats.errors > 0 && stats.records > 0 && stats.senders_evicted > 0);
+        assert!(stats.senders_evicted_by_ip > 0);
         r.expire(t0 + Duration::from_secs(3600));
         assert_eq!((r.senders(), r.buffered_bytes()), (0, 0));
+        assert!(r.by_ip.is_empty());
+    }
+
+    #[test]
+    fn datagrams_larger_than_the_kernel_sends_are_rejected() {
+        let t0 = Instant::now();
+        let mut r = Reassembler::new(Limits::default());
+        let header = "0,1,1,-;Kernel panic - not syncing: x";
+        let fits = format!("{header}{}\n", "y".repeat(CHUNK - header.len() - 1));
+        assert_eq!(fits.len(), CHUNK);
+        assert_eq!(r.push(addr(1), fits.as_bytes(), t0).unwrap().len(), 1);
+        // What the storm sent: 64 KiB of short escaped lines in one extended datagram.
+        let storm = format!("4,2,2,-;{}\n", "a\\x0a".repeat(13_000));
+        assert!(storm.len() > 64_000);
+        for datagram in [fits.as_bytes(), storm.as_bytes()] {
+            let mut over = datagram.to_vec();
+            over.push(b'\n');
+            assert!(matches!(
+                r.push(addr(1), &over, t0),
+                Err(ParseError::Oversized { max: CHUNK, .. })
+            ));
+        }
+        // Plain too: the kernel cuts every console write into 1000-byte datagrams.
+        let plain = vec![b'p'; CHUNK + 1];
+        assert!(matches!(
+            r.push(addr(1), &plain, t0),
+            Err(ParseError::Oversized { .. })
+        ));
+        assert_eq!((r.senders(), r.stats().errors), (0, 3));
+    }
+
+    #[test]
+    fn many_ports_of_one_address_evict_only_their_own_lines() {
+        let t0 = Instant::now();
+        let limits = Limits::default();
+        let mut r = Reassembler::new(limits.clone());
+        let victim = SocketAddr::from(([10, 0, 0, 2], 6665));
+        assert!(
+            r.push(victim, b"[   9.000000] Kernel panic - not sy", t0)
+                .unwrap()
+                .is_empty()
+        );
+        // Fragments too: the first half of an extended record.
+        let fragments = ext_datagrams(None, &format!("0,7,1,-;{}\n", "q".repeat(1200)));
+        let victim_ext = SocketAddr::from(([10, 0, 0, 2], 6666));
+        assert!(r.push(victim_ext, &fragments[0], t0).unwrap().is_empty());
+
+        // The attacker: every port, partial lines and fragments of huge records.
+        let attacker = [10, 0, 0, 3];
+        for port in 1..=20_000u16 {
+            let from = SocketAddr::from((attacker, port));
+            let now = t0 + Duration::from_micros(u64::from(port));
+            let pending = format!("4,{port},1,-,ncfrag=0/{};x", limits.max_message_bytes);
+            r.push(from, pending.as_bytes(), now).unwrap();
+            r.push(from, &[b'z'; 999], now).unwrap();
+        }
+        let attacker_ip = SocketAddr::from((attacker, 0)).ip();
+        assert_eq!(r.senders_of(attacker_ip), limits.max_senders_per_ip);
+        assert!(r.stats().senders_evicted_by_ip > 19_000);
+        assert_eq!(r.stats().senders_evicted, 0);
+
+        let later = t0 + Duration::from_secs(1);
+        let records = r.push(victim, b"ncing: the rest\n", later).unwrap();
+        assert_eq!(records[0].message(), "Kernel panic - not syncing: the rest");
+        let records = r.push(victim_ext, &fragments[1], later).unwrap();
+        assert_eq!(records[0].seq, Some(7));
     }
 }

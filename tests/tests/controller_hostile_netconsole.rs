@@ -1,0 +1,380 @@
+//! The controller's netconsole input under attack, for real: a controller against the in-repo
+//! Kubernetes API test server, datagrams over UDP on loopback. Node B's InternalIP is 127.0.0.2
+//! and node A's 127.0.0.3; node A plays the attacker, node B the victim.
+
+use std::{
+    net::{SocketAddr, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use base64::Engine as _;
+use lastgasp::{
+    controller::{Controller, policy::Policy},
+    wire::AuthKey,
+};
+use lastgasp_tests::{
+    apiserver::ApiServer,
+    fixtures::{annotation, controller_config, put_node, put_pod, wait_for},
+    scrape,
+};
+use serde_json::Value;
+
+const VICTIM: &str = "127.0.0.2";
+const ATTACKER: &str = "127.0.0.3";
+const GENUINE: &str = "Kernel panic - not syncing: sysrq triggered crash";
+
+fn seed(server: &ApiServer) {
+    put_node(server, "node-a", ATTACKER);
+    put_node(server, "node-b", VICTIM);
+    for (pod, node) in [("b-0", "node-b"), ("b-1", "node-b"), ("a-0", "node-a")] {
+        put_pod(server, "team", pod, node);
+    }
+}
+
+async fn start(server: &ApiServer, policy: Policy) -> Controller {
+    Controller::start(
+        server.client().await.unwrap(),
+        controller_config(policy, AuthKey::HmacSha256(b"key".to_vec())),
+    )
+    .await
+    .unwrap()
+}
+
+/// The real capture of a panicking Debian 6.1 kernel: (format, payload) per datagram.
+fn capture() -> Vec<(String, Vec<u8>)> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/testdata/netconsole/debian-6.1-cloud-sysrq-crash.jsonl"
+    );
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let datagram: Value = serde_json::from_str(line).unwrap();
+            (
+                datagram["format"].as_str().unwrap().to_owned(),
+                base64::engine::general_purpose::STANDARD
+                    .decode(datagram["payload_b64"].as_str().unwrap())
+                    .unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Sends the capture's datagrams of the given formats from `ip`, one port per format.
+fn replay(ip: &str, formats: &[&str], to: SocketAddr) {
+    let plain = UdpSocket::bind((ip, 0)).unwrap();
+    let extended = UdpSocket::bind((ip, 0)).unwrap();
+    for (format, payload) in capture() {
+        if !formats.contains(&format.as_str()) {
+            continue;
+        }
+        let socket = if format == "plain" { &plain } else { &extended };
+        socket.send_to(&payload, to).unwrap();
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// The value of one exact series, 0 when absent.
+fn value(metrics: &str, series: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn metric(controller: &Controller, series: &str) -> u64 {
+    value(&scrape(controller.metrics_addr()).await, series)
+}
+
+async fn wait_for_metric(controller: &Controller, series: &str, at_least: u64, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let now = metric(controller, series).await;
+        if now >= at_least {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} is {now}, not {at_least}, after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn writes(server: &ApiServer) -> Vec<String> {
+    server
+        .requests()
+        .into_iter()
+        .filter(|request| request.method != "GET")
+        .map(|request| format!("{} {}", request.method, request.uri))
+        .collect()
+}
+
+fn dropped(reason: &str) -> String {
+    format!(
+        r#"lastgasp_controller_datagrams_dropped_total{{channel="netconsole",reason="{reason}"}}"#
+    )
+}
+
+fn netconsole_incidents(framing: &str) -> String {
+    kind_incidents("panic", framing)
+}
+
+fn kind_incidents(kind: &str, framing: &str) -> String {
+    format!(
+        r#"lastgasp_controller_netconsole_incidents_total{{kind="{kind}",framing="{framing}"}}"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn injected_panic_lines_open_no_incident_and_a_plain_one_says_so() {
+    let server = ApiServer::start().await.unwrap();
+    seed(&server);
+    let controller = start(&server, Policy::Annotate).await;
+    let to = controller.netconsole_addr();
+    let extended = UdpSocket::bind((VICTIM, 0)).unwrap();
+    let plain = UdpSocket::bind((VICTIM, 0)).unwrap();
+
+    let forged = "Kernel panic - not syncing: forged";
+    for datagram in [
+        // A kernel message echoing a user string with a newline: the kernel escapes it.
+        format!("6,100,5000000,-;innocent\\x0a{forged}\n"),
+        // A /dev/kmsg writer asking for KERN_EMERG: facility 1 (user).
+        format!("8,101,5000001,-;{forged}\n"),
+        // Facility 0 but KERN_WARNING, not the KERN_EMERG of panic().
+        format!("4,102,5000002,-;{forged}\n"),
+        // A continuation fragment that starts a record.
+        format!("0,103,5000003,c;{forged}\n"),
+    ] {
+        extended.send_to(datagram.as_bytes(), to).unwrap();
+    }
+    wait_for_metric(
+        &controller,
+        &dropped("not_kernel_level"),
+        3,
+        Duration::from_secs(5),
+    )
+    .await;
+    wait_for_metric(
+        &controller,
+        &dropped("not_first_line"),
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
+    // Longer than an incident's first report takes (it is sent on the triggering line).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(writes(&server), Vec::<String>::new(), "nothing written");
+    let metrics = scrape(controller.metrics_addr()).await;
+    assert!(
+        !metrics.contains("lastgasp_controller_netconsole_incidents_total{"),
+        "{metrics}"
+    );
+
+    // Plain netconsole cannot tell an injected line: it opens an incident that says so.
+    plain
+        .send_to(format!("[    6.000000] {forged}\n").as_bytes(), to)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The genuine panic's extended record, from the same node, still opens its own incident,
+    // which closes the plain one.
+    replay(VICTIM, &["extended"], to);
+    wait_for_metric(
+        &controller,
+        &netconsole_incidents("plain_line"),
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
+    wait_for_metric(
+        &controller,
+        &netconsole_incidents("extended_record"),
+        1,
+        Duration::from_secs(15),
+    )
+    .await;
+    let metrics = scrape(controller.metrics_addr()).await;
+    assert_eq!(value(&metrics, &netconsole_incidents("plain_line")), 1);
+    assert_eq!(value(&metrics, &netconsole_incidents("extended_record")), 1);
+    let pod = server
+        .get_json("pods", Some("team"), "b-0")
+        .unwrap()
+        .unwrap();
+    println!(
+        "b-0 termination reason after both: {:?}",
+        annotation(&pod, "lastgasp.io/termination-reason")
+    );
+    assert!(
+        server
+            .get_json("pods", Some("team"), "a-0")
+            .unwrap()
+            .is_some_and(|pod| annotation(&pod, "lastgasp.io/termination-reason").is_none())
+    );
+}
+
+/// The review's attack: one node floods extended datagrams of 64 KiB of short escaped lines
+/// while another node panics.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_escape_storm_does_not_hide_another_nodes_panic() {
+    storm(65_000, "oversized").await;
+}
+
+/// The same with the largest datagrams the controller accepts: every line of every datagram
+/// goes through the watch of the attacking node.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_storm_of_kernel_sized_datagrams_does_not_hide_another_nodes_panic() {
+    storm(1000, "rate_limited").await;
+}
+
+/// Floods extended datagrams of `size` bytes of `ab\x0a` lines from the attacker, at most
+/// 100,000 in 6 s, while the victim's captured panic is sent; prints the rates and the
+/// victim's latency. `reason` is how the controller drops the storm's datagrams, if it does.
+async fn storm(size: usize, reason: &str) {
+    const STORM_DATAGRAMS: u64 = 100_000;
+    const STORM_TIME: Duration = Duration::from_secs(6);
+    let server = ApiServer::start().await.unwrap();
+    seed(&server);
+    let controller = start(&server, Policy::Annotate).await;
+    let to = controller.netconsole_addr();
+    let received = r#"lastgasp_controller_datagrams_received_total{channel="netconsole"}"#;
+    let before = metric(&controller, received).await;
+
+    let storm = std::thread::spawn(move || {
+        let socket = UdpSocket::bind((ATTACKER, 0)).unwrap();
+        let started = Instant::now();
+        let mut sent = 0u64;
+        while sent < STORM_DATAGRAMS && started.elapsed() < STORM_TIME {
+            // Another record each time, so none is a repeat; exactly `size` bytes.
+            let mut datagram = format!("4,{sent},{sent},-;").into_bytes();
+            while datagram.len() + 7 <= size {
+                datagram.extend_from_slice(b"ab\\x0a");
+            }
+            datagram.resize(size - 1, b'c');
+            datagram.push(b'\n');
+            if socket.send_to(&datagram, to).is_ok() {
+                sent += 1;
+            }
+        }
+        (sent, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let panicked = Instant::now();
+    replay(VICTIM, &["plain", "extended"], to);
+    let victim_datagrams = capture().len() as u64;
+    let mut marked = annotation_waiter(&server);
+    while !marked() && panicked.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let latency = panicked.elapsed();
+    let (sent, took) = storm.join().unwrap();
+    // Let the controller drain what the kernel queued before counting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let metrics = scrape(controller.metrics_addr()).await;
+    // The kernel drops what does not fit the socket's receive buffer; the rest is read.
+    let read = (value(&metrics, received) - before).saturating_sub(victim_datagrams);
+    println!(
+        "storm of {size}-byte datagrams: {sent} sent from one address in {took:.2?} ({:.0}/s); \
+         the controller read {read} of them ({:.0}/s, {:.1} %), dropped {} as {reason}; the \
+         victim's panic was marked {latency:.2?} after its first datagram",
+        sent as f64 / took.as_secs_f64(),
+        read as f64 / took.as_secs_f64(),
+        100.0 * read as f64 / sent as f64,
+        value(&metrics, &dropped(reason)),
+    );
+    assert!(sent > 1000, "the storm ran ({sent} datagrams)");
+    assert!(read > 0);
+    assert!(latency < Duration::from_secs(5), "{latency:?}");
+    let a0 = server
+        .get_json("pods", Some("team"), "a-0")
+        .unwrap()
+        .unwrap();
+    assert!(annotation(&a0, "lastgasp.io/termination-reason").is_none());
+}
+
+fn annotation_waiter(server: &ApiServer) -> impl FnMut() -> bool + '_ {
+    move || {
+        ["b-0", "b-1"].iter().all(|pod| {
+            server
+                .get_json("pods", Some("team"), pod)
+                .unwrap()
+                .is_some_and(|pod| {
+                    annotation(&pod, "lastgasp.io/termination-reason")
+                        .is_some_and(|reason| reason.contains(GENUINE))
+                })
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn many_ports_of_one_address_cannot_evict_another_nodes_partial_line() {
+    const PORTS: usize = 6000;
+    let server = ApiServer::start().await.unwrap();
+    seed(&server);
+    let controller = start(&server, Policy::Annotate).await;
+    let to = controller.netconsole_addr();
+
+    // The victim's plain target has sent half a line when the attack starts, its extended
+    // target the first fragment of a record too long for one datagram.
+    let victim = UdpSocket::bind((VICTIM, 0)).unwrap();
+    victim
+        .send_to(b"[    9.000000] Kernel panic - not sy", to)
+        .unwrap();
+    let victim_extended = UdpSocket::bind((VICTIM, 0)).unwrap();
+    let body = format!(
+        "watchdog: BUG: soft lockup - CPU#0 stuck for 23s! [x:1] {}\n",
+        "p".repeat(1500)
+    );
+    let header = |offset: usize| format!("0,500,8000000,-,ncfrag={offset}/{};", body.len());
+    let cut = 1000 - header(0).len();
+    let first = format!("{}{}", header(0), &body[..cut]);
+    let second = format!("{}{}", header(cut), &body[cut..]);
+    victim_extended.send_to(first.as_bytes(), to).unwrap();
+    let started = Instant::now();
+    // More ports than the controller tracks senders in all (4096), each with a partial line
+    // of one byte (well within the address's byte budget).
+    let attack = std::thread::spawn(move || {
+        for port in 0..PORTS {
+            let socket = UdpSocket::bind((ATTACKER, 0)).unwrap();
+            socket.send_to(b"z", to).unwrap();
+            if port % 500 == 0 {
+                // Let the controller keep up rather than have the kernel drop datagrams.
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    });
+    attack.join().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "within the line's 5 s lifetime: {took:?}"
+    );
+
+    victim_extended.send_to(second.as_bytes(), to).unwrap();
+    victim
+        .send_to(b"ncing: sysrq triggered crash\n", to)
+        .unwrap();
+    for i in 0..20 {
+        victim
+            .send_to(format!("[    9.00001{i}] context {i}\n").as_bytes(), to)
+            .unwrap();
+    }
+    // Both survived: the record completed (the panic superseded it), the line was a panic.
+    wait_for_metric(
+        &controller,
+        &kind_incidents("soft_lockup", "extended_record"),
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
+    wait_for_metric(
+        &controller,
+        &netconsole_incidents("plain_line"),
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
+    let reason = annotation_waiter(&server);
+    wait_for("node-b's pods marked", Duration::from_secs(10), reason).await;
+}
