@@ -125,10 +125,10 @@ pub struct Incident {
 pub enum Observed {
     /// A new incident: act on it.
     New,
-    /// More detail, another channel, better evidence or a better crash title for an open
-    /// incident; `new_source` says whether one of the last three (which change what is written
-    /// or allowed) happened.
-    Merged { new_source: bool },
+    /// More detail for an open incident: `new_source` when another channel reported it,
+    /// `changed` when that, better evidence or a better crash title changes what is written
+    /// or allowed.
+    Merged { new_source: bool, changed: bool },
 }
 
 /// Evidence within this long of an incident's start, for the same node and boot, is the same incident.
@@ -156,11 +156,16 @@ impl Incidents {
         })
     }
 
-    /// Whether the incident `evidence` reports is known and its crash already named.
-    pub fn crash_named(&self, evidence: &Evidence) -> bool {
+    /// Whether the incident `evidence` reports is known and its crash's culprit already named.
+    pub fn culprit_named(&self, evidence: &Evidence) -> bool {
         self.by_node.get(&evidence.node).is_some_and(|open| {
             open.iter().any(|incident| {
-                same_incident(incident, evidence) && incident.record.crash.is_some()
+                same_incident(incident, evidence)
+                    && incident
+                        .record
+                        .crash
+                        .as_ref()
+                        .is_some_and(|crash| crash.culprit.is_some())
             })
         })
     }
@@ -197,7 +202,8 @@ impl Incidents {
             }
             return (
                 Observed::Merged {
-                    new_source: new_source || better || named,
+                    new_source,
+                    changed: new_source || better || named,
                 },
                 open.clone(),
             );
@@ -303,21 +309,45 @@ mod tests {
             Some("boot-1"),
             now + Duration::from_millis(5),
         ));
-        assert_eq!(second, Observed::Merged { new_source: true });
+        assert_eq!(
+            second,
+            Observed::Merged {
+                new_source: true,
+                changed: true
+            }
+        );
         assert_eq!(merged.record.id, opened.record.id);
         assert_eq!(merged.record.boot_id.as_deref(), Some("boot-1"));
         assert_eq!(merged.record.sources.len(), 2);
         let (third, _) = incidents.observe(evidence(Source::Agent, Some("boot-1"), now));
-        assert_eq!(third, Observed::Merged { new_source: false });
+        assert_eq!(
+            third,
+            Observed::Merged {
+                new_source: false,
+                changed: false
+            }
+        );
         // Better evidence on a known channel upgrades the incident, and says so.
         let (fourth, upgraded) = incidents.observe(Evidence {
             tier: Tier::PanicProbe,
             ..evidence(Source::Agent, Some("boot-1"), now)
         });
-        assert_eq!(fourth, Observed::Merged { new_source: true });
+        assert_eq!(
+            fourth,
+            Observed::Merged {
+                new_source: false,
+                changed: true
+            }
+        );
         assert_eq!(upgraded.record.tier, Tier::PanicProbe);
         let (fifth, kept) = incidents.observe(evidence(Source::Netconsole, None, now));
-        assert_eq!(fifth, Observed::Merged { new_source: false });
+        assert_eq!(
+            fifth,
+            Observed::Merged {
+                new_source: false,
+                changed: false
+            }
+        );
         assert_eq!(kept.record.tier, Tier::PanicProbe, "never downgraded");
     }
 
@@ -339,7 +369,13 @@ mod tests {
         let report = delayed(None, panicked - seconds(3));
         assert!(incidents.knows(&report));
         let (observed, merged) = incidents.observe(report);
-        assert_eq!(observed, Observed::Merged { new_source: true });
+        assert_eq!(
+            observed,
+            Observed::Merged {
+                new_source: true,
+                changed: true
+            }
+        );
         assert_eq!(merged.record.id, live.record.id);
         assert_eq!(merged.record.panicked_at, None, "still a live incident");
         assert_eq!(
@@ -364,11 +400,23 @@ mod tests {
         assert_eq!(opened.record.sources, BTreeSet::from([Source::Pstore]));
         // Both are remembered: the live incident still takes its own channels.
         let (again, merged) = incidents.observe(evidence(Source::Netconsole, None, Instant::now()));
-        assert_eq!(again, Observed::Merged { new_source: true });
+        assert_eq!(
+            again,
+            Observed::Merged {
+                new_source: true,
+                changed: true
+            }
+        );
         assert_eq!(merged.record.id, live.record.id);
         // And a resent delayed report joins the delayed incident, by boot once it is known.
         let (resent, merged) = incidents.observe(delayed(Some("boot-0"), panicked - seconds(599)));
-        assert_eq!(resent, Observed::Merged { new_source: false });
+        assert_eq!(
+            resent,
+            Observed::Merged {
+                new_source: false,
+                changed: false
+            }
+        );
         assert_eq!(merged.record.id, opened.record.id);
         assert_eq!(merged.record.boot_id.as_deref(), Some("boot-0"));
     }

@@ -15,7 +15,7 @@ use super::{
     cluster::ClusterCache,
     incidents::Evidence,
     metrics::{ChannelLabels, ControllerMetrics},
-    netconsole::{KernelReport, Limits, PanicWatch, Reassembler, WatchLimits},
+    netconsole::{Framing, KernelReport, Limits, PanicWatch, Reassembler, WatchLimits},
     reasons::{Crash, Source},
     trust::{Freshness, Tier, freshness},
 };
@@ -168,8 +168,12 @@ pub async fn netconsole(
                 node,
                 boot_id: None,
                 source: Source::Netconsole,
-                tier: Tier::ConsoleText,
-                crash: None,
+                // Netconsole carries no authentication: at best the kernel's own record.
+                tier: match report.framing {
+                    Framing::ExtendedRecord => Tier::KernelRecord,
+                    Framing::PlainLine => Tier::ConsoleText,
+                },
+                crash: report.crash.as_ref().map(Crash::new),
                 kind: report.kind,
                 message: report.message,
                 context: report.context,

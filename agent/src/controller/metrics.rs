@@ -159,8 +159,8 @@ impl ControllerMetrics {
         );
         registry.register(
             "controller_crashes",
-            "Node incidents by crash signature (kind, culprit function, kernel release); the first 50 \
-             distinct signatures have their own series, later ones are counted as other",
+            "Node crashes by signature (kind, culprit function, kernel release), counted once the \
+             culprit is named; the first 50 signatures have their own series, later ones other",
             metrics.crashes.clone(),
         );
         Arc::new(metrics)
@@ -168,10 +168,10 @@ impl ControllerMetrics {
 
     /// Counts one node's crash under its signature, or under `other` once
     /// [`MAX_CRASH_SIGNATURES`] signatures have their series.
-    pub fn count_crash(&self, kind: &str, culprit: Option<&str>, kernel_release: Option<&str>) {
+    pub fn count_crash(&self, kind: &str, culprit: &str, kernel_release: Option<&str>) {
         let labels = CrashLabels {
             kind: kind.to_owned(),
-            culprit: culprit.unwrap_or("unknown").to_owned(),
+            culprit: culprit.to_owned(),
             kernel_release: kernel_release.unwrap_or("unknown").to_owned(),
         };
         let mut signatures = self.crash_signatures.lock().expect("crash signatures lock");
@@ -206,9 +206,9 @@ mod tests {
     fn crash_signatures_are_bounded() {
         let metrics = ControllerMetrics::register(&mut Registry::default());
         for n in 0..MAX_CRASH_SIGNATURES + 10 {
-            metrics.count_crash("oops", Some(&format!("f{n}")), Some("6.1.0-57-cloud-amd64"));
+            metrics.count_crash("oops", &format!("f{n}"), Some("6.1.0-57-cloud-amd64"));
         }
-        metrics.count_crash("oops", Some("f0"), Some("6.1.0-57-cloud-amd64"));
+        metrics.count_crash("oops", "f0", Some("6.1.0-57-cloud-amd64"));
         let series = |culprit: &str| {
             metrics
                 .crashes

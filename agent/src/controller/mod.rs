@@ -300,15 +300,15 @@ impl Decisions {
             recorded_plan = Some(Plan::from(stored.plan));
             self.incidents.resume(stored.record, Instant::now());
         }
-        let named_before = self.incidents.crash_named(&evidence);
+        let named_before = self.incidents.culprit_named(&evidence);
         let (observed, incident) = self.incidents.observe(evidence);
-        // Each node's crash counts once under its signature, when it is first named.
-        if let Some(crash) = incident.record.crash.as_ref().filter(|_| !named_before) {
-            self.metrics.count_crash(
-                &crash.kind,
-                crash.culprit.as_deref(),
-                crash.kernel_release.as_deref(),
-            );
+        // Each node's crash counts once under its signature, when its culprit is first named.
+        if let Some(crash) = incident.record.crash.as_ref()
+            && let Some(culprit) = crash.culprit.as_deref()
+            && !named_before
+        {
+            self.metrics
+                .count_crash(&crash.kind, culprit, crash.kernel_release.as_deref());
         }
         match observed {
             Observed::New if delayed => {
@@ -345,13 +345,18 @@ impl Decisions {
                 );
                 self.execute(incident, plan);
             }
-            Observed::Merged { new_source: true } => {
-                self.metrics.incidents.get_or_create(&labels).inc();
-                tracing::info!(
-                    node = incident.record.node,
-                    source = source.as_str(),
-                    "another channel confirms the incident"
-                );
+            Observed::Merged {
+                new_source,
+                changed: true,
+            } => {
+                if new_source {
+                    self.metrics.incidents.get_or_create(&labels).inc();
+                    tracing::info!(
+                        node = incident.record.node,
+                        source = source.as_str(),
+                        "another channel confirms the incident"
+                    );
+                }
                 match self.executors.get(&incident.record.node) {
                     Some(executor) if !executor.task.is_finished() => {
                         if executor.updates.borrow().0.record.id == incident.record.id {
@@ -366,7 +371,7 @@ impl Decisions {
                     _ => self.execute(incident, recorded_plan.unwrap_or(Plan::MARK_ONLY)),
                 }
             }
-            Observed::Merged { new_source: false } => {}
+            Observed::Merged { changed: false, .. } => {}
         }
     }
 

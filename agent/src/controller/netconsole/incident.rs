@@ -6,15 +6,20 @@
 //! boundaries, facility and level, so there the line must also be the kernel's own (facility 0)
 //! at the level the kernel prints it ([`kernel_levels`]). Plain netconsole shows none of this:
 //! every plain line counts as a first line, and the report says so ([`Framing::PlainLine`]).
+//!
+//! Each sender's last lines are kept ([`History`], bounded in lines and bytes) so that a crash
+//! is titled from what came before its panic line as well as after: the oops that precedes
+//! `Kernel panic - not syncing: Fatal exception` is the root. A report is titled when its
+//! incident opens and again when it completes, not on every update.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
 use super::dedupe::Recent;
 use super::parse::{Format, Record};
-use crate::kernel_log::{self, Classified, KernelEventKind};
+use crate::kernel_log::{self, Classified, CrashTitle, KernelEventKind};
 
 /// Bounds of a [`PanicWatch`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +35,11 @@ pub struct WatchLimits {
     /// Senders tracked; a new one beyond this displaces the least recently
     /// active.
     pub max_senders: usize,
+    /// Lines and bytes of each sender's history, from which a crash is titled.
+    pub history_lines: usize,
+    pub history_bytes: usize,
+    /// How long a sender without an open incident keeps its history after its last line.
+    pub history_window: Duration,
 }
 
 impl Default for WatchLimits {
@@ -42,6 +52,11 @@ impl Default for WatchLimits {
             // 150 bytes a line). A line's two copies arrive milliseconds apart.
             max_recent_lines: 1024,
             max_senders: 4096,
+            // A report and its call trace are some 40-100 lines; 200 lines reach back past
+            // the oops, register dump and module list that precede a `Fatal exception`.
+            history_lines: 200,
+            history_bytes: 32 * 1024,
+            history_window: Duration::from_secs(60),
         }
     }
 }
@@ -87,6 +102,9 @@ pub struct KernelReport {
     /// How the triggering line was framed. An incident opened by a plain line becomes
     /// [`Framing::ExtendedRecord`] when the extended copy of that line arrives.
     pub framing: Framing,
+    /// The crash title from the sender's history, computed when the incident opens and again
+    /// when it completes.
+    pub crash: Option<CrashTitle>,
 }
 
 /// Lines that matched a failure but were refused as a trigger; all only grow.
@@ -158,8 +176,10 @@ impl<K: Clone + Eq + Hash> PanicWatch<K> {
             let mut reports = Vec::new();
             watched.close_if_due(now, &self.limits, &mut reports);
             out.extend(reports.into_iter().map(|r| (sender.clone(), r)));
+            let idle = now.duration_since(watched.last_seen);
             watched.open.is_some()
-                || now.duration_since(watched.last_seen) < self.limits.dedupe_window
+                || idle < self.limits.dedupe_window
+                || (!watched.history.is_empty() && idle < self.limits.history_window)
         });
         out
     }
@@ -247,6 +267,7 @@ fn trigger<'a>(
 #[derive(Debug)]
 struct Watched {
     recent: Recent,
+    history: History,
     open: Option<KernelReport>,
     /// The printk timestamp of the line that opened `open`, if it had one.
     open_usec: Option<u64>,
@@ -260,6 +281,7 @@ impl Watched {
     fn new(now: Instant, limits: &WatchLimits) -> Self {
         Self {
             recent: Recent::new(limits.dedupe_window, limits.max_recent_lines),
+            history: History::new(limits.history_lines, limits.history_bytes),
             open: None,
             open_usec: None,
             dirty: false,
@@ -294,6 +316,9 @@ impl Watched {
             let copy = self
                 .recent
                 .seen(record.format, record.seq, record.usec, index, line, now);
+            if !copy {
+                self.history.push(line);
+            }
             if let Some((classified, Framing::ExtendedRecord)) = trigger
                 && let Some(open) = &mut self.open
                 && open.framing == Framing::PlainLine
@@ -366,6 +391,7 @@ impl Watched {
             first_seen: now,
             release: self.release.clone(),
             framing,
+            crash: kernel_log::crash_title(self.history.lines()),
         });
         self.open_usec = usec;
         self.dirty = true;
@@ -391,13 +417,67 @@ impl Watched {
         }
     }
 
-    /// Emits the open incident as complete.
+    /// Emits the open incident as complete, titled again with the lines that followed.
     fn close(&mut self, out: &mut Vec<KernelReport>) {
         if let Some(mut report) = self.open.take() {
             report.complete = true;
+            if report.kind.is_fatal() {
+                report.crash = kernel_log::crash_title(self.history.lines()).or(report.crash);
+            }
             out.push(report);
         }
         self.dirty = false;
+    }
+}
+
+/// A sender's last lines, bounded in count and bytes. The strings of evicted lines are
+/// reused, so a steady stream allocates nothing once the history is full.
+#[derive(Debug)]
+struct History {
+    lines: VecDeque<String>,
+    bytes: usize,
+    max_lines: usize,
+    max_bytes: usize,
+}
+
+impl History {
+    fn new(max_lines: usize, max_bytes: usize) -> Self {
+        Self {
+            lines: VecDeque::new(),
+            bytes: 0,
+            max_lines: max_lines.max(1),
+            max_bytes,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lines.is_empty()
+    }
+
+    fn push(&mut self, line: &str) {
+        // A line longer than the whole budget keeps its start.
+        let mut end = line.len().min(self.max_bytes);
+        while !line.is_char_boundary(end) {
+            end -= 1;
+        }
+        let line = &line[..end];
+        let mut spare = None;
+        while self.lines.len() >= self.max_lines || self.bytes + line.len() > self.max_bytes {
+            let Some(oldest) = self.lines.pop_front() else {
+                break;
+            };
+            self.bytes -= oldest.len();
+            spare = Some(oldest);
+        }
+        let mut kept = spare.unwrap_or_default();
+        kept.clear();
+        kept.push_str(line);
+        self.bytes += kept.len();
+        self.lines.push_back(kept);
+    }
+
+    fn lines(&self) -> impl Iterator<Item = &str> {
+        self.lines.iter().map(String::as_str)
     }
 }
 
@@ -610,10 +690,65 @@ mod tests {
         assert_eq!(who, [("a", true), ("c", false)]);
         assert_eq!(w.senders.len(), 2);
 
-        // Idle senders without an open incident are forgotten.
-        let later = t0 + Duration::from_secs(60);
+        // Idle senders without an open incident are forgotten once their history is too old
+        // to title a crash.
+        let later = t0 + Duration::from_secs(30);
         assert_eq!(w.poll(later).len(), 2);
+        assert_eq!(w.senders.len(), 2, "history kept for the history window");
+        assert!(w.poll(t0 + Duration::from_secs(61)).is_empty());
         assert!(w.senders.is_empty());
+    }
+
+    #[test]
+    fn a_panic_is_titled_from_the_oops_before_it_and_history_is_bounded() {
+        let t0 = Instant::now();
+        let mut w = watch();
+        let log = [
+            "BUG: kernel NULL pointer dereference, address: 0000000000000000",
+            "#PF: supervisor read access in kernel mode",
+            "Oops: 0000 [#1] PREEMPT SMP NOPTI",
+            "CPU: 1 PID: 4242 Comm: sh Not tainted 6.1.0-57-cloud-amd64 #1  Debian 6.1.192-3",
+            "RIP: 0010:lastgasp_crash_null_deref+0x11/0x20 [lastgasp_crash]",
+            "Call Trace:",
+            " <TASK>",
+            " lastgasp_crash_write+0x4a/0x80 [lastgasp_crash]",
+            " vfs_write+0xb8/0x3f0",
+            " ksys_write+0x6f/0xf0",
+            " do_syscall_64+0x5c/0xc0",
+            " </TASK>",
+            "---[ end trace 0000000000000000 ]---",
+            "Kernel panic - not syncing: Fatal exception",
+        ];
+        let mut reports = Vec::new();
+        for (n, line) in log.iter().enumerate() {
+            reports.extend(push_all(
+                &mut w,
+                &[ext(None, n as u64, 1000 + n as u64, line)],
+                t0,
+            ));
+        }
+        let panic = reports
+            .iter()
+            .find(|report| report.kind == K::Panic)
+            .expect("a panic report");
+        let crash = panic.crash.as_ref().expect("titled when it opened");
+        assert_eq!(
+            crash.culprit.as_ref().map(|frame| frame.function.as_str()),
+            Some("lastgasp_crash_null_deref")
+        );
+        assert_eq!(crash.release.as_deref(), Some("6.1.0-57-cloud-amd64"));
+
+        let mut history = History::new(3, 10);
+        for line in ["aaaa", "bbbb", "cccc", "dd"] {
+            history.push(line);
+        }
+        assert_eq!(
+            history.lines().collect::<Vec<_>>(),
+            ["bbbb", "cccc", "dd"],
+            "3 lines, 10 bytes"
+        );
+        history.push("a line far longer than the budget");
+        assert_eq!(history.lines().collect::<Vec<_>>(), ["a line far"]);
     }
 
     #[test]
