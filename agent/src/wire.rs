@@ -281,7 +281,8 @@ pub fn keep_latest_context(report: &mut Report, key: &AuthKey) -> Result<(), Wir
 }
 
 /// Serialises `report` in at most `budget` bytes: keeps the longest prefix of
-/// `context` that fits, else no context and the longest `message` prefix.
+/// `context` that fits, else no context and the longest prefix of `frames` (innermost
+/// first), else neither and the longest `message` prefix.
 fn fit_payload(report: &Report, budget: usize) -> Result<Vec<u8>, WireError> {
     let full = serde_json::to_vec(report)?;
     if full.len() <= budget {
@@ -300,6 +301,17 @@ fn fit_payload(report: &Report, budget: usize) -> Result<Vec<u8>, WireError> {
     }
 
     trimmed.context.clear();
+    let frames = std::mem::take(&mut trimmed.frames);
+    let keep = largest_fitting(frames.len(), |n| {
+        trimmed.frames = frames[..n].to_vec();
+        Ok(serde_json::to_vec(&trimmed)?.len() <= budget)
+    })?;
+    if let Some(n) = keep {
+        trimmed.frames = frames[..n].to_vec();
+        return Ok(serde_json::to_vec(&trimmed)?);
+    }
+
+    trimmed.frames.clear();
     let message = std::mem::take(&mut trimmed.message);
     let keep = largest_fitting(message.len(), |n| {
         trimmed.message = message[..message.floor_char_boundary(n)].to_owned();

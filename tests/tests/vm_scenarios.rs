@@ -29,7 +29,9 @@ use serde_json::{Value, json};
 
 const NODE: &str = "vm-node";
 const PANIC: &str = "Kernel panic - not syncing: sysrq triggered crash";
-const REASON: &str = "node vm-node kernel panic: Kernel panic - not syncing: sysrq triggered crash";
+/// The crash title (from netconsole's call trace, the agent's stack at `panic()` or the pstore
+/// record's lines) and where it happened.
+const REASON: &str = "kernel panic: sysrq triggered crash in sysrq_handle_crash on node vm-node";
 const CRASH_MARKER: &str = "lastgasp-vm: crashing now";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 const PODS: [&str; 3] = ["vm-0", "vm-1", "vm-2"];

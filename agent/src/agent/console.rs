@@ -24,12 +24,13 @@ use std::{
 };
 
 use aya::maps::{Array, MapData, RingBuf};
-use lastgasp_common::PanicProbe;
+use lastgasp_common::{PanicCall, PanicProbe};
 use tokio::sync::broadcast;
 
 use super::{
     count_agent_drop,
     events::{AgentEvent, KernelEvent, KernelSource},
+    kallsyms::Kallsyms,
     last_gasp::{LastGasp, Sent},
     records::{Record, c_text},
 };
@@ -38,11 +39,17 @@ use crate::{
     metrics::{AgentMetrics, KindLabels},
 };
 
+/// Frames of a `panic()` stack sent with the last gasp: past `panic()`, the die and exception
+/// entry helpers, they reach the function that failed, and they fit a datagram.
+const MAX_PANIC_FRAMES: usize = 16;
+
 /// Time between two looks at the ring buffer.
 const POLL_INTERVAL: Duration = Duration::from_millis(25);
 
 pub struct ConsoleWatcher {
     pub last_gasp: Option<LastGasp>,
+    /// Names the return addresses of the stack a `panic()` probe took.
+    pub kallsyms: Option<Kallsyms>,
     /// Where the panic probe waits for word that the last gasp is sent.
     pub panic_ack: Array<MapData, u64>,
     pub events: broadcast::Sender<AgentEvent>,
@@ -86,7 +93,8 @@ impl ConsoleWatcher {
                         };
                         let format = c_text(&call.format);
                         let message = format!("Kernel panic - not syncing: {}", format.trim_end());
-                        self.on_kernel_event(KernelEventKind::Panic, source, &message);
+                        let frames = self.name_stack(&call);
+                        self.on_panic_call(source, &message, frames);
                         self.release_panic_hold(call.header.ktime_ns);
                     }
                     Ok(_) => self.count_drop("unexpected_kernel_log_record"),
@@ -117,16 +125,45 @@ impl ConsoleWatcher {
         }
     }
 
+    /// The stack of a `panic()` call as call-trace lines, innermost first; empty without
+    /// kernel symbols.
+    fn name_stack(&self, call: &PanicCall) -> Vec<String> {
+        let Some(kallsyms) = &self.kallsyms else {
+            return Vec::new();
+        };
+        let filled = (call.stack_bytes as usize / 8).min(call.stack.len());
+        call.stack[..filled]
+            .iter()
+            .filter_map(|&address| kallsyms.frame(address))
+            .take(MAX_PANIC_FRAMES)
+            .collect()
+    }
+
+    /// The kernel's own `panic()` call: its last gasp carries the named stack.
+    fn on_panic_call(&mut self, source: KernelSource, message: &str, frames: Vec<String>) {
+        if let Some(last_gasp) = &mut self.last_gasp {
+            // The datagram first: nothing else matters if the machine is about to stop.
+            let sent = last_gasp.on_panic(message, source.as_str(), frames);
+            self.count_send(sent);
+        }
+        self.note_kernel_event(KernelEventKind::Panic, source, message);
+    }
+
     fn on_kernel_event(&mut self, kind: KernelEventKind, source: KernelSource, message: &str) {
         if let Some(last_gasp) = &mut self.last_gasp {
             // The datagram first: nothing else matters if the machine is about to stop.
             let sent = if kind.is_fatal() {
-                last_gasp.on_panic(message, source.as_str())
+                last_gasp.on_panic(message, source.as_str(), Vec::new())
             } else {
                 last_gasp.on_line(message)
             };
             self.count_send(sent);
         }
+        self.note_kernel_event(kind, source, message);
+    }
+
+    /// Counts and publishes a kernel event (after any datagram is sent).
+    fn note_kernel_event(&mut self, kind: KernelEventKind, source: KernelSource, message: &str) {
         self.metrics
             .kernel_events
             .get_or_create(&KindLabels {

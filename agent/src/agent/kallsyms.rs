@@ -144,6 +144,26 @@ ffffffffc0a01080 t lastgasp_crash_write\t[lastgasp_crash]
     }
 
     #[test]
+    fn named_frames_read_back_as_call_trace_frames_and_name_the_culprit() {
+        use crate::kernel_log::{Frame, title_from_stack};
+        let symbols = Kallsyms::parse(SAMPLE);
+        let frames: Vec<Frame> = [0xffffffff810a0010, 0xffffffffc0a01011, 0xffffffffc0a01040]
+            .iter()
+            .filter_map(|&address| symbols.frame(address))
+            .filter_map(|line| Frame::parse(&line))
+            .collect();
+        assert_eq!(
+            frames[1],
+            Frame::new("lastgasp_crash_null_deref", Some("lastgasp_crash"))
+        );
+        let title = title_from_stack("Fatal exception", &frames);
+        assert_eq!(
+            title.culprit.map(|frame| frame.function),
+            Some("lastgasp_crash_null_deref".to_owned())
+        );
+    }
+
+    #[test]
     fn hidden_addresses_are_an_error() {
         let dir = std::env::temp_dir().join(format!("lastgasp-kallsyms-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

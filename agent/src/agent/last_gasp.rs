@@ -194,17 +194,20 @@ struct Incident {
     source: &'static str,
     message: String,
     context: Vec<String>,
+    /// The named kernel stack at `panic()`, when a probe saw the call.
+    frames: Vec<String>,
     /// Opened by a probe, the message is now the console's printed line.
     printed: bool,
 }
 
 impl Incident {
-    fn new(message: &str, source: &'static str) -> Self {
+    fn new(message: &str, source: &'static str, frames: Vec<String>) -> Self {
         Self {
             started: Instant::now(),
             source,
             message: message.to_owned(),
             context: Vec::new(),
+            frames,
             printed: false,
         }
     }
@@ -228,13 +231,14 @@ impl LastGasp {
     /// line from the console earlier in the boot must not suppress the kernel's own call.
     /// The console line that follows a probe's call replaces the message (a format string)
     /// with the printed text once; the source stays the probe's.
-    pub fn on_panic(&mut self, message: &str, source: &'static str) -> Sent {
+    /// A probe's `frames` (its named stack) go with every datagram of the incident.
+    pub fn on_panic(&mut self, message: &str, source: &'static str, frames: Vec<String>) -> Sent {
         let from_console = source == CONSOLE;
         match &mut self.incident {
             Some(incident) if incident.source == CONSOLE && !from_console => {
-                self.incident = Some(Incident::new(message, source));
+                self.incident = Some(Incident::new(message, source, frames));
             }
-            None => self.incident = Some(Incident::new(message, source)),
+            None => self.incident = Some(Incident::new(message, source, frames)),
             Some(incident) if incident.source != CONSOLE && from_console && !incident.printed => {
                 incident.message = message.to_owned();
                 incident.printed = true;
@@ -269,6 +273,7 @@ impl LastGasp {
             incident.message.clone(),
             incident.context.clone(),
         );
+        report.frames = incident.frames.clone();
         self.sender.send(&mut report)
     }
 }
@@ -304,13 +309,13 @@ mod tests {
     fn a_probed_panic_is_sent_after_a_console_panic() {
         let (mut gasp, controller) = last_gasp();
         let forged = "Kernel panic - not syncing: forged";
-        assert_eq!(gasp.on_panic(forged, "console").sent, 1);
+        assert_eq!(gasp.on_panic(forged, "console", Vec::new()).sent, 1);
         assert_eq!(received(&controller).message, forged);
         // Another console panic line adds nothing.
-        assert_eq!(gasp.on_panic(forged, "console"), Sent::default());
+        assert_eq!(gasp.on_panic(forged, "console", Vec::new()), Sent::default());
 
         let format = "Kernel panic - not syncing: %s";
-        assert_eq!(gasp.on_panic(format, "fentry").sent, 1);
+        assert_eq!(gasp.on_panic(format, "fentry", Vec::new()).sent, 1);
         let probed = received(&controller);
         assert_eq!(
             (probed.source.as_str(), probed.message.as_str()),
@@ -320,13 +325,13 @@ mod tests {
 
         // The printed line then names the panic, once; the source stays the probe's.
         let printed = "Kernel panic - not syncing: sysrq triggered crash";
-        assert_eq!(gasp.on_panic(printed, "console").sent, 1);
+        assert_eq!(gasp.on_panic(printed, "console", Vec::new()).sent, 1);
         let update = received(&controller);
         assert_eq!(
             (update.source.as_str(), update.message.as_str()),
             ("fentry", printed)
         );
-        assert_eq!(gasp.on_panic(forged, "console"), Sent::default());
-        assert_eq!(gasp.on_panic(format, "kprobe"), Sent::default());
+        assert_eq!(gasp.on_panic(forged, "console", Vec::new()), Sent::default());
+        assert_eq!(gasp.on_panic(format, "kprobe", Vec::new()), Sent::default());
     }
 }

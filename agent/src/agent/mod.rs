@@ -44,6 +44,7 @@ use tokio::{
 use self::{
     cni::CniTracker,
     console::ConsoleWatcher,
+    kallsyms::Kallsyms,
     discovery::{ControllerEndpoints, ServiceRef},
     events::{AgentEvent, EventLog},
     kernel_stats::KernelStats,
@@ -216,10 +217,28 @@ impl Agent {
             )));
         }
         let last_gasp = sender.map(LastGasp::new);
+        // Only a panic() probe takes stacks to name, and only a last gasp carries them.
+        let panic_probe = loaded
+            .status
+            .iter()
+            .any(|status| status.probe == "panic" && status.mode.is_some());
+        let kallsyms = (panic_probe && last_gasp.is_some())
+            .then(|| match Kallsyms::load(std::path::Path::new("/proc/kallsyms")) {
+                Ok(symbols) => {
+                    tracing::info!(symbols = symbols.len(), "kernel symbols read for panic stacks");
+                    Some(symbols)
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "panic stacks will not be named");
+                    None
+                }
+            })
+            .flatten();
         let stop = Arc::new(AtomicBool::new(false));
         let panic_ack: Array<MapData, u64> = take_map(&mut ebpf, "PANIC_ACK")?;
         let console = ConsoleWatcher {
             last_gasp,
+            kallsyms,
             panic_ack,
             events: events.clone(),
             metrics: metrics.clone(),
