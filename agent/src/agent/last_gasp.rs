@@ -312,7 +312,10 @@ mod tests {
         assert_eq!(gasp.on_panic(forged, "console", Vec::new()).sent, 1);
         assert_eq!(received(&controller).message, forged);
         // Another console panic line adds nothing.
-        assert_eq!(gasp.on_panic(forged, "console", Vec::new()), Sent::default());
+        assert_eq!(
+            gasp.on_panic(forged, "console", Vec::new()),
+            Sent::default()
+        );
 
         let format = "Kernel panic - not syncing: %s";
         assert_eq!(gasp.on_panic(format, "fentry", Vec::new()).sent, 1);
@@ -331,7 +334,10 @@ mod tests {
             (update.source.as_str(), update.message.as_str()),
             ("fentry", printed)
         );
-        assert_eq!(gasp.on_panic(forged, "console", Vec::new()), Sent::default());
+        assert_eq!(
+            gasp.on_panic(forged, "console", Vec::new()),
+            Sent::default()
+        );
         assert_eq!(gasp.on_panic(format, "kprobe", Vec::new()), Sent::default());
     }
 }

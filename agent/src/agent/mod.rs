@@ -44,9 +44,9 @@ use tokio::{
 use self::{
     cni::CniTracker,
     console::ConsoleWatcher,
-    kallsyms::Kallsyms,
     discovery::{ControllerEndpoints, ServiceRef},
     events::{AgentEvent, EventLog},
+    kallsyms::Kallsyms,
     kernel_stats::KernelStats,
     last_gasp::{LastGasp, NodeIdentity, ReportSender},
     loader::{AttachMode, NetlinkProbeMode, ProbeSettings, ProbeStatus},
@@ -223,16 +223,21 @@ impl Agent {
             .iter()
             .any(|status| status.probe == "panic" && status.mode.is_some());
         let kallsyms = (panic_probe && last_gasp.is_some())
-            .then(|| match Kallsyms::load(std::path::Path::new("/proc/kallsyms")) {
-                Ok(symbols) => {
-                    tracing::info!(symbols = symbols.len(), "kernel symbols read for panic stacks");
-                    Some(symbols)
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "panic stacks will not be named");
-                    None
-                }
-            })
+            .then(
+                || match Kallsyms::load(std::path::Path::new("/proc/kallsyms")) {
+                    Ok(symbols) => {
+                        tracing::info!(
+                            symbols = symbols.len(),
+                            "kernel symbols read for panic stacks"
+                        );
+                        Some(symbols)
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "panic stacks will not be named");
+                        None
+                    }
+                },
+            )
             .flatten();
         let stop = Arc::new(AtomicBool::new(false));
         let panic_ack: Array<MapData, u64> = take_map(&mut ebpf, "PANIC_ACK")?;
