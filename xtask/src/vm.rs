@@ -12,13 +12,14 @@ use clap::Subcommand;
 mod harness;
 
 use harness::{
-    HOST_TOOLS, Initramfs, Kernel, KernelVersion, Vm, VmOptions, find_program, guest, guest_tool,
-    static_agent,
+    CrashModule, HOST_TOOLS, Initramfs, Kernel, KernelVersion, Vm, VmOptions, find_program, guest,
+    guest_tool, static_agent,
 };
 
 #[derive(Subcommand)]
 pub enum VmTask {
-    /// Install qemu and busybox-static if missing, and download the 6.1 and 6.12 kernels.
+    /// Install qemu, busybox-static and gcc-12 if missing, download the 6.1 and 6.12 kernels
+    /// and their headers, and build the crash module for each.
     Fetch,
     /// Boot a kernel to a shell on this terminal (network up; `poweroff -f` or Ctrl-A X quits).
     Boot {
@@ -34,7 +35,8 @@ pub enum VmTask {
         #[arg(long)]
         pstore: bool,
     },
-    /// Fetch, then run the VM scenarios (tests/tests/vm_scenarios.rs, vm_pstore.rs and vm_hangs.rs).
+    /// Fetch, then run the VM scenarios (tests/tests/vm_scenarios.rs, vm_pstore.rs, vm_hangs.rs
+    /// and vm_crashes.rs).
     Test {
         /// Arguments for the test binary, e.g. a test name.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -65,6 +67,8 @@ pub fn main(task: VmTask) -> anyhow::Result<()> {
                         "vm_pstore",
                         "--test",
                         "vm_hangs",
+                        "--test",
+                        "vm_crashes",
                         "--",
                     ])
                     .args(args),
@@ -90,7 +94,13 @@ pub fn fetch() -> anyhow::Result<()> {
         .with_context(|| format!("installing {}", missing.join(" ")))?;
     }
     for version in KernelVersion::ALL {
-        println!("{}", Kernel::fetch(version)?.fetched());
+        let kernel = Kernel::fetch(version)?;
+        println!("{}", kernel.fetched());
+        println!(
+            "{}: {}",
+            kernel.release,
+            CrashModule::build(&kernel)?.fetched()
+        );
     }
     Ok(())
 }
