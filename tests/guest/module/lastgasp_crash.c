@@ -14,11 +14,13 @@
 #include <linux/string.h>
 #include <linux/uaccess.h>
 
-static noinline int lastgasp_crash_null_deref(void)
+/* A store, and no return value: gcc would clone a function whose result is unused into one
+ * without the load (lastgasp_crash_null_deref.isra.0, which does nothing). */
+static noinline void lastgasp_crash_null_deref(void)
 {
 	int *volatile pointer = NULL;
 
-	return *pointer;
+	*pointer = 1;
 }
 
 static noinline void lastgasp_crash_bug(void)

@@ -26,6 +26,27 @@ const SOURCES: &[(&str, &str)] = &[
     ("Kbuild", include_str!("../../guest/module/Kbuild")),
 ];
 
+/// Beside the built module: what it was built from and how, to rebuild when either changes.
+const STAMP: &str = "built-from";
+
+/// The make variables [`build_module`] sets, besides `M=`.
+fn make_variables(work: &Path) -> [String; 2] {
+    [
+        // No BTF for the module: it would need pahole, and nothing here reads it.
+        "CONFIG_DEBUG_INFO_BTF_MODULES=".to_owned(),
+        // `kernel BUG at lastgasp_crash.c:<line>!`, not at this host's build directory.
+        format!("KCFLAGS=-fmacro-prefix-map={}/=", work.display()),
+    ]
+}
+
+fn stamp() -> String {
+    let mut stamp = format!("{:?}\n", make_variables(Path::new("<build dir>")));
+    for (name, text) in SOURCES {
+        stamp += &format!("--- {name}\n{text}");
+    }
+    stamp
+}
+
 /// Where the module goes in the guest (`insmod` it from the init script).
 pub const CRASH_MODULE_GUEST_PATH: &str = "/lib/modules/extra/lastgasp_crash.ko";
 
@@ -63,9 +84,7 @@ impl CrashModule {
         std::fs::create_dir_all(&dir)?;
         let path = dir.join("lastgasp_crash.ko");
         let up_to_date = path.is_file()
-            && SOURCES.iter().all(|(name, text)| {
-                std::fs::read_to_string(dir.join(name)).is_ok_and(|built| built == *text)
-            });
+            && std::fs::read_to_string(dir.join(STAMP)).is_ok_and(|built| built == stamp());
         let built_in = if up_to_date {
             None
         } else {
@@ -213,8 +232,7 @@ fn kernel_compiler(headers: &Path) -> anyhow::Result<String> {
         .with_context(|| format!("no CONFIG_CC_VERSION_TEXT in {}", config.display()))
 }
 
-/// Builds the module in a private directory and moves the `.ko` and the sources it was built
-/// from into `dir`.
+/// Builds the module in a private directory and moves the `.ko` into `dir`, with its stamp.
 fn build_module(release: &str, tree: &Path, dir: &Path) -> anyhow::Result<()> {
     let headers = tree.join(format!("usr/src/linux-headers-{release}"));
     require_tool("make")?;
@@ -228,8 +246,7 @@ fn build_module(release: &str, tree: &Path, dir: &Path) -> anyhow::Result<()> {
             .arg("-C")
             .arg(&headers)
             .arg(format!("M={}", work.display()))
-            // No BTF for the module: it would need pahole, and nothing here reads it.
-            .arg("CONFIG_DEBUG_INFO_BTF_MODULES=")
+            .args(make_variables(&work))
             .arg("modules"),
     )
     .with_context(|| format!("building lastgasp_crash.ko for {release}"))?;
@@ -237,9 +254,7 @@ fn build_module(release: &str, tree: &Path, dir: &Path) -> anyhow::Result<()> {
         work.join("lastgasp_crash.ko"),
         dir.join("lastgasp_crash.ko"),
     )?;
-    for (name, text) in SOURCES {
-        std::fs::write(dir.join(name), text)?;
-    }
+    std::fs::write(dir.join(STAMP), stamp())?;
     std::fs::remove_dir_all(&work)?;
     Ok(())
 }
