@@ -12,8 +12,8 @@ use clap::Subcommand;
 mod harness;
 
 use harness::{
-    CrashModule, HOST_TOOLS, Initramfs, Kernel, KernelVersion, Vm, VmOptions, find_program, guest,
-    guest_tool, static_agent,
+    CRASH_MODULE_GUEST_PATH, CrashModule, HOST_TOOLS, Initramfs, Kernel, KernelVersion, Vm,
+    VmOptions, find_program, guest, guest_tool, static_agent,
 };
 
 #[derive(Subcommand)]
@@ -34,6 +34,10 @@ pub enum VmTask {
         /// `echo c > /proc/sysrq-trigger` the next boot's shell finds the record in /sys/fs/pstore.
         #[arg(long)]
         pstore: bool,
+        /// Load the crash module: `echo null|bug|warn|hang > /proc/lastgasp_crash` crashes the
+        /// kernel (with the sysctl of tests/tests/vm_crashes.rs that makes it a panic).
+        #[arg(long)]
+        crash_module: bool,
     },
     /// Fetch, then run the VM scenarios (tests/tests/vm_scenarios.rs, vm_pstore.rs, vm_hangs.rs
     /// and vm_crashes.rs).
@@ -51,7 +55,8 @@ pub fn main(task: VmTask) -> anyhow::Result<()> {
             kernel,
             agent,
             pstore,
-        } => boot(kernel, agent, pstore),
+            crash_module,
+        } => boot(kernel, agent, pstore, crash_module),
         VmTask::Test { args } => {
             fetch()?;
             crate::run(
@@ -105,7 +110,12 @@ pub fn fetch() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn boot(version: KernelVersion, with_agent: bool, pstore: bool) -> anyhow::Result<()> {
+fn boot(
+    version: KernelVersion,
+    with_agent: bool,
+    pstore: bool,
+    crash_module: bool,
+) -> anyhow::Result<()> {
     let mut extra = Vec::new();
     if with_agent {
         extra.push(("/bin/lastgasp", static_agent()?));
@@ -118,6 +128,10 @@ fn boot(version: KernelVersion, with_agent: bool, pstore: bool) -> anyhow::Resul
     }
     let kernel = Kernel::fetch(version)?;
     let mut script = guest::NETWORK_UP.to_owned();
+    if crash_module {
+        extra.push((CRASH_MODULE_GUEST_PATH, CrashModule::build(&kernel)?.path));
+        script += &format!("insmod {CRASH_MODULE_GUEST_PATH}\n");
+    }
     if with_agent {
         script += "mkdir -p /sys/fs/bpf /run\nmount -t bpf bpf /sys/fs/bpf\n";
         script += "mount -t debugfs debugfs /sys/kernel/debug\n";
