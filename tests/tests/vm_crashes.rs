@@ -184,9 +184,9 @@ async fn wait_for_annotation(
 
 async fn crash_and_name_it(version: KernelVersion, crash: Crash) {
     let started = Instant::now();
-    let kernel = Kernel::fetch(version).unwrap();
+    let kernel = tokio::task::block_in_place(|| Kernel::fetch(version)).unwrap();
     println!("kernel {}", kernel.fetched());
-    let module = CrashModule::build(&kernel).unwrap();
+    let module = tokio::task::block_in_place(|| CrashModule::build(&kernel)).unwrap();
     println!("{version}: {}", module.fetched());
     let agent = tokio::task::block_in_place(static_agent).unwrap();
 
