@@ -12,13 +12,14 @@ use clap::Subcommand;
 mod harness;
 
 use harness::{
-    HOST_TOOLS, Initramfs, Kernel, KernelVersion, Vm, VmOptions, find_program, guest, guest_tool,
-    static_agent,
+    CRASH_MODULE_GUEST_PATH, CrashModule, HOST_TOOLS, Initramfs, Kernel, KernelVersion, Vm,
+    VmOptions, find_program, guest, guest_tool, static_agent,
 };
 
 #[derive(Subcommand)]
 pub enum VmTask {
-    /// Install qemu and busybox-static if missing, and download the 6.1 and 6.12 kernels.
+    /// Install qemu, busybox-static and gcc-12 if missing, download the 6.1 and 6.12 kernels
+    /// and their headers, and build the crash module for each.
     Fetch,
     /// Boot a kernel to a shell on this terminal (network up; `poweroff -f` or Ctrl-A X quits).
     Boot {
@@ -33,8 +34,13 @@ pub enum VmTask {
         /// `echo c > /proc/sysrq-trigger` the next boot's shell finds the record in /sys/fs/pstore.
         #[arg(long)]
         pstore: bool,
+        /// Load the crash module: `echo null|bug|warn|hang > /proc/lastgasp_crash` crashes the
+        /// kernel (with the sysctl of tests/tests/vm_crashes.rs that makes it a panic).
+        #[arg(long)]
+        crash_module: bool,
     },
-    /// Fetch, then run the VM scenarios (tests/tests/vm_scenarios.rs, vm_pstore.rs and vm_hangs.rs).
+    /// Fetch, then run the VM scenarios (tests/tests/vm_scenarios.rs, vm_pstore.rs, vm_hangs.rs
+    /// and vm_crashes.rs).
     Test {
         /// Arguments for the test binary, e.g. a test name.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -49,7 +55,8 @@ pub fn main(task: VmTask) -> anyhow::Result<()> {
             kernel,
             agent,
             pstore,
-        } => boot(kernel, agent, pstore),
+            crash_module,
+        } => boot(kernel, agent, pstore, crash_module),
         VmTask::Test { args } => {
             fetch()?;
             crate::run(
@@ -65,6 +72,8 @@ pub fn main(task: VmTask) -> anyhow::Result<()> {
                         "vm_pstore",
                         "--test",
                         "vm_hangs",
+                        "--test",
+                        "vm_crashes",
                         "--",
                     ])
                     .args(args),
@@ -90,12 +99,23 @@ pub fn fetch() -> anyhow::Result<()> {
         .with_context(|| format!("installing {}", missing.join(" ")))?;
     }
     for version in KernelVersion::ALL {
-        println!("{}", Kernel::fetch(version)?.fetched());
+        let kernel = Kernel::fetch(version)?;
+        println!("{}", kernel.fetched());
+        println!(
+            "{}: {}",
+            kernel.release,
+            CrashModule::build(&kernel)?.fetched()
+        );
     }
     Ok(())
 }
 
-fn boot(version: KernelVersion, with_agent: bool, pstore: bool) -> anyhow::Result<()> {
+fn boot(
+    version: KernelVersion,
+    with_agent: bool,
+    pstore: bool,
+    crash_module: bool,
+) -> anyhow::Result<()> {
     let mut extra = Vec::new();
     if with_agent {
         extra.push(("/bin/lastgasp", static_agent()?));
@@ -108,6 +128,10 @@ fn boot(version: KernelVersion, with_agent: bool, pstore: bool) -> anyhow::Resul
     }
     let kernel = Kernel::fetch(version)?;
     let mut script = guest::NETWORK_UP.to_owned();
+    if crash_module {
+        extra.push((CRASH_MODULE_GUEST_PATH, CrashModule::build(&kernel)?.path));
+        script += &format!("insmod {CRASH_MODULE_GUEST_PATH}\n");
+    }
     if with_agent {
         script += "mkdir -p /sys/fs/bpf /run\nmount -t bpf bpf /sys/fs/bpf\n";
         script += "mount -t debugfs debugfs /sys/kernel/debug\n";

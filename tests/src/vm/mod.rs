@@ -15,12 +15,14 @@
 //! Only std and anyhow are used here, so `xtask` compiles this module too (`#[path]`).
 //! Host tools come from Debian packages: `apt-get` and `dpkg` fetch kernels,
 //! `qemu-system-x86_64` (qemu-system-x86) runs them, `/bin/busybox` (busybox-static) is the
-//! guest's userland, `gzip` and `xz` pack and unpack. `cargo xtask vm fetch` installs them.
+//! guest's userland, `gzip` and `xz` pack and unpack, `make` and `gcc-12` build the crash
+//! module against Debian's headers. `cargo xtask vm fetch` installs them.
 
 mod agent;
 mod cpio;
 mod initramfs;
 mod kernel;
+mod module;
 mod qemu;
 
 use std::{
@@ -31,6 +33,7 @@ use std::{
 pub use agent::{guest_tool, static_agent};
 pub use initramfs::{INIT_READY, Initramfs, MODULES};
 pub use kernel::{Download, Kernel, KernelVersion};
+pub use module::{CRASH_MODULE_GUEST_PATH, CrashModule};
 pub use qemu::{BOOT_ATTEMPTS, ConsoleLine, Vm, VmOptions};
 
 /// Where kernels, initramfs images and console logs go: `$LASTGASP_VM_CACHE`, else
@@ -55,6 +58,11 @@ pub const HOST_TOOLS: &[(&str, &str)] = &[
     ("gzip", "gzip"),
     ("xz", "xz-utils"),
     ("zstd", "zstd"),
+    // Build the crash module against a kernel's headers, with the compiler the kernel was built
+    // with: both Debian kernels name gcc-12, 6.12 by its target-prefixed name.
+    ("make", "make"),
+    ("gcc-12", "gcc-12"),
+    ("x86_64-linux-gnu-gcc-12", "gcc-12"),
     // The system CA roots, copied into guests whose agent uses kube's TLS client.
     ("/etc/ssl/certs/ca-certificates.crt", "ca-certificates"),
 ];
