@@ -32,7 +32,7 @@ use super::{
     last_gasp::{MAX_CONTEXT_LINES, ReportSender},
 };
 use crate::{
-    kernel_log::{self, KernelEventKind},
+    kernel_log::{self, Frame, KernelEventKind},
     metrics::AgentMetrics,
     procfs,
     wire::{self, Report},
@@ -278,6 +278,10 @@ fn file_order(path: &Path) -> (String, u64) {
     (stem.to_owned(), number.parse().unwrap_or(0))
 }
 
+/// Frames of a dump's call trace sent with its delayed report: enough to pass the panic and
+/// oops helpers, few enough to leave room for the context lines in a datagram.
+const MAX_REPORT_FRAMES: usize = 12;
+
 /// What a dump says happened.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Finding {
@@ -286,6 +290,10 @@ pub struct Finding {
     pub message: String,
     /// Up to [`MAX_CONTEXT_LINES`] lines before it, oldest first, without prefixes.
     pub context: Vec<String>,
+    /// The call trace of the dump's first report (its frames as printed), which names the
+    /// culprit when the lines before the failure line do not (a bare panic prints its trace
+    /// after its line).
+    pub frames: Vec<String>,
 }
 
 impl Dump {
@@ -329,10 +337,22 @@ impl Dump {
             .iter()
             .map(|line| kernel_log::strip_prefix(line).to_owned())
             .collect();
+        let frames = kernel_log::crash_title(lines.iter().copied())
+            .map(|title| {
+                title
+                    .excerpt
+                    .iter()
+                    .filter(|line| Frame::parse(line).is_some())
+                    .map(|line| line.trim().to_owned())
+                    .take(MAX_REPORT_FRAMES)
+                    .collect()
+            })
+            .unwrap_or_default();
         Some(Finding {
             kind,
             message,
             context,
+            frames,
         })
     }
 
@@ -587,6 +607,7 @@ pub fn recover(config: &PstoreConfig, boot_id: &str, sender: Option<&ReportSende
                 finding.context.clone(),
             );
             report.kernel_release = None;
+            report.frames = finding.frames.clone();
             report.event_at_ms = dump.written.map(unix_ms);
             report.event_boot_id = crashed_boot.clone();
             if let Err(error) = wire::keep_latest_context(&mut report, sender.key()) {
@@ -939,6 +960,48 @@ mod tests {
         assert_eq!(finding.context.len(), MAX_CONTEXT_LINES);
         assert_eq!(finding.context[0], "line 30");
         assert_eq!(finding.context[19], "line 49");
+        assert!(finding.frames.is_empty(), "no call trace");
+    }
+
+    #[test]
+    fn the_trace_after_a_bare_panic_goes_as_frames() {
+        let text = [
+            "Panic#1 Part1",
+            "<6>[ 7.5] sysrq: Trigger a crash",
+            "<0>[ 7.6] Kernel panic - not syncing: sysrq triggered crash",
+            "<4>[ 7.6] CPU: 1 PID: 1 Comm: init Not tainted 6.1.0-57-cloud-amd64 #1  Debian 6.1.192-3",
+            "<4>[ 7.6] Call Trace:",
+            "<4>[ 7.6]  <TASK>",
+            "<4>[ 7.6]  dump_stack_lvl+0x44/0x5c",
+            "<4>[ 7.6]  panic+0x118/0x2f4",
+            "<4>[ 7.6]  sysrq_handle_crash+0x16/0x20",
+            "<4>[ 7.6]  __handle_sysrq.cold+0x44/0x11c",
+            "<4>[ 7.6]  ? vfs_write+0x235/0x3f0",
+            "<4>[ 7.6]  </TASK>",
+        ]
+        .join("\n");
+        let finding = join(vec![part("/p/dmesg-ramoops-0", &text, 1)])[0]
+            .finding()
+            .unwrap();
+        assert_eq!(
+            finding.frames,
+            [
+                "dump_stack_lvl+0x44/0x5c",
+                "panic+0x118/0x2f4",
+                "sysrq_handle_crash+0x16/0x20",
+                "__handle_sysrq.cold+0x44/0x11c"
+            ]
+        );
+        let frames: Vec<Frame> = finding
+            .frames
+            .iter()
+            .filter_map(|f| Frame::parse(f))
+            .collect();
+        let title = kernel_log::title_from_stack("sysrq triggered crash", &frames);
+        assert_eq!(
+            title.title(),
+            "kernel panic: sysrq triggered crash in sysrq_handle_crash"
+        );
     }
 
     #[test]

@@ -131,8 +131,8 @@ ip route add default via 10.0.2.2
     /// - `await_log REGEX` waits until that log matches (extended regex); after two minutes it
     ///   prints `lastgasp-vm: NAME never logged REGEX` and powers off;
     /// - `stop_agent SIGNAL` signals the agent and waits for it to exit;
-    /// - `show_metric NAME` prints the agent's metric lines that start with NAME, each as
-    ///   `lastgasp-vm: metric <line>`.
+    /// - `show_metric NAME` waits until the agent serves metrics, then prints its metric lines
+    ///   that start with NAME, each as `lastgasp-vm: metric <line>`.
     pub const AGENT: &str = r#"mkdir -p /sys/fs/bpf /run
 mount -t bpf bpf /sys/fs/bpf
 mount -t debugfs debugfs /sys/kernel/debug
@@ -172,6 +172,7 @@ stop_agent() {
     await_log "lastgasp-vm: $agent_name exited"
 }
 show_metric() {
+    await_log 'serving metrics'
     wget -qO- http://127.0.0.1:9465/metrics | grep "^$1" | sed 's/^/lastgasp-vm: metric /'
 }
 "#;
