@@ -1455,3 +1455,60 @@ async fn a_replaced_pod_is_left_alone_and_the_node_is_still_deleted() {
         "{metrics}"
     );
 }
+
+/// A replica that loses leadership stops writing at once, in the middle of an incident (its
+/// lease is still valid then, so no other replica writes yet), and finishes the job when it
+/// leads again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_that_loses_leadership_stops_writing_mid_incident() {
+    let server = ApiServer::start().await.unwrap();
+    seed(&server);
+    let (leading, leader) = tokio::sync::watch::channel(true);
+    let controller = start_configured(&server, |config| {
+        config.policy = Policy::DeletePods;
+        config.concurrency = 1;
+        config.leader = Some(leader);
+    })
+    .await;
+    // Slow writes, so the incident is still being written when leadership goes.
+    server.faults().set_latency(Duration::from_millis(200));
+    send_report(&report("node-b", 1), controller.report_addr());
+    wait_for("the first write", Duration::from_secs(10), || {
+        non_get_requests(&server) > 0
+    })
+    .await;
+    leading.send_replace(false);
+    let lost = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after_loss: Vec<String> = server
+        .requests()
+        .into_iter()
+        // A request already sent may still land, logged when the server answers it: after its
+        // 200 ms of latency.
+        .filter(|request| request.method != "GET" && request.at > lost + Duration::from_millis(400))
+        .map(|request| format!("{} {}", request.method, request.uri))
+        .collect();
+    assert!(
+        after_loss.is_empty(),
+        "written after losing leadership: {after_loss:?}"
+    );
+    assert!(
+        !["b-0", "b-1", "b-2"]
+            .iter()
+            .all(|pod| gone(&server, "pods", Some("team"), pod)),
+        "the incident was cut short"
+    );
+
+    server.faults().set_latency(Duration::ZERO);
+    leading.send_replace(true);
+    wait_for(
+        "the job finished once leading again",
+        Duration::from_secs(15),
+        || {
+            ["b-0", "b-1", "b-2"]
+                .iter()
+                .all(|pod| gone(&server, "pods", Some("team"), pod))
+        },
+    )
+    .await;
+}
