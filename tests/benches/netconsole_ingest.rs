@@ -33,7 +33,7 @@ fn datagrams() -> Vec<(SocketAddr, Vec<u8>)> {
                 format!("eth0: link up, 1000 Mbps, full duplex, message {i}")
             };
             let level = if i == LINES / 2 { 0 } else { 6 };
-            let bytes = if n % 2 == 0 {
+            let bytes = if n.is_multiple_of(2) {
                 format!("{level},{i},{usec},-;{text}\n")
             } else {
                 format!("[{:5}.{:06}] {text}\n", usec / 1_000_000, usec % 1_000_000)
