@@ -271,9 +271,13 @@ pub fn keep_latest_context(report: &mut Report, key: &AuthKey) -> Result<(), Wir
     let budget = MAX_DATAGRAM - HEADER_LEN - key.scheme().tag_len();
     let context = std::mem::take(&mut report.context);
     let total = context.len();
+    // Measured with the widest `seq` and `sent_at_ms`, which the sender stamps later: else
+    // the stamped report may not fit, and `encode` would cut the newest lines instead.
+    let mut widest = report.clone();
+    (widest.seq, widest.sent_at_ms) = (u64::MAX, u64::MAX);
     let keep = largest_fitting(total, |n| {
-        report.context = context[total - n..].to_vec();
-        Ok(serde_json::to_vec(&*report)?.len() <= budget)
+        widest.context = context[total - n..].to_vec();
+        Ok(serde_json::to_vec(&widest)?.len() <= budget)
     })?
     .unwrap_or(0);
     report.context = context[total - keep..].to_vec();
@@ -479,10 +483,19 @@ mod tests {
                 decode(&encode(&trimmed, &key).unwrap(), &key).unwrap(),
                 trimmed
             );
+            // (Measured as the sender will stamp it: the widest sequence number and time.)
             let mut more = trimmed.clone();
             more.context.insert(0, all[all.len() - kept - 1].clone());
+            (more.seq, more.sent_at_ms) = (u64::MAX, u64::MAX);
             let budget = MAX_DATAGRAM - HEADER_LEN - key.scheme().tag_len();
             assert!(serde_json::to_vec(&more).unwrap().len() > budget);
+            let mut stamped = trimmed.clone();
+            (stamped.seq, stamped.sent_at_ms) = (u64::MAX, u64::MAX);
+            assert_eq!(
+                decode(&encode(&stamped, &key).unwrap(), &key).unwrap(),
+                stamped,
+                "still whole once stamped"
+            );
         }
         // A report that fits keeps every line.
         let mut small = report();

@@ -21,7 +21,8 @@ use serde_json::Value;
 
 const VICTIM: &str = "127.0.0.2";
 const ATTACKER: &str = "127.0.0.3";
-const GENUINE: &str = "Kernel panic - not syncing: sysrq triggered crash";
+/// What the genuine panic's reason says, in its crash title or as its panic wrapper.
+const GENUINE: &str = "sysrq triggered crash";
 
 fn seed(server: &ApiServer) {
     put_node(server, "node-a", ATTACKER);
