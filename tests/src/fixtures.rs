@@ -149,3 +149,38 @@ pub async fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bo
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The real netconsole capture of a Debian 6.1 cloud kernel crashed with sysrq, datagram by
+/// datagram: (format, payload), from the shared test data beside the repository.
+pub fn sysrq_capture() -> Vec<(String, Vec<u8>)> {
+    use base64::Engine as _;
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/testdata/netconsole/debian-6.1-cloud-sysrq-crash.jsonl"
+    );
+    std::fs::read_to_string(path)
+        .expect("the shared netconsole capture")
+        .lines()
+        .map(|line| {
+            let datagram: Value = serde_json::from_str(line).expect("a JSON datagram");
+            (
+                datagram["format"].as_str().expect("a format").to_owned(),
+                base64::engine::general_purpose::STANDARD
+                    .decode(datagram["payload_b64"].as_str().expect("a payload"))
+                    .expect("base64"),
+            )
+        })
+        .collect()
+}
+
+/// Sends [`sysrq_capture`] from `ip` to `to` as the kernel does: the plain and the extended
+/// target from two ports, 200 µs apart.
+pub fn replay_sysrq_capture(ip: &str, to: std::net::SocketAddr) {
+    let plain = std::net::UdpSocket::bind((ip, 0)).expect("a socket on the node's address");
+    let extended = std::net::UdpSocket::bind((ip, 0)).expect("a socket on the node's address");
+    for (format, payload) in sysrq_capture() {
+        let socket = if format == "plain" { &plain } else { &extended };
+        socket.send_to(&payload, to).expect("a datagram sent");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}

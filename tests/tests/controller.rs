@@ -7,7 +7,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use base64::Engine as _;
 use lastgasp::{
     controller::{Controller, ControllerConfig, policy::Policy, trust::DeletionEvidence},
     wire::{self, AuthKey, Report},
@@ -16,7 +15,7 @@ use lastgasp_tests::{
     apiserver::{ApiServer, Matcher},
     fixtures::{
         annotation, controller_config, events_about, now_ms, put_booted_node, put_node, put_pod,
-        renew_node_lease, wait_for,
+        renew_node_lease, replay_sysrq_capture, wait_for,
     },
     scrape,
 };
@@ -61,38 +60,6 @@ async fn start_configured(
     Controller::start(server.client().await.unwrap(), config)
         .await
         .unwrap()
-}
-
-/// The real capture of a panicking Debian 6.1 kernel, datagram by datagram: (format, payload).
-fn capture() -> Vec<(String, Vec<u8>)> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/testdata/netconsole/debian-6.1-cloud-sysrq-crash.jsonl"
-    );
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|line| {
-            let datagram: Value = serde_json::from_str(line).unwrap();
-            (
-                datagram["format"].as_str().unwrap().to_owned(),
-                base64::engine::general_purpose::STANDARD
-                    .decode(datagram["payload_b64"].as_str().unwrap())
-                    .unwrap(),
-            )
-        })
-        .collect()
-}
-
-/// Sends the capture from `ip`, the plain and extended targets from two ports as the kernel does.
-fn replay_netconsole(ip: &str, to: SocketAddr) {
-    let plain = UdpSocket::bind((ip, 0)).unwrap();
-    let extended = UdpSocket::bind((ip, 0)).unwrap();
-    for (format, payload) in capture() {
-        let socket = if format == "plain" { &plain } else { &extended };
-        socket.send_to(&payload, to).unwrap();
-        std::thread::sleep(Duration::from_micros(200));
-    }
 }
 
 /// The kernel stack the `panic()` probe takes on a sysrq crash, symbolised by the agent.
@@ -286,7 +253,7 @@ async fn with_any_evidence_a_netconsole_panic_marks_and_deletes_the_node_and_its
         .send_to(&[], controller.netconsole_addr())
         .unwrap();
     let sent = Instant::now();
-    replay_netconsole("127.0.0.2", controller.netconsole_addr());
+    replay_sysrq_capture("127.0.0.2", controller.netconsole_addr());
     wait_for("node-b deleted", Duration::from_secs(15), || {
         gone(&server, "nodes", None, "node-b")
     })
@@ -392,7 +359,7 @@ async fn an_agent_report_acts_too_and_both_channels_make_one_incident() {
         },
     )
     .await;
-    replay_netconsole("127.0.0.2", controller.netconsole_addr());
+    replay_sysrq_capture("127.0.0.2", controller.netconsole_addr());
     wait_for(
         "netconsole merged into the incident",
         Duration::from_secs(10),
@@ -439,7 +406,7 @@ async fn strangers_bad_macs_and_replays_write_nothing() {
     let controller = start(&server, Policy::Annotate, 3).await;
 
     // 127.0.0.9 is no node's address.
-    replay_netconsole("127.0.0.9", controller.netconsole_addr());
+    replay_sysrq_capture("127.0.0.9", controller.netconsole_addr());
     let mut forged = report("node-b", 1);
     let last = forged.len() - 1;
     forged[last] ^= 1;
@@ -512,7 +479,7 @@ async fn a_flood_from_one_node_does_not_delay_a_panic_from_another() {
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = Instant::now();
-    replay_netconsole("127.0.0.2", target);
+    replay_sysrq_capture("127.0.0.2", target);
     // Netconsole evidence marks at once (deleting waits for the node to be seen dead).
     wait_for(
         "node-b's pods marked during the flood",
@@ -704,7 +671,7 @@ async fn netconsole_evidence_marks_and_deletes_only_once_the_heartbeat_stops() {
     })
     .await;
     let sent = Instant::now();
-    replay_netconsole("127.0.0.2", controller.netconsole_addr());
+    replay_sysrq_capture("127.0.0.2", controller.netconsole_addr());
     wait_for("pods marked", Duration::from_secs(10), || {
         ["b-0", "b-1", "b-2"]
             .iter()
@@ -713,10 +680,20 @@ async fn netconsole_evidence_marks_and_deletes_only_once_the_heartbeat_stops() {
     .await;
     println!("netconsole replay to pods marked: {:?}", sent.elapsed());
     // Titled from the capture's lines: the call trace after the panic line names the culprit.
-    wait_for("the crash named on node-b", Duration::from_secs(15), || {
-        let node = server.get_json("nodes", None, "node-b").unwrap().unwrap();
-        annotation(&node, "lastgasp.io/crash-culprit") == Some("sysrq_handle_crash")
-    })
+    wait_for(
+        "the crash named on node-b and b-1",
+        Duration::from_secs(15),
+        || {
+            let node = server.get_json("nodes", None, "node-b").unwrap().unwrap();
+            let pod = server
+                .get_json("pods", Some("team"), "b-1")
+                .unwrap()
+                .unwrap();
+            [node, pod].iter().all(|object| {
+                annotation(object, "lastgasp.io/crash-culprit") == Some("sysrq_handle_crash")
+            })
+        },
+    )
     .await;
     for object in [
         server.get_json("nodes", None, "node-b").unwrap().unwrap(),
@@ -799,7 +776,7 @@ async fn spoofed_netconsole_from_a_live_node_deletes_nothing_and_says_why() {
         config.mark_wait = Duration::from_secs(3);
     })
     .await;
-    replay_netconsole("127.0.0.2", controller.netconsole_addr());
+    replay_sysrq_capture("127.0.0.2", controller.netconsole_addr());
     wait_for("the give-up Event", Duration::from_secs(15), || {
         events_about(&server, "Node", "node-b")
             .iter()
@@ -840,7 +817,7 @@ async fn dry_run_writes_nothing() {
     let server = ApiServer::start().await.unwrap();
     seed(&server);
     let controller = start_configured(&server, |config| config.dry_run = true).await;
-    replay_netconsole("127.0.0.2", controller.netconsole_addr());
+    replay_sysrq_capture("127.0.0.2", controller.netconsole_addr());
     send_report(&report("node-b", 1), controller.report_addr());
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let metrics = scrape(controller.metrics_addr()).await;
@@ -1100,7 +1077,7 @@ async fn a_pstore_report_after_netconsole_merges_without_duplicate_events() {
     seed(&server);
     let controller = start(&server, Policy::Annotate, 3).await;
     let panicked_at = jiff::Timestamp::now();
-    replay_netconsole("127.0.0.2", controller.netconsole_addr());
+    replay_sysrq_capture("127.0.0.2", controller.netconsole_addr());
     wait_for(
         "pods marked from netconsole",
         Duration::from_secs(10),
@@ -1164,7 +1141,7 @@ async fn a_pstore_report_to_a_replica_that_missed_the_panic_follows_the_node_rec
     let first = start(&server, Policy::Annotate, 3).await;
     let second = start(&server, Policy::Annotate, 3).await;
     let panicked_at = jiff::Timestamp::now();
-    replay_netconsole("127.0.0.2", first.netconsole_addr());
+    replay_sysrq_capture("127.0.0.2", first.netconsole_addr());
     wait_for(
         "pods marked from netconsole",
         Duration::from_secs(10),

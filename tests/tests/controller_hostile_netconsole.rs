@@ -7,17 +7,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use base64::Engine as _;
 use lastgasp::{
     controller::{Controller, policy::Policy},
     wire::AuthKey,
 };
 use lastgasp_tests::{
     apiserver::ApiServer,
-    fixtures::{annotation, controller_config, put_node, put_pod, wait_for},
+    fixtures::{annotation, controller_config, put_node, put_pod, sysrq_capture, wait_for},
     scrape,
 };
-use serde_json::Value;
 
 const VICTIM: &str = "127.0.0.2";
 const ATTACKER: &str = "127.0.0.3";
@@ -41,32 +39,11 @@ async fn start(server: &ApiServer, policy: Policy) -> Controller {
     .unwrap()
 }
 
-/// The real capture of a panicking Debian 6.1 kernel: (format, payload) per datagram.
-fn capture() -> Vec<(String, Vec<u8>)> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/testdata/netconsole/debian-6.1-cloud-sysrq-crash.jsonl"
-    );
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|line| {
-            let datagram: Value = serde_json::from_str(line).unwrap();
-            (
-                datagram["format"].as_str().unwrap().to_owned(),
-                base64::engine::general_purpose::STANDARD
-                    .decode(datagram["payload_b64"].as_str().unwrap())
-                    .unwrap(),
-            )
-        })
-        .collect()
-}
-
 /// Sends the capture's datagrams of the given formats from `ip`, one port per format.
 fn replay(ip: &str, formats: &[&str], to: SocketAddr) {
     let plain = UdpSocket::bind((ip, 0)).unwrap();
     let extended = UdpSocket::bind((ip, 0)).unwrap();
-    for (format, payload) in capture() {
+    for (format, payload) in sysrq_capture() {
         if !formats.contains(&format.as_str()) {
             continue;
         }
@@ -262,7 +239,7 @@ async fn storm(size: usize, reason: &str) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let panicked = Instant::now();
     replay(VICTIM, &["plain", "extended"], to);
-    let victim_datagrams = capture().len() as u64;
+    let victim_datagrams = sysrq_capture().len() as u64;
     let mut marked = annotation_waiter(&server);
     while !marked() && panicked.elapsed() < Duration::from_secs(10) {
         tokio::time::sleep(Duration::from_millis(20)).await;

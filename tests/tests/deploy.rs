@@ -16,7 +16,6 @@ use std::{
     time::Duration,
 };
 
-use base64::Engine as _;
 use lastgasp::{
     agent::{
         Agent, AgentConfig,
@@ -34,7 +33,9 @@ use lastgasp::{
 use lastgasp_tests::{
     apiserver::ApiServer,
     blocking::{block_in_recvfrom, netlink_route_socket},
-    fixtures::{agent_config, controller_config, now_ms, put_booted_node, wait_for},
+    fixtures::{
+        agent_config, controller_config, now_ms, put_booted_node, replay_sysrq_capture, wait_for,
+    },
     scrape,
 };
 use prometheus_client::registry::Registry;
@@ -594,29 +595,6 @@ fn allowed(rules: &[(Option<String>, Value)], access: &Access) -> bool {
     })
 }
 
-/// The capture of a panicking Debian 6.1 kernel's netconsole stream, sent from `ip`.
-fn replay_netconsole(ip: &str, to: SocketAddr) {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/testdata/netconsole/debian-6.1-cloud-sysrq-crash.jsonl"
-    );
-    let plain = UdpSocket::bind((ip, 0)).unwrap();
-    let extended = UdpSocket::bind((ip, 0)).unwrap();
-    for line in fs::read_to_string(path).unwrap().lines() {
-        let datagram: Value = serde_json::from_str(line).unwrap();
-        let payload = base64::engine::general_purpose::STANDARD
-            .decode(datagram["payload_b64"].as_str().unwrap())
-            .unwrap();
-        let socket = if datagram["format"] == "plain" {
-            &plain
-        } else {
-            &extended
-        };
-        socket.send_to(&payload, to).unwrap();
-        std::thread::sleep(Duration::from_micros(200));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn controller_rbac_allows_every_call_and_nothing_unused() {
     let server = ApiServer::start().await.unwrap();
@@ -673,7 +651,7 @@ async fn controller_rbac_allows_every_call_and_nothing_unused() {
     })
     .await;
 
-    replay_netconsole("127.0.0.2", controller.netconsole_addr());
+    replay_sysrq_capture("127.0.0.2", controller.netconsole_addr());
     wait_for(
         "node-b and its pods deleted",
         Duration::from_secs(15),
