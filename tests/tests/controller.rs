@@ -681,20 +681,21 @@ async fn netconsole_evidence_marks_and_deletes_only_once_the_heartbeat_stops() {
     println!("netconsole replay to pods marked: {:?}", sent.elapsed());
     // Titled from the capture's lines: the call trace after the panic line names the culprit.
     wait_for(
-        "the crash named on node-b and b-1",
+        "the crash named on node-b and its pods",
         Duration::from_secs(15),
         || {
-            let node = server.get_json("nodes", None, "node-b").unwrap().unwrap();
-            let pod = server
-                .get_json("pods", Some("team"), "b-1")
-                .unwrap()
-                .unwrap();
-            [node, pod].iter().all(|object| {
+            let mut objects = vec![server.get_json("nodes", None, "node-b").unwrap().unwrap()];
+            for pod in ["b-0", "b-1", "b-2"] {
+                objects.push(server.get_json("pods", Some("team"), pod).unwrap().unwrap());
+            }
+            objects.iter().all(|object| {
                 annotation(object, "lastgasp.io/crash-culprit") == Some("sysrq_handle_crash")
             })
         },
     )
     .await;
+    // The condition is written after the annotations: let the last pod's land.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     for object in [
         server.get_json("nodes", None, "node-b").unwrap().unwrap(),
         server
