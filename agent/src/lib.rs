@@ -3,6 +3,9 @@
 pub mod agent;
 pub mod controller;
 pub mod kernel_log;
+#[cfg(test)]
+mod kube_mock;
+pub mod kube_retry;
 pub mod metrics;
 pub mod procfs;
 pub mod telemetry;

@@ -4,7 +4,7 @@
 //!
 //! Every step is idempotent, so running an incident again (after a merge, or after a
 //! controller restart) finishes what is left without duplicate Events. Transient API errors
-//! are retried with back-off until they succeed. Every patch and delete names the object's
+//! are retried with back-off until they succeed ([`kube_retry`]). Every patch and delete names the object's
 //! UID: an object deleted and created again under the same name since the panic is another
 //! object, and its 409 means the write is done (there is nothing left of the old one to write).
 
@@ -31,14 +31,11 @@ use super::{
     metrics::{ControllerMetrics, ObjectLabels},
     policy::Plan,
     reasons::{
-        ANNOTATION_CRASH_CULPRIT, ANNOTATION_CRASH_TITLE, ANNOTATION_INCIDENT,
-        ANNOTATION_INCIDENT_RECORD, ANNOTATION_KERNEL_RELEASE, ANNOTATION_KERNEL_TAINT,
-        ANNOTATION_REASON, ANNOTATION_REASON_CODE, ANNOTATION_SOURCE, ANNOTATION_TIME,
-        CONDITION_TYPE, FIELD_MANAGER, condition_reason, sources_label,
+        ANNOTATION_INCIDENT, ANNOTATION_INCIDENT_RECORD, CONDITION_TYPE, FIELD_MANAGER, Verdict,
+        event_note,
     },
 };
-
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
+use crate::kube_retry::{self, Backoff, Ended, OnConflict};
 
 pub struct Actions {
     client: Client,
@@ -103,17 +100,18 @@ impl Actions {
 
     async fn write_marks(&self, incident: &Incident, plan: Plan) {
         let record = &incident.record;
+        let verdict = Verdict::of(record);
         if self.dry_run {
-            self.log_dry_run(record, plan);
+            self.log_dry_run(record, &verdict, plan);
             return;
         }
         let Some(node) = self.cluster.node(&record.node) else {
             tracing::info!(node = record.node, "node already gone; nothing to mark");
             return;
         };
-        self.mark_node(&node, record, plan).await;
+        self.mark_node(&node, record, &verdict, plan).await;
         futures::stream::iter(self.affected_pods(record))
-            .for_each_concurrent(self.concurrency, |pod| self.mark_pod(pod, record))
+            .for_each_concurrent(self.concurrency, |pod| self.mark_pod(pod, record, &verdict))
             .await;
     }
 
@@ -155,9 +153,9 @@ impl Actions {
             .collect()
     }
 
-    async fn mark_node(&self, node: &Node, record: &IncidentRecord, plan: Plan) {
+    async fn mark_node(&self, node: &Node, record: &IncidentRecord, verdict: &Verdict, plan: Plan) {
         let api: Api<Node> = Api::all(self.client.clone());
-        let mut annotations = reason_annotations(record);
+        let mut annotations = verdict.annotations.clone();
         annotations.insert(
             ANNOTATION_INCIDENT_RECORD.into(),
             serde_json::to_string(&StoredIncident {
@@ -177,18 +175,18 @@ impl Actions {
         }
         if self.first_event(node.annotations(), record, "Node", &record.node) {
             self.count(&self.metrics.marked, "node");
-            self.publish(&node.object_ref(&()), record, "MarkedForDeletion")
+            self.publish(&node.object_ref(&()), verdict, "MarkedForDeletion")
                 .await;
         }
     }
 
-    async fn mark_pod(&self, pod: Arc<Pod>, record: &IncidentRecord) {
+    async fn mark_pod(&self, pod: Arc<Pod>, record: &IncidentRecord, verdict: &Verdict) {
         let namespace = pod.namespace().unwrap_or_default();
         let name = pod.name_any();
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &namespace);
 
         let patch = json!({
-            "metadata": { "uid": pod.uid(), "annotations": reason_annotations(record) }
+            "metadata": { "uid": pod.uid(), "annotations": verdict.annotations }
         });
         let (params, patch) = (PatchParams::default(), Patch::Merge(&patch));
         let annotated = self
@@ -200,7 +198,7 @@ impl Actions {
         let key = format!("{namespace}/{name}");
         if self.first_event(pod.annotations(), record, "Pod", &key) {
             self.count(&self.metrics.marked, "pod");
-            self.publish(&pod.object_ref(&()), record, "Terminating")
+            self.publish(&pod.object_ref(&()), verdict, "Terminating")
                 .await;
         }
 
@@ -211,9 +209,9 @@ impl Actions {
             "status": { "conditions": [{
                 "type": CONDITION_TYPE,
                 "status": "True",
-                "reason": condition_reason(record.kind()),
-                "message": record.reason(),
-                "lastTransitionTime": termination_time(record),
+                "reason": verdict.condition_reason,
+                "message": verdict.reason,
+                "lastTransitionTime": verdict.termination_time,
             }]}
         });
         let (params, condition) = (
@@ -262,13 +260,13 @@ impl Actions {
     async fn publish(
         &self,
         reference: &k8s_openapi::api::core::v1::ObjectReference,
-        record: &IncidentRecord,
+        verdict: &Verdict,
         action: &str,
     ) {
         let event = Event {
             type_: EventType::Warning,
-            reason: condition_reason(record.kind()),
-            note: Some(event_note(record.reason())),
+            reason: verdict.condition_reason.clone(),
+            note: Some(verdict.event_note.clone()),
             action: action.into(),
             secondary: None,
         };
@@ -315,37 +313,28 @@ impl Actions {
         .await;
     }
 
-    /// Runs a write until it succeeds; `None` when it failed for good or the object is gone.
-    async fn retry<T, F, Fut>(&self, what: &str, mut write: F) -> Option<T>
+    /// Runs a write until it succeeds; `None` when it failed for good or is moot. Every write
+    /// names the object's UID (or is an Event, created once): a conflict is an object replaced
+    /// under the same name, which never becomes writable.
+    async fn retry<T, F, Fut>(&self, what: &str, write: F) -> Option<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, kube::Error>>,
     {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match write().await {
-                Ok(value) => return Some(value),
-                Err(kube::Error::Api(status)) if status.code == 404 => return None,
-                // Every write names the object's UID (or is an Event, created once): a conflict
-                // is an object replaced under the same name, which never becomes writable.
-                Err(kube::Error::Api(status)) if status.code == 409 => {
-                    tracing::info!(
-                        what,
-                        message = status.message,
-                        "object replaced since the panic; leaving it"
-                    );
-                    return None;
-                }
-                Err(error) if transient(&error) => {
-                    self.metrics.write_retries.inc();
-                    tracing::warn!(%error, what, ?backoff, "write failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
-                Err(error) => {
-                    tracing::error!(%error, what, "write refused; giving up on it");
-                    return None;
-                }
+        let retrying = |error: &kube::Error, delay: Duration| {
+            self.metrics.write_retries.inc();
+            tracing::warn!(%error, what, ?delay, "write failed; retrying");
+        };
+        match kube_retry::call(Backoff::WRITES, OnConflict::Moot, write, retrying).await {
+            Ok(value) => Some(value),
+            Err(Ended::Gone) => None,
+            Err(Ended::Moot(message) | Ended::Conflict(message)) => {
+                tracing::info!(what, message, "object replaced since the panic; leaving it");
+                None
+            }
+            Err(Ended::Refused(error)) => {
+                tracing::error!(%error, what, "write refused; giving up on it");
+                None
             }
         }
     }
@@ -358,12 +347,12 @@ impl Actions {
             .inc();
     }
 
-    fn log_dry_run(&self, record: &IncidentRecord, plan: Plan) {
+    fn log_dry_run(&self, record: &IncidentRecord, verdict: &Verdict, plan: Plan) {
         let pods = self.affected_pods(record);
         tracing::info!(
             node = record.node,
-            reason = record.reason(),
-            annotations = ?reason_annotations(record),
+            reason = verdict.reason,
+            annotations = ?verdict.annotations,
             pods = pods.len(),
             delete_pods = plan.delete_pods,
             delete_node = plan.delete_node,
@@ -380,44 +369,9 @@ impl Actions {
     }
 }
 
-/// Conflicts, throttling, server errors and connection trouble pass; the rest does not.
-fn transient(error: &kube::Error) -> bool {
-    match error {
-        kube::Error::Api(status) => status.code == 429 || status.code >= 500,
-        kube::Error::HyperError(_) | kube::Error::Service(_) => true,
-        _ => false,
-    }
-}
-
 /// When the object was created, from its metadata.
 fn created<K: kube::Resource>(object: &K) -> Option<k8s_openapi::jiff::Timestamp> {
     object.meta().creation_timestamp.as_ref().map(|time| time.0)
-}
-
-/// When the pods were terminated: the panic time of a delayed report, else when the
-/// controller first heard of the panic.
-fn termination_time(record: &IncidentRecord) -> String {
-    record.panicked_at.map_or_else(
-        || record.time.clone(),
-        |at| at.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
-    )
-}
-
-/// The API's limit on an Event's `note` (events.k8s.io/v1), in bytes: longer notes are refused
-/// with 422, and with them the Event.
-pub const EVENT_NOTE_MAX: usize = 1024;
-
-/// `note` cut to [`EVENT_NOTE_MAX`] bytes at a character boundary, ending in `…` when cut.
-pub fn event_note(mut note: String) -> String {
-    if note.len() > EVENT_NOTE_MAX {
-        let mut end = EVENT_NOTE_MAX - '…'.len_utf8();
-        while !note.is_char_boundary(end) {
-            end -= 1;
-        }
-        note.truncate(end);
-        note.push('…');
-    }
-    note
 }
 
 fn delete_now(uid: Option<String>) -> DeleteParams {
@@ -429,29 +383,6 @@ fn delete_now(uid: Option<String>) -> DeleteParams {
         }),
         ..DeleteParams::default()
     }
-}
-
-fn reason_annotations(record: &IncidentRecord) -> BTreeMap<String, String> {
-    let mut annotations = BTreeMap::from([
-        (ANNOTATION_REASON.to_owned(), record.reason()),
-        (ANNOTATION_REASON_CODE.to_owned(), record.code.clone()),
-        (ANNOTATION_SOURCE.to_owned(), sources_label(&record.sources)),
-        (ANNOTATION_TIME.to_owned(), termination_time(record)),
-        (ANNOTATION_INCIDENT.to_owned(), record.id.clone()),
-    ]);
-    if let Some(crash) = &record.crash {
-        annotations.insert(ANNOTATION_CRASH_TITLE.into(), crash.title.clone());
-        for (key, value) in [
-            (ANNOTATION_CRASH_CULPRIT, &crash.culprit),
-            (ANNOTATION_KERNEL_RELEASE, &crash.kernel_release),
-            (ANNOTATION_KERNEL_TAINT, &crash.kernel_taint),
-        ] {
-            if let Some(value) = value {
-                annotations.insert(key.into(), value.clone());
-            }
-        }
-    }
-    annotations
 }
 
 /// The node's record of an incident: enough to finish it after a controller restart.
@@ -487,16 +418,237 @@ impl From<StoredPlan> for Plan {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::collections::BTreeSet;
 
-    #[test]
-    fn event_notes_fit_the_api_limit() {
-        assert_eq!(event_note("short".into()), "short");
-        let long = "é".repeat(EVENT_NOTE_MAX);
-        let cut = event_note(long);
-        assert!(cut.len() <= EVENT_NOTE_MAX, "{}", cut.len());
-        assert!(cut.ends_with('…'));
-        let exact = "x".repeat(EVENT_NOTE_MAX);
-        assert_eq!(event_note(exact.clone()), exact);
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+    use kube::runtime::events::Reporter;
+    use prometheus_client::registry::Registry;
+    use serde_json::Value;
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::{
+        controller::{
+            reasons::{ANNOTATION_REASON, Source},
+            trust::Tier,
+        },
+        kube_mock::{self, ApiServer, Call},
+    };
+
+    const CREATED: &str = "2026-01-01T00:00:00Z";
+
+    fn meta(name: &str, namespace: Option<&str>, uid: &str) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name.into()),
+            namespace: namespace.map(str::to_owned),
+            uid: Some(uid.into()),
+            creation_timestamp: Some(Time(CREATED.parse().unwrap())),
+            ..ObjectMeta::default()
+        }
+    }
+
+    fn pod(name: &str) -> Pod {
+        Pod {
+            metadata: meta(name, Some("shop"), &format!("uid-{name}")),
+            spec: Some(k8s_openapi::api::core::v1::PodSpec {
+                node_name: Some("worker-3".into()),
+                ..Default::default()
+            }),
+            ..Pod::default()
+        }
+    }
+
+    fn incident() -> Incident {
+        Incident {
+            record: IncidentRecord {
+                id: "worker-3-1".into(),
+                node: "worker-3".into(),
+                boot_id: Some("boot-1".into()),
+                code: "KernelPanic".into(),
+                message: "Kernel panic - not syncing: Fatal exception".into(),
+                sources: BTreeSet::from([Source::Agent]),
+                tier: Tier::PanicProbe,
+                crash: None,
+                time: "2026-01-02T03:04:05.000Z".into(),
+                panicked_at: None,
+            },
+            context: Vec::new(),
+            first_datagram: std::time::Instant::now(),
+        }
+    }
+
+    fn actions(pods: &[&str]) -> (Actions, ApiServer, Arc<ControllerMetrics>) {
+        let (client, server) = kube_mock::client();
+        let node = Node {
+            metadata: meta("worker-3", None, "uid-node"),
+            ..Node::default()
+        };
+        let cluster = ClusterCache::of(vec![node], pods.iter().map(|name| pod(name)).collect());
+        let metrics = ControllerMetrics::register(&mut Registry::default());
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "lastgasp-controller".into(),
+                instance: Some("replica-0".into()),
+            },
+        );
+        let actions = Actions::new(client, recorder, cluster, metrics.clone(), 16, false);
+        (actions, server, metrics)
+    }
+
+    fn expect(call: &Call, method: &str, path: &str) {
+        assert_eq!(
+            (call.method.as_str(), call.path()),
+            (method, path),
+            "{}",
+            call.body
+        );
+    }
+
+    fn count(family: &Family<ObjectLabels, Counter>, object: &str) -> u64 {
+        family
+            .get_or_create(&ObjectLabels {
+                object: object.into(),
+            })
+            .get()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_incident_marks_the_node_then_its_pods_then_deletes_them_by_uid() {
+        let (actions, mut server, metrics) = actions(&["web-0"]);
+        let incident = incident();
+        let verdict = Verdict::of(&incident.record);
+        let plan = Plan {
+            delete_pods: true,
+            delete_node: true,
+        };
+        let run = tokio::spawn(async move { actions.execute(&incident, plan).await });
+
+        let annotate = server.next().await;
+        expect(&annotate, "PATCH", "/api/v1/nodes/worker-3");
+        assert_eq!(
+            annotate.content_type.as_deref(),
+            Some("application/merge-patch+json")
+        );
+        assert_eq!(annotate.body["metadata"]["uid"], "uid-node");
+        let annotations = &annotate.body["metadata"]["annotations"];
+        assert_eq!(
+            annotations[ANNOTATION_REASON],
+            "node worker-3 kernel panic: Kernel panic - not syncing: Fatal exception"
+        );
+        let stored: Value =
+            serde_json::from_str(annotations[ANNOTATION_INCIDENT_RECORD].as_str().unwrap())
+                .unwrap();
+        assert_eq!(
+            stored["plan"],
+            serde_json::json!({ "delete_pods": true, "delete_node": true })
+        );
+        // A server error: retried after 100-200 ms.
+        annotate.fail(503, "ServiceUnavailable");
+        let failed = Instant::now();
+        let annotate = server.next().await;
+        let waited = failed.elapsed();
+        assert!(
+            waited >= Duration::from_millis(100) && waited <= Duration::from_millis(200),
+            "{waited:?}"
+        );
+        expect(&annotate, "PATCH", "/api/v1/nodes/worker-3");
+        annotate.ok();
+
+        let event = server.next().await;
+        expect(
+            &event,
+            "POST",
+            "/apis/events.k8s.io/v1/namespaces/default/events",
+        );
+        assert_eq!(event.body["reason"], "NodeKernelPanic");
+        assert_eq!(event.body["action"], "MarkedForDeletion");
+        assert_eq!(event.body["note"], verdict.event_note);
+        assert_eq!(event.body["regarding"]["uid"], "uid-node");
+        event.ok();
+
+        let annotate = server.next().await;
+        expect(&annotate, "PATCH", "/api/v1/namespaces/shop/pods/web-0");
+        assert_eq!(annotate.body["metadata"]["uid"], "uid-web-0");
+        // The same verdict on the pod as on the node.
+        let on_pod: BTreeMap<String, String> =
+            serde_json::from_value(annotate.body["metadata"]["annotations"].clone()).unwrap();
+        assert_eq!(on_pod, verdict.annotations);
+        annotate.ok();
+        let event = server.next().await;
+        expect(
+            &event,
+            "POST",
+            "/apis/events.k8s.io/v1/namespaces/shop/events",
+        );
+        assert_eq!(event.body["action"], "Terminating");
+        assert_eq!(event.body["regarding"]["uid"], "uid-web-0");
+        event.ok();
+        let condition = server.next().await;
+        expect(
+            &condition,
+            "PATCH",
+            "/api/v1/namespaces/shop/pods/web-0/status",
+        );
+        assert_eq!(condition.query("fieldManager"), Some(FIELD_MANAGER));
+        assert_eq!(condition.query("force"), Some("true"));
+        assert_eq!(
+            condition.body["status"]["conditions"],
+            serde_json::json!([{
+                "type": CONDITION_TYPE,
+                "status": "True",
+                "reason": "NodeKernelPanic",
+                "message": verdict.reason,
+                "lastTransitionTime": "2026-01-02T03:04:05.000Z",
+            }])
+        );
+        condition.ok();
+
+        let delete = server.next().await;
+        expect(&delete, "DELETE", "/api/v1/namespaces/shop/pods/web-0");
+        assert_eq!(delete.body["gracePeriodSeconds"], 0);
+        assert_eq!(delete.body["preconditions"]["uid"], "uid-web-0");
+        delete.respond(200, serde_json::to_value(pod("web-0")).unwrap());
+        let delete = server.next().await;
+        expect(&delete, "DELETE", "/api/v1/nodes/worker-3");
+        assert_eq!(delete.body["preconditions"]["uid"], "uid-node");
+        delete.respond(
+            200,
+            serde_json::json!({ "apiVersion": "v1", "kind": "Node", "metadata": {} }),
+        );
+        run.await.unwrap();
+
+        assert_eq!(count(&metrics.marked, "node"), 1);
+        assert_eq!(count(&metrics.marked, "pod"), 1);
+        assert_eq!(count(&metrics.deleted, "pod"), 1);
+        assert_eq!(count(&metrics.deleted, "node"), 1);
+        assert_eq!(metrics.write_retries.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pod_replaced_since_the_panic_is_left_and_a_refused_write_is_not_retried() {
+        let (actions, mut server, metrics) = actions(&["web-0"]);
+        let incident = incident();
+        let run = tokio::spawn(async move { actions.mark(&incident, Plan::MARK_ONLY).await });
+        server.next().await.ok();
+        server.next().await.ok();
+        // The pod's UID precondition fails: another pod of that name; nothing more is written on it.
+        let annotate = server.next().await;
+        expect(&annotate, "PATCH", "/api/v1/namespaces/shop/pods/web-0");
+        annotate.fail(409, "Conflict");
+        run.await.unwrap();
+        assert!(server.next_within(Duration::from_secs(60)).await.is_none());
+        assert_eq!(count(&metrics.marked, "pod"), 0);
+        assert_eq!(metrics.write_retries.get(), 0);
+
+        // Forbidden: given up at once.
+        let (actions, mut server, metrics) = self::actions(&[]);
+        let incident = self::incident();
+        let run = tokio::spawn(async move { actions.mark(&incident, Plan::MARK_ONLY).await });
+        server.next().await.fail(403, "Forbidden");
+        run.await.unwrap();
+        assert!(server.next_within(Duration::from_secs(60)).await.is_none());
+        assert_eq!(count(&metrics.marked, "node"), 0);
+        assert_eq!(metrics.write_retries.get(), 0);
     }
 }

@@ -92,6 +92,23 @@ impl ClusterCache {
         (Self { state, synced }, [nodes, pods])
     }
 
+    /// A cache holding these objects, synced, watching nothing: for tests of its readers.
+    #[cfg(test)]
+    pub fn of(nodes: Vec<Node>, pods: Vec<Pod>) -> Self {
+        let mut state = State::default();
+        for node in nodes {
+            state.nodes.insert(node.name_any(), Arc::new(node));
+        }
+        state.reindex_addresses();
+        for pod in pods {
+            state.upsert_pod(pod);
+        }
+        Self {
+            state: Arc::new(RwLock::new(state)),
+            synced: watch::channel((true, true)).1,
+        }
+    }
+
     /// Waits until both watches have listed everything once.
     pub async fn wait_synced(&self) {
         let mut synced = self.synced.clone();

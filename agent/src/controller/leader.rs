@@ -26,6 +26,8 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 use tracing::{debug, info, warn};
 
+use crate::kube_retry::{self, Backoff, Class, OnConflict};
+
 #[derive(Debug, Clone)]
 pub struct LeaderConfig {
     /// Namespace of the Lease, e.g. `lastgasp-system`.
@@ -307,7 +309,7 @@ impl Campaign {
 }
 
 fn is_conflict(error: &kube::Error) -> bool {
-    matches!(error, kube::Error::Api(status) if status.code == 409)
+    kube_retry::classify(error) == Class::Conflict
 }
 
 /// Label the leader puts on its own pod, so the Service for the UDP inputs can select it.
@@ -329,16 +331,27 @@ pub async fn label_own_pod(
             "false"
         };
         let patch = serde_json::json!({ "metadata": { "labels": { LEADER_LABEL: value } } });
-        let params = kube::api::PatchParams::default();
-        while let Err(error) = pods
-            .patch(&pod, &params, &kube::api::Patch::Merge(&patch))
-            .await
-        {
-            warn!(%error, pod, "labelling this replica's pod failed; retrying");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            if leading.has_changed().unwrap_or(true) {
-                break;
+        let (params, patch) = (
+            kube::api::PatchParams::default(),
+            kube::api::Patch::Merge(&patch),
+        );
+        let label = kube_retry::call(
+            Backoff::WRITES,
+            OnConflict::Moot,
+            || pods.patch(&pod, &params, &patch),
+            |error, delay| warn!(%error, pod, ?delay, "labelling this replica's pod failed; retrying"),
+        );
+        tokio::select! {
+            labelled = label => {
+                if let Err(ended) = labelled {
+                    warn!(%ended, pod, "cannot label this replica's pod; trying again when leadership changes");
+                }
             }
+            // Leadership changed while retrying: label with the new value.
+            changed = leading.changed() => match changed {
+                Ok(()) => continue,
+                Err(_) => return,
+            },
         }
         if leading.changed().await.is_err() {
             return;

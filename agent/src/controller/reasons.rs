@@ -1,10 +1,11 @@
 //! What the controller writes on pods and nodes: annotation keys, the human-readable reason,
 //! the reason codes, and the record of an incident kept on the node.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use super::incidents::IncidentRecord;
 use crate::kernel_log::{CrashTitle, KernelEventKind};
 
 pub const ANNOTATION_REASON: &str = "lastgasp.io/termination-reason";
@@ -149,9 +150,94 @@ pub fn condition_reason(kind: KernelEventKind) -> String {
     format!("Node{}", kind.reason_code())
 }
 
+/// What an incident says, computed once per run of its writes and written alike on the node
+/// and on every pod.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Verdict {
+    /// The reason text: the pods' condition message, and the Events' note before its cut.
+    pub reason: String,
+    /// The reason of the `DisruptionTarget` condition and of the Events: `NodeKernelPanic`, ...
+    pub condition_reason: String,
+    pub annotations: BTreeMap<String, String>,
+    /// The Events' note, within [`EVENT_NOTE_MAX`].
+    pub event_note: String,
+    /// When the pods were terminated: the condition's `lastTransitionTime`.
+    pub termination_time: String,
+}
+
+impl Verdict {
+    pub fn of(record: &IncidentRecord) -> Self {
+        let reason = record.reason();
+        let termination_time = termination_time(record);
+        let mut annotations = BTreeMap::from([
+            (ANNOTATION_REASON.to_owned(), reason.clone()),
+            (ANNOTATION_REASON_CODE.to_owned(), record.code.clone()),
+            (ANNOTATION_SOURCE.to_owned(), sources_label(&record.sources)),
+            (ANNOTATION_TIME.to_owned(), termination_time.clone()),
+            (ANNOTATION_INCIDENT.to_owned(), record.id.clone()),
+        ]);
+        if let Some(crash) = &record.crash {
+            annotations.insert(ANNOTATION_CRASH_TITLE.into(), crash.title.clone());
+            for (key, value) in [
+                (ANNOTATION_CRASH_CULPRIT, &crash.culprit),
+                (ANNOTATION_KERNEL_RELEASE, &crash.kernel_release),
+                (ANNOTATION_KERNEL_TAINT, &crash.kernel_taint),
+            ] {
+                if let Some(value) = value {
+                    annotations.insert(key.into(), value.clone());
+                }
+            }
+        }
+        Self {
+            event_note: event_note(reason.clone()),
+            condition_reason: condition_reason(record.kind()),
+            reason,
+            annotations,
+            termination_time,
+        }
+    }
+}
+
+/// When the pods were terminated: the panic time of a delayed report, else when the
+/// controller first heard of the panic.
+fn termination_time(record: &IncidentRecord) -> String {
+    record.panicked_at.map_or_else(
+        || record.time.clone(),
+        |at| at.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+    )
+}
+
+/// The API's limit on an Event's `note` (events.k8s.io/v1), in bytes: longer notes are refused
+/// with 422, and with them the Event.
+pub const EVENT_NOTE_MAX: usize = 1024;
+
+/// `note` cut to [`EVENT_NOTE_MAX`] bytes at a character boundary, ending in `…` when cut.
+pub fn event_note(mut note: String) -> String {
+    if note.len() > EVENT_NOTE_MAX {
+        let mut end = EVENT_NOTE_MAX - '…'.len_utf8();
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+        note.push('…');
+    }
+    note
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_notes_fit_the_api_limit() {
+        assert_eq!(event_note("short".into()), "short");
+        let long = "é".repeat(EVENT_NOTE_MAX);
+        let cut = event_note(long);
+        assert!(cut.len() <= EVENT_NOTE_MAX, "{}", cut.len());
+        assert!(cut.ends_with('…'));
+        let exact = "x".repeat(EVENT_NOTE_MAX);
+        assert_eq!(event_note(exact.clone()), exact);
+    }
 
     #[test]
     fn texts_read_as_the_issue_shows_them() {

@@ -1,331 +1,29 @@
-//! Hangs and stuck CNI calls as Kubernetes-native signals, in the style of
-//! node-problem-detector: the conditions `NetlinkRecvHung` and `CNICallsStuck` on the agent's
-//! own Node, and Events on the Node and on the Pods involved. Only in a cluster.
-//!
-//! Data flows one way. The events loop publishes what the trackers see now ([`NodeHealth`],
-//! on a watch channel: the latest state wins) → the observer turns each new state into the
-//! desired conditions and into one Event per episode (a thread's hang, a call's stuck run) →
-//! two writers, one for the Node's status and one for Events, each retrying with back-off on
-//! its own. A slow or failing API server delays neither the trackers nor the other writer;
-//! Events beyond a bounded queue or a rate limit are dropped and counted.
+//! Turns each published [`NodeHealth`] into the conditions the Node should show and into
+//! Events: one Warning per episode and object (rate-limited), one Normal when it ends.
 
 use std::{
     collections::{HashMap, HashSet},
-    fmt::Write as _,
     sync::Arc,
     time::Duration,
 };
 
-use k8s_openapi::{
-    api::{
-        core::v1::{Node, ObjectReference},
-        events::v1::Event,
-    },
-    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
-    jiff::{SignedDuration, Timestamp},
-};
-use kube::{
-    Api, Client,
-    api::{Patch, PatchParams, PostParams},
-};
-use serde_json::{Value, json};
-use tokio::{
-    sync::{mpsc, watch},
-    task::JoinHandle,
-    time::Instant,
-};
+use k8s_openapi::api::core::v1::ObjectReference;
+use tokio::{sync::mpsc, time::Instant};
 
-use super::pods::{ContainerRef, PodIndex};
-use crate::{
-    metrics::{AgentMetrics, KubernetesWriteLabels},
-    procfs,
+use super::{
+    CNI_CONDITION, Clock, HungThread, NETLINK_CONDITION, NodeHealth, StuckCniCall, Thresholds,
+    call_name,
+    conditions::{Condition, Conditions, State},
+    count,
+    events::EventSpec,
+    hang_summary, human, rfc3339, thread_name, truncate,
 };
+use crate::{agent::pods::PodIndex, metrics::AgentMetrics};
 
-/// Field manager of the agent's server-side apply of its conditions.
-pub const FIELD_MANAGER: &str = "lastgasp-agent";
-/// `reportingController` of the agent's Events; `reportingInstance` is the node name.
-pub const REPORTING_CONTROLLER: &str = "lastgasp.io/agent";
-pub const NETLINK_CONDITION: &str = "NetlinkRecvHung";
-pub const CNI_CONDITION: &str = "CNICallsStuck";
-
-/// A change of a condition's status is written at most this soon after the previous write,
-const MIN_TRANSITION_GAP: Duration = Duration::from_secs(1);
-/// a change of its message only (another worst case, another count) this soon,
-const MIN_UPDATE_GAP: Duration = Duration::from_secs(10);
-/// and an unchanged state is written again, with a new `lastHeartbeatTime`, this often.
-const HEARTBEAT: Duration = Duration::from_secs(300);
-/// Failed writes are retried after 1 s, doubling up to this.
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
-/// Events waiting for the writer; more are dropped.
-const EVENT_QUEUE: usize = 256;
 /// Warning Events: this many at once, then one more per `EVENT_REFILL`. The Normal Event
 /// that closes an episode is not limited: it is owed for every Warning that was published.
 const EVENT_BURST: u32 = 25;
 const EVENT_REFILL: Duration = Duration::from_secs(10);
-/// The API server refuses longer notes.
-const NOTE_LIMIT: usize = 1024;
-
-/// A thread in a netlink recv call past the hang threshold.
-#[derive(Clone, Debug, PartialEq)]
-pub struct HungThread {
-    pub pid: u32,
-    pub tid: u32,
-    pub comm: String,
-    pub protocol: &'static str,
-    pub syscall: &'static str,
-    /// `CLOCK_MONOTONIC` when the call began.
-    pub start_ns: u64,
-    pub container: Option<ContainerRef>,
-}
-
-/// A CNI plugin call running past the stuck threshold.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StuckCniCall {
-    pub pid: u32,
-    pub plugin: String,
-    pub command: String,
-    /// `CNI_CONTAINERID`: the sandbox being set up or torn down.
-    pub container_id: String,
-    pub pod_namespace: Option<String>,
-    pub pod_name: Option<String>,
-    /// `CLOCK_MONOTONIC` at the plugin's exec.
-    pub start_ns: u64,
-}
-
-/// What the trackers see now. The events loop publishes it whenever it changes.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct NodeHealth {
-    pub hung_threads: Vec<HungThread>,
-    pub stuck_cni_calls: Vec<StuckCniCall>,
-}
-
-pub struct NodeSignalsConfig {
-    pub node: String,
-    pub netlink_hang_threshold: Duration,
-    pub cni_stuck_threshold: Duration,
-}
-
-/// Starts the observer and the two writers; they run until aborted.
-pub fn spawn(
-    client: Client,
-    config: NodeSignalsConfig,
-    pods: PodIndex,
-    mut health: watch::Receiver<NodeHealth>,
-    metrics: Arc<AgentMetrics>,
-) -> Vec<JoinHandle<()>> {
-    let thresholds = Thresholds {
-        netlink: config.netlink_hang_threshold,
-        cni: config.cni_stuck_threshold,
-    };
-    let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
-    let mut observer = Observer::new(
-        config.node.clone(),
-        thresholds,
-        pods,
-        events_tx,
-        metrics.clone(),
-    );
-    let (desired_tx, desired_rx) = watch::channel(observer.conditions.clone());
-    let observe = tokio::spawn(async move {
-        loop {
-            let now = Clock::now();
-            let state = health.borrow_and_update().clone();
-            observer.update(&state, &now);
-            desired_tx.send_if_modified(|desired| {
-                let changed = *desired != observer.conditions;
-                if changed {
-                    desired.clone_from(&observer.conditions);
-                }
-                changed
-            });
-            if health.changed().await.is_err() {
-                return;
-            }
-        }
-    });
-    let conditions = tokio::spawn(
-        ConditionWriter {
-            api: Api::all(client.clone()),
-            node: config.node.clone(),
-            thresholds,
-            started: Timestamp::now(),
-            metrics: metrics.clone(),
-        }
-        .run(desired_rx),
-    );
-    let events = tokio::spawn(write_events(client, config.node, events_rx, metrics));
-    vec![observe, conditions, events]
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Thresholds {
-    netlink: Duration,
-    cni: Duration,
-}
-
-/// Both clocks at one instant: the trackers' monotonic one and the wall clock.
-#[derive(Clone, Copy, Debug)]
-struct Clock {
-    monotonic_ns: u64,
-    wall: Timestamp,
-    instant: Instant,
-}
-
-impl Clock {
-    fn now() -> Self {
-        Self {
-            monotonic_ns: procfs::monotonic_ns(),
-            wall: Timestamp::now(),
-            instant: Instant::now(),
-        }
-    }
-
-    fn since(&self, start_ns: u64) -> Duration {
-        Duration::from_nanos(self.monotonic_ns.saturating_sub(start_ns))
-    }
-
-    /// The wall-clock time of a monotonic one.
-    fn wall_of(&self, start_ns: u64) -> Timestamp {
-        let ago = SignedDuration::try_from(self.since(start_ns)).unwrap_or(SignedDuration::ZERO);
-        self.wall.checked_sub(ago).unwrap_or(self.wall)
-    }
-}
-
-/// One condition as the agent wants it on the Node.
-#[derive(Clone, Debug, PartialEq)]
-struct Condition {
-    state: State,
-    /// When its status last changed, as this agent saw it; `None`: not since the agent started.
-    since: Option<Timestamp>,
-}
-
-/// What a condition says. Equal states make the same write, but for the durations its
-/// message gives, which are rendered at the time of each write.
-#[derive(Clone, Debug, PartialEq)]
-enum State {
-    NotHung {
-        /// The longest of the hangs whose end cleared the condition.
-        last: Option<(HungThread, Duration)>,
-    },
-    Hung {
-        /// The thread blocked longest.
-        worst: HungThread,
-        count: usize,
-    },
-    NotStuck {
-        /// The oldest of the calls whose end cleared the condition.
-        last: Option<(StuckCniCall, Duration)>,
-    },
-    Stuck {
-        oldest: StuckCniCall,
-        count: usize,
-    },
-}
-
-impl State {
-    fn status(&self) -> bool {
-        matches!(self, Self::Hung { .. } | Self::Stuck { .. })
-    }
-
-    fn reason(&self) -> &'static str {
-        match self {
-            Self::NotHung { last: None } => "NoNetlinkRecvHang",
-            Self::NotHung { last: Some(_) } => "NetlinkRecvHangCleared",
-            Self::Hung { .. } => "ThreadBlockedInNetlinkRecv",
-            Self::NotStuck { last: None } => "NoCNICallsStuck",
-            Self::NotStuck { last: Some(_) } => "CNICallsCleared",
-            Self::Stuck { .. } => "CNIPluginCallsStuck",
-        }
-    }
-
-    fn message(&self, thresholds: Thresholds, now: &Clock) -> String {
-        match self {
-            Self::NotHung { last } => {
-                let mut message = format!(
-                    "No thread in a netlink recv call for longer than {}.",
-                    human(thresholds.netlink)
-                );
-                if let Some((thread, lasted)) = last {
-                    let _ = write!(
-                        message,
-                        " The last hang: {}, netlink {} {}, ended after {}.",
-                        thread_name(thread),
-                        thread.protocol,
-                        thread.syscall,
-                        human(*lasted)
-                    );
-                }
-                message
-            }
-            Self::Hung { worst, count } => format!(
-                "{count} {} blocked in a netlink recv call for longer than {}; the longest: {}",
-                plural(*count, "thread", "threads"),
-                human(thresholds.netlink),
-                hang_summary(worst, now)
-            ),
-            Self::NotStuck { last } => {
-                let mut message = format!(
-                    "No CNI plugin call running for longer than {}.",
-                    human(thresholds.cni)
-                );
-                if let Some((call, lasted)) = last {
-                    let _ = write!(
-                        message,
-                        " The last stuck call: {}, ended after {}.",
-                        call_name(call),
-                        human(*lasted)
-                    );
-                }
-                message
-            }
-            Self::Stuck { oldest, count } => format!(
-                "{count} CNI plugin {} running for longer than {}; the oldest: {}, running for {} (since {})",
-                plural(*count, "call", "calls"),
-                human(thresholds.cni),
-                call_name(oldest),
-                human(now.since(oldest.start_ns)),
-                rfc3339(now.wall_of(oldest.start_ns))
-            ),
-        }
-    }
-}
-
-/// Both conditions, as the observer wants them written.
-#[derive(Clone, Debug, PartialEq)]
-struct Conditions {
-    netlink: Condition,
-    cni: Condition,
-}
-
-impl Conditions {
-    fn iter(&self) -> [(&'static str, &Condition); 2] {
-        [
-            (NETLINK_CONDITION, &self.netlink),
-            (CNI_CONDITION, &self.cni),
-        ]
-    }
-
-    fn same_statuses(&self, other: &Self) -> bool {
-        self.netlink.state.status() == other.netlink.state.status()
-            && self.cni.state.status() == other.cni.state.status()
-    }
-}
-
-/// An Event to publish.
-#[derive(Clone, Debug, PartialEq)]
-struct EventSpec {
-    regarding: ObjectReference,
-    warning: bool,
-    reason: &'static str,
-    note: String,
-    time: Timestamp,
-}
-
-impl EventSpec {
-    fn action(&self) -> &'static str {
-        if self.warning { "Detected" } else { "Cleared" }
-    }
-}
 
 /// An episode seen and whether its Warning was published (so its end is too).
 #[derive(Debug)]
@@ -372,7 +70,7 @@ impl RateLimit {
 }
 
 /// Turns each published [`NodeHealth`] into desired conditions and Events.
-struct Observer {
+pub(super) struct Observer {
     node: String,
     thresholds: Thresholds,
     pods: PodIndex,
@@ -380,14 +78,14 @@ struct Observer {
     calls: HashMap<(u32, u64), Episode<StuckCniCall>>,
     /// Whether the Node's Warning for the current stuck-calls episode was published.
     cni_announced: bool,
-    conditions: Conditions,
+    pub(super) conditions: Conditions,
     limit: RateLimit,
     events: mpsc::Sender<EventSpec>,
     metrics: Arc<AgentMetrics>,
 }
 
 impl Observer {
-    fn new(
+    pub(super) fn new(
         node: String,
         thresholds: Thresholds,
         pods: PodIndex,
@@ -418,7 +116,7 @@ impl Observer {
         }
     }
 
-    fn update(&mut self, health: &NodeHealth, now: &Clock) {
+    pub(super) fn update(&mut self, health: &NodeHealth, now: &Clock) {
         self.update_hangs(&health.hung_threads, now);
         self.update_calls(&health.stuck_cni_calls, now);
     }
@@ -685,337 +383,13 @@ fn set(condition: &mut Condition, state: State, now: &Clock) {
     condition.state = state;
 }
 
-fn thread_name(thread: &HungThread) -> String {
-    let mut name = format!("{} (pid {}, tid {})", thread.comm, thread.pid, thread.tid);
-    match &thread.container {
-        Some(c) => {
-            let _ = write!(
-                name,
-                " in pod {}/{} container {}",
-                c.namespace, c.pod, c.container
-            );
-        }
-        None => name.push_str(" in no known pod"),
-    }
-    name
-}
-
-fn hang_summary(thread: &HungThread, now: &Clock) -> String {
-    format!(
-        "{}, netlink {} {} in flight for {} (since {})",
-        thread_name(thread),
-        thread.protocol,
-        thread.syscall,
-        human(now.since(thread.start_ns)),
-        rfc3339(now.wall_of(thread.start_ns))
-    )
-}
-
-fn call_name(call: &StuckCniCall) -> String {
-    let command = if call.command.is_empty() {
-        "(no CNI_COMMAND)"
-    } else {
-        &call.command
-    };
-    let mut name = format!("{} {command} (pid {})", call.plugin, call.pid);
-    match (&call.pod_namespace, &call.pod_name) {
-        (Some(namespace), Some(pod)) => {
-            let _ = write!(name, " for pod {namespace}/{pod}");
-        }
-        _ if !call.container_id.is_empty() => {
-            let id: String = call.container_id.chars().take(12).collect();
-            let _ = write!(name, " for sandbox {id}");
-        }
-        _ => {}
-    }
-    name
-}
-
-fn plural<'a>(count: usize, one: &'a str, many: &'a str) -> &'a str {
-    if count == 1 { one } else { many }
-}
-
-/// Whole seconds below a minute are kept, tenths below ten seconds: `1h 35m 2s`, `4.2s`.
-fn human(duration: Duration) -> String {
-    if duration < Duration::from_secs(10) {
-        return format!("{:.1}s", duration.as_secs_f64());
-    }
-    humantime::format_duration(Duration::from_secs(duration.as_secs())).to_string()
-}
-
-fn rfc3339(time: Timestamp) -> String {
-    time.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
-}
-
-fn truncate(mut note: String) -> String {
-    if note.len() > NOTE_LIMIT {
-        let mut end = NOTE_LIMIT - 3;
-        while !note.is_char_boundary(end) {
-            end -= 1;
-        }
-        note.truncate(end);
-        note.push_str("...");
-    }
-    note
-}
-
-fn count(metrics: &AgentMetrics, object: &str, result: &str, by: u64) {
-    metrics
-        .kubernetes_writes
-        .get_or_create(&KubernetesWriteLabels {
-            object: object.into(),
-            result: result.into(),
-        })
-        .inc_by(by);
-}
-
-fn backoff(failures: u32) -> Duration {
-    (Duration::from_secs(1) * 2u32.saturating_pow(failures.saturating_sub(1).min(16)))
-        .min(MAX_BACKOFF)
-}
-
-/// Writes the desired conditions to the Node's status: on change (rate-limited) and as a
-/// heartbeat, retrying failures with back-off. Only the newest desired state is written.
-struct ConditionWriter {
-    api: Api<Node>,
-    node: String,
-    thresholds: Thresholds,
-    /// When the agent started watching: the transition time of a status it has not seen change.
-    started: Timestamp,
-    metrics: Arc<AgentMetrics>,
-}
-
-/// A condition of ours already on the Node when the agent started.
-#[derive(Debug)]
-struct Existing {
-    status: String,
-    last_transition_time: Option<String>,
-}
-
-impl ConditionWriter {
-    async fn run(self, mut desired: watch::Receiver<Conditions>) {
-        // Read once before the first write, to keep the transition times of unchanged statuses.
-        let mut existing: Option<HashMap<String, Existing>> = None;
-        let mut written: Option<(Conditions, Instant)> = None;
-        let mut failures = 0u32;
-        let mut retry_at = Instant::now();
-        loop {
-            let due = {
-                let want = desired.borrow_and_update();
-                let due = match &written {
-                    None => retry_at,
-                    Some((done, at)) if !want.same_statuses(done) => *at + MIN_TRANSITION_GAP,
-                    Some((done, at)) if *want != *done => *at + MIN_UPDATE_GAP,
-                    Some((_, at)) => *at + HEARTBEAT,
-                };
-                due.max(retry_at)
-            };
-            tokio::select! {
-                changed = desired.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    continue;
-                }
-                () = tokio::time::sleep_until(due) => {}
-            }
-            let want = desired.borrow_and_update().clone();
-            let result = match existing.as_ref() {
-                Some(existing) => self.write(&want, existing).await,
-                None => match self.read().await {
-                    Ok(read) => self.write(&want, existing.insert(read)).await,
-                    Err(error) => Err(error),
-                },
-            };
-            match result {
-                Ok(()) => {
-                    count(&self.metrics, "node_conditions", "success", 1);
-                    if written
-                        .as_ref()
-                        .is_none_or(|(done, _)| !want.same_statuses(done))
-                    {
-                        tracing::info!(
-                            node = self.node,
-                            netlink_recv_hung = want.netlink.state.status(),
-                            cni_calls_stuck = want.cni.state.status(),
-                            "node conditions written"
-                        );
-                    }
-                    written = Some((want, Instant::now()));
-                    failures = 0;
-                    retry_at = Instant::now();
-                }
-                Err(error) => {
-                    count(&self.metrics, "node_conditions", "error", 1);
-                    failures += 1;
-                    let wait = backoff(failures);
-                    tracing::warn!(node = self.node, %error, retry_in = ?wait, "writing the node conditions failed");
-                    retry_at = Instant::now() + wait;
-                }
-            }
-        }
-    }
-
-    /// Our conditions as they are on the Node now. A missing Node is an error (it may be
-    /// registered later); a refusal to read is not: the write then sets fresh transition times.
-    async fn read(&self) -> Result<HashMap<String, Existing>, kube::Error> {
-        match self.api.get_status(&self.node).await {
-            Ok(node) => Ok(node
-                .status
-                .and_then(|status| status.conditions)
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|c| c.type_ == NETLINK_CONDITION || c.type_ == CNI_CONDITION)
-                .map(|c| {
-                    (
-                        c.type_,
-                        Existing {
-                            status: c.status,
-                            last_transition_time: c.last_transition_time.map(|t| rfc3339(t.0)),
-                        },
-                    )
-                })
-                .collect()),
-            Err(error) if retryable(&error) || is_not_found(&error) => Err(error),
-            Err(error) => {
-                tracing::warn!(node = self.node, %error, "cannot read the node's conditions; transition times start now");
-                Ok(HashMap::new())
-            }
-        }
-    }
-
-    async fn write(
-        &self,
-        want: &Conditions,
-        existing: &HashMap<String, Existing>,
-    ) -> Result<(), kube::Error> {
-        let now = Clock::now();
-        let heartbeat = rfc3339(now.wall);
-        let conditions: Vec<Value> = want
-            .iter()
-            .into_iter()
-            .map(|(type_, condition)| {
-                let status = if condition.state.status() {
-                    "True"
-                } else {
-                    "False"
-                };
-                let transition = match condition.since {
-                    Some(since) => rfc3339(since),
-                    None => existing
-                        .get(type_)
-                        .filter(|e| e.status == status)
-                        .and_then(|e| e.last_transition_time.clone())
-                        .unwrap_or_else(|| rfc3339(self.started)),
-                };
-                json!({
-                    "type": type_,
-                    "status": status,
-                    "reason": condition.state.reason(),
-                    "message": condition.state.message(self.thresholds, &now),
-                    "lastHeartbeatTime": heartbeat,
-                    "lastTransitionTime": transition,
-                })
-            })
-            .collect();
-        let patch = json!({
-            "apiVersion": "v1",
-            "kind": "Node",
-            "metadata": { "name": self.node },
-            "status": { "conditions": conditions },
-        });
-        self.api
-            .patch_status(
-                &self.node,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await
-            .map(drop)
-    }
-}
-
-/// Creates each queued Event, retrying transient failures with back-off; while it waits,
-/// the queue fills and the observer drops (and counts) what does not fit.
-async fn write_events(
-    client: Client,
-    node: String,
-    mut queue: mpsc::Receiver<EventSpec>,
-    metrics: Arc<AgentMetrics>,
-) {
-    let mut last_ns = 0i128;
-    while let Some(spec) = queue.recv().await {
-        // Names `<object>.<hex ns>` like client-go's; strictly increasing so none repeats.
-        last_ns = (last_ns + 1).max(Timestamp::now().as_nanosecond());
-        let namespace = spec
-            .regarding
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        let event = Event {
-            metadata: ObjectMeta {
-                name: Some(format!(
-                    "{}.{:x}",
-                    spec.regarding.name.as_deref().unwrap_or("lastgasp-agent"),
-                    last_ns
-                )),
-                namespace: Some(namespace.clone()),
-                ..ObjectMeta::default()
-            },
-            event_time: Some(MicroTime(spec.time)),
-            type_: Some(if spec.warning { "Warning" } else { "Normal" }.into()),
-            reason: Some(spec.reason.into()),
-            action: Some(spec.action().into()),
-            note: Some(spec.note.clone()),
-            regarding: Some(spec.regarding.clone()),
-            reporting_controller: Some(REPORTING_CONTROLLER.into()),
-            reporting_instance: Some(node.clone()),
-            ..Event::default()
-        };
-        let api: Api<Event> = Api::namespaced(client.clone(), &namespace);
-        let mut failures = 0u32;
-        loop {
-            match api.create(&PostParams::default(), &event).await {
-                Ok(_) => {
-                    count(&metrics, "event", "success", 1);
-                    break;
-                }
-                Err(error) => {
-                    count(&metrics, "event", "error", 1);
-                    if !retryable(&error) {
-                        tracing::warn!(%error, reason = spec.reason, "Event refused; dropped");
-                        count(&metrics, "event", "dropped", 1);
-                        break;
-                    }
-                    failures += 1;
-                    let wait = backoff(failures);
-                    tracing::warn!(%error, reason = spec.reason, retry_in = ?wait, "publishing an Event failed");
-                    tokio::time::sleep(wait).await;
-                }
-            }
-        }
-    }
-}
-
-/// Throttling, server errors and connection trouble. Unlike the controller's patches, a 409
-/// here is final: for a create it means the name is taken.
-fn retryable(error: &kube::Error) -> bool {
-    match error {
-        kube::Error::Api(status) => status.code == 429 || status.code >= 500,
-        kube::Error::HyperError(_) | kube::Error::Service(_) => true,
-        _ => false,
-    }
-}
-
-fn is_not_found(error: &kube::Error) -> bool {
-    matches!(error, kube::Error::Api(status) if status.code == 404)
-}
-
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::jiff::{SignedDuration, Timestamp};
     use prometheus_client::registry::Registry;
 
-    use super::*;
+    use super::{super::EVENT_QUEUE, *};
+    use crate::{agent::pods::ContainerRef, metrics::KubernetesWriteLabels};
 
     const SECOND: u64 = 1_000_000_000;
 
@@ -1317,16 +691,5 @@ mod tests {
                 .message(observer.thresholds, &now),
             "No thread in a netlink recv call for longer than 30s."
         );
-    }
-
-    #[test]
-    fn notes_fit_the_api_limit_and_durations_read_well() {
-        let note = truncate("é".repeat(NOTE_LIMIT));
-        assert!(note.len() <= NOTE_LIMIT && note.ends_with("..."));
-        assert_eq!(human(Duration::from_millis(4_250)), "4.2s");
-        assert_eq!(human(Duration::from_secs(1595 * 60)), "1day 2h 35m");
-        assert_eq!(backoff(1), Duration::from_secs(1));
-        assert_eq!(backoff(3), Duration::from_secs(4));
-        assert_eq!(backoff(40), MAX_BACKOFF);
     }
 }
