@@ -386,13 +386,13 @@ fn delete_now(uid: Option<String>) -> DeleteParams {
 }
 
 /// The node's record of an incident: enough to finish it after a controller restart.
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct StoredIncident {
     pub record: IncidentRecord,
     pub plan: StoredPlan,
 }
 
-#[derive(Clone, Copy, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
 pub struct StoredPlan {
     pub delete_pods: bool,
     pub delete_node: bool,

@@ -6,6 +6,7 @@
 
 pub mod actions;
 pub mod cluster;
+pub mod decisions;
 pub mod incidents;
 pub mod ingest;
 pub mod leader;
@@ -38,9 +39,10 @@ use tokio::{
 use self::{
     actions::{Actions, StoredIncident},
     cluster::ClusterCache,
-    incidents::{Evidence, Incident, Incidents, Observed},
+    decisions::{Command, Decider, NodeState},
+    incidents::{Evidence, Incident},
     liveness::HeartbeatClock,
-    metrics::{ControllerMetrics, KindSourceLabels},
+    metrics::ControllerMetrics,
     policy::{CircuitBreaker, Plan, Policy},
     reasons::ANNOTATION_INCIDENT_RECORD,
     trust::DeletionEvidence,
@@ -148,10 +150,12 @@ impl Controller {
             .unwrap_or_else(|| watch::channel(true).1);
         let decisions = Decisions {
             cluster: cluster.clone(),
-            incidents: Incidents::default(),
-            breaker: CircuitBreaker::new(config.breaker_max_nodes, config.breaker_window),
+            decider: Decider::new(
+                config.policy,
+                CircuitBreaker::new(config.breaker_max_nodes, config.breaker_window),
+                metrics.clone(),
+            ),
             executors: HashMap::new(),
-            policy: config.policy,
             gate: Gate {
                 deletion_evidence: config.deletion_evidence,
                 node_dead_after: config.node_dead_after,
@@ -216,13 +220,11 @@ struct Executor {
     task: JoinHandle<()>,
 }
 
-/// The decision stage: evidence in, one executor per node out.
+/// The decision stage at work: evidence in ([`Decider`]), one executor per node out.
 struct Decisions {
     cluster: ClusterCache,
-    incidents: Incidents,
-    breaker: CircuitBreaker,
+    decider: Decider,
     executors: HashMap<String, Executor>,
-    policy: Policy,
     gate: Gate,
     actions: Arc<Actions>,
     leader: watch::Receiver<bool>,
@@ -244,11 +246,11 @@ impl Decisions {
                 Ok(()) = leader.changed() => {
                     self.metrics.leader.set(i64::from(*leader.borrow_and_update()));
                 }
-                _ = tick.tick() => self.incidents.expire(Instant::now()),
+                _ = tick.tick() => self.decider.expire(Instant::now()),
             }
             self.metrics
                 .breaker_open
-                .set(i64::from(self.breaker.is_open(Instant::now())));
+                .set(i64::from(self.decider.breaker_open(Instant::now())));
         }
     }
 
@@ -256,122 +258,40 @@ impl Decisions {
     fn resume(&mut self) {
         self.metrics.leader.set(i64::from(*self.leader.borrow()));
         for node in self.cluster.nodes() {
-            let Some(stored) = stored_incident(&node) else {
-                continue;
-            };
-            tracing::info!(
-                node = node.name_any(),
-                id = stored.record.id,
-                "resuming incident"
-            );
-            let incident = self.incidents.resume(stored.record, Instant::now());
-            self.execute(incident, stored.plan.into());
+            if let Some(stored) = stored_incident(&node) {
+                let command = self.decider.resume(stored, Instant::now());
+                self.carry_out(command);
+            }
         }
     }
 
     fn decide(&mut self, evidence: Evidence) {
-        let labels = KindSourceLabels {
-            kind: evidence.kind.as_str().into(),
-            source: evidence.source.as_str().into(),
+        let name = evidence.node.clone();
+        let (cluster, executors) = (&self.cluster, &self.executors);
+        let node = || NodeState {
+            stored: cluster.node(&name).and_then(|node| stored_incident(&node)),
+            running: executors
+                .get(&name)
+                .filter(|executor| !executor.task.is_finished())
+                .map(|executor| executor.updates.borrow().0.record.id.clone()),
         };
-        self.metrics.kernel_reports.get_or_create(&labels).inc();
-        if !evidence.kind.is_fatal() {
-            tracing::warn!(
-                node = evidence.node,
-                kind = evidence.kind.as_str(),
-                message = evidence.message,
-                "non-fatal kernel failure reported; the node is left alone"
-            );
-            return;
+        if let Some(command) = self.decider.decide(evidence, node, Instant::now()) {
+            self.carry_out(command);
         }
-        let source = evidence.source;
-        let delayed = evidence.is_delayed();
-        // A delayed report may be about an incident acted on longer ago than this process
-        // remembers (or by another process): the node's record of it says.
-        let mut recorded_plan = None;
-        if delayed
-            && !self.incidents.knows(&evidence)
-            && let Some(stored) = self
-                .cluster
-                .node(&evidence.node)
-                .and_then(|node| stored_incident(&node))
-            && stored.record.matches(&evidence)
-        {
-            recorded_plan = Some(Plan::from(stored.plan));
-            self.incidents.resume(stored.record, Instant::now());
-        }
-        let named_before = self.incidents.culprit_named(&evidence);
-        let (observed, incident) = self.incidents.observe(evidence);
-        // Each node's crash counts once under its signature, when its culprit is first named.
-        if let Some(crash) = incident.record.crash.as_ref()
-            && let Some(culprit) = crash.culprit.as_deref()
-            && !named_before
-        {
-            self.metrics
-                .count_crash(&crash.kind, culprit, crash.kernel_release.as_deref());
-        }
-        match observed {
-            Observed::New if delayed => {
-                // The node is back up and its pods restarted: mark what the panic disrupted,
-                // delete nothing (README, "Delayed reports").
-                self.metrics.incidents.get_or_create(&labels).inc();
-                tracing::error!(
-                    node = incident.record.node,
-                    id = incident.record.id,
-                    panicked_at = ?incident.record.panicked_at,
-                    message = incident.record.message,
-                    "kernel panic before the node's reboot, recovered from pstore: marking"
-                );
-                self.execute(incident, Plan::MARK_ONLY);
-            }
-            Observed::New => {
-                self.metrics.incidents.get_or_create(&labels).inc();
-                let plan = if self.breaker.admit(Instant::now()) {
-                    Plan::from_policy(self.policy)
-                } else {
-                    self.metrics.breaker_held_back.inc();
-                    tracing::warn!(
-                        node = incident.record.node,
-                        "circuit breaker open: marking only, nothing is deleted"
-                    );
-                    Plan::MARK_ONLY
-                };
-                tracing::error!(
-                    node = incident.record.node,
-                    id = incident.record.id,
-                    source = source.as_str(),
-                    message = incident.record.message,
-                    "kernel panic: acting on the node"
-                );
-                self.execute(incident, plan);
-            }
-            Observed::Merged {
-                new_source,
-                changed: true,
-            } => {
-                if new_source {
-                    self.metrics.incidents.get_or_create(&labels).inc();
-                    tracing::info!(
-                        node = incident.record.node,
-                        source = source.as_str(),
-                        "another channel confirms the incident"
-                    );
+    }
+
+    fn carry_out(&mut self, command: Command) {
+        match command {
+            Command::Execute { incident, plan } => self.execute(incident, plan),
+            Command::Update(incident) => match self.executors.get(&incident.record.node) {
+                Some(executor) if !executor.task.is_finished() => {
+                    executor
+                        .updates
+                        .send_modify(|(current, _)| *current = incident);
                 }
-                match self.executors.get(&incident.record.node) {
-                    Some(executor) if !executor.task.is_finished() => {
-                        if executor.updates.borrow().0.record.id == incident.record.id {
-                            executor
-                                .updates
-                                .send_modify(|(current, _)| *current = incident);
-                        }
-                        // Else an older incident of the node: remembered, its marks stay.
-                    }
-                    // Acted on by another process: write the new source with the recorded plan,
-                    // which touches only what existed at the panic.
-                    _ => self.execute(incident, recorded_plan.unwrap_or(Plan::MARK_ONLY)),
-                }
-            }
-            Observed::Merged { changed: false, .. } => {}
+                // Ended since the decision: run the update as the node's record says.
+                _ => self.execute(incident, Plan::MARK_ONLY),
+            },
         }
     }
 
