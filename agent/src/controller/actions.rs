@@ -9,7 +9,7 @@
 //! object, and its 409 means the write is done (there is nothing left of the old one to write).
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::HashSet,
     future::Future,
     sync::{Arc, Mutex},
     time::Duration,
@@ -26,7 +26,7 @@ use prometheus_client::metrics::{counter::Counter, family::Family};
 use serde_json::json;
 
 use super::{
-    cluster::ClusterCache,
+    cluster::{ClusterCache, PodRecord},
     incidents::{Incident, IncidentRecord},
     metrics::{ControllerMetrics, ObjectLabels},
     policy::Plan,
@@ -145,11 +145,11 @@ impl Actions {
 
     /// The node's pods that were there when it failed: not those started since (on a node
     /// back from its reboot, or for an incident resumed long after).
-    fn affected_pods(&self, record: &IncidentRecord) -> Vec<Arc<Pod>> {
+    fn affected_pods(&self, record: &IncidentRecord) -> Vec<Arc<PodRecord>> {
         self.cluster
             .pods_on(&record.node)
             .into_iter()
-            .filter(|pod| record.existed_at_panic(created(pod.as_ref())))
+            .filter(|pod| record.existed_at_panic(pod.created))
             .collect()
     }
 
@@ -173,39 +173,42 @@ impl Actions {
         if !marked {
             return;
         }
-        if self.first_event(node.annotations(), record, "Node", &record.node) {
+        let marked = node
+            .annotations()
+            .get(ANNOTATION_INCIDENT)
+            .map(String::as_str);
+        if self.first_event(marked, record, "Node", &record.node) {
             self.count(&self.metrics.marked, "node");
             self.publish(&node.object_ref(&()), verdict, "MarkedForDeletion")
                 .await;
         }
     }
 
-    async fn mark_pod(&self, pod: Arc<Pod>, record: &IncidentRecord, verdict: &Verdict) {
-        let namespace = pod.namespace().unwrap_or_default();
-        let name = pod.name_any();
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), &namespace);
+    async fn mark_pod(&self, pod: Arc<PodRecord>, record: &IncidentRecord, verdict: &Verdict) {
+        let (namespace, name) = (&pod.namespace, &pod.name);
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
 
         let patch = json!({
-            "metadata": { "uid": pod.uid(), "annotations": verdict.annotations }
+            "metadata": { "uid": pod.uid, "annotations": verdict.annotations }
         });
         let (params, patch) = (PatchParams::default(), Patch::Merge(&patch));
         let annotated = self
-            .retry("annotate pod", || api.patch(&name, &params, &patch))
+            .retry("annotate pod", || api.patch(name, &params, &patch))
             .await;
         if annotated.is_none() {
             return;
         }
         let key = format!("{namespace}/{name}");
-        if self.first_event(pod.annotations(), record, "Pod", &key) {
+        if self.first_event(pod.incident.as_deref(), record, "Pod", &key) {
             self.count(&self.metrics.marked, "pod");
-            self.publish(&pod.object_ref(&()), verdict, "Terminating")
+            self.publish(&pod.object_ref(), verdict, "Terminating")
                 .await;
         }
 
         let condition = json!({
             "apiVersion": "v1",
             "kind": "Pod",
-            "metadata": { "name": name, "namespace": namespace, "uid": pod.uid() },
+            "metadata": { "name": name, "namespace": namespace, "uid": pod.uid },
             "status": { "conditions": [{
                 "type": CONDITION_TYPE,
                 "status": "True",
@@ -221,17 +224,16 @@ impl Actions {
         // A refused condition is logged by `retry`; the pod may still be deleted: its reason
         // is already in its annotations.
         self.retry("set pod condition", || {
-            api.patch_status(&name, &params, &condition)
+            api.patch_status(name, &params, &condition)
         })
         .await;
     }
 
-    async fn delete_pod(&self, pod: Arc<Pod>) {
-        let api: Api<Pod> =
-            Api::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
-        let (name, params) = (pod.name_any(), delete_now(pod.uid()));
+    async fn delete_pod(&self, pod: Arc<PodRecord>) {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
+        let params = delete_now(pod.uid.clone());
         if self
-            .retry("delete pod", || api.delete(&name, &params))
+            .retry("delete pod", || api.delete(&pod.name, &params))
             .await
             .is_some()
         {
@@ -241,14 +243,15 @@ impl Actions {
 
     /// Whether this object still needs its Event for this incident: not yet published by
     /// this process, and not marked with the incident by an earlier one.
+    /// `marked`: the incident the object's annotation names.
     fn first_event(
         &self,
-        annotations: &BTreeMap<String, String>,
+        marked: Option<&str>,
         record: &IncidentRecord,
         kind: &str,
         key: &str,
     ) -> bool {
-        if annotations.get(ANNOTATION_INCIDENT) == Some(&record.id) {
+        if marked == Some(record.id.as_str()) {
             return false;
         }
         self.evented
@@ -361,7 +364,7 @@ impl Actions {
         for pod in pods {
             tracing::info!(
                 node = record.node,
-                pod = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any()),
+                pod = format!("{}/{}", pod.namespace, pod.name),
                 "dry run: would mark{}",
                 if plan.delete_pods { " and delete" } else { "" }
             );
@@ -418,7 +421,7 @@ impl From<StoredPlan> for Plan {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
+    use std::collections::{BTreeMap, BTreeSet};
 
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
     use kube::runtime::events::Reporter;

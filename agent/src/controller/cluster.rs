@@ -1,5 +1,10 @@
 //! The controller's view of the cluster, kept by watches: nodes indexed by every address in
 //! `status.addresses`, pods indexed by `spec.nodeName`. Decisions read it without API calls.
+//!
+//! Only what the controller reads is kept, so that a fleet fits in its memory: of a Node its
+//! name, UID, creation time, lastgasp's annotations, addresses, `Ready` condition and boot
+//! id; of a Pod a [`PodRecord`]. Everything else (managed fields, specs, images, statuses) is
+//! dropped as each object arrives.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -8,20 +13,101 @@ use std::{
 };
 
 use futures::{Stream, StreamExt as _};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::{
+    api::core::v1::{Node, NodeStatus, NodeSystemInfo, ObjectReference, Pod},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    jiff::Timestamp,
+};
 use kube::{
     Api, Client, ResourceExt as _,
     runtime::{WatchStreamExt as _, watcher},
 };
 use tokio::{sync::watch, task::JoinHandle};
 
+use super::reasons::{ANNOTATION_INCIDENT, ANNOTATION_PREFIX};
+
 type PodKey = (String, String);
+
+/// What the controller keeps of a pod: what its writes name and check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodRecord {
+    pub namespace: String,
+    pub name: String,
+    pub uid: Option<String>,
+    pub created: Option<Timestamp>,
+    /// The incident it is marked with (`lastgasp.io/incident`), if any.
+    pub incident: Option<String>,
+}
+
+impl PodRecord {
+    /// The pod's record, and the node it runs on if it is scheduled.
+    pub fn of(pod: Pod) -> (Self, Option<String>) {
+        let node = pod.spec.and_then(|spec| spec.node_name);
+        let metadata = pod.metadata;
+        let record = Self {
+            namespace: metadata.namespace.unwrap_or_default(),
+            name: metadata.name.unwrap_or_default(),
+            uid: metadata.uid,
+            created: metadata.creation_timestamp.map(|time| time.0),
+            incident: metadata
+                .annotations
+                .and_then(|mut annotations| annotations.remove(ANNOTATION_INCIDENT)),
+        };
+        (record, node)
+    }
+
+    pub fn object_ref(&self) -> ObjectReference {
+        ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            namespace: Some(self.namespace.clone()),
+            name: Some(self.name.clone()),
+            uid: self.uid.clone(),
+            ..ObjectReference::default()
+        }
+    }
+}
+
+/// The part of a Node the controller reads; the rest is dropped.
+fn slim_node(node: Node) -> Node {
+    let metadata = node.metadata;
+    let status = node.status.map(|status| NodeStatus {
+        addresses: status.addresses,
+        conditions: status.conditions.map(|conditions| {
+            conditions
+                .into_iter()
+                .filter(|condition| condition.type_ == "Ready")
+                .collect()
+        }),
+        node_info: status.node_info.map(|info| NodeSystemInfo {
+            boot_id: info.boot_id,
+            ..NodeSystemInfo::default()
+        }),
+        ..NodeStatus::default()
+    });
+    Node {
+        metadata: ObjectMeta {
+            name: metadata.name,
+            uid: metadata.uid,
+            creation_timestamp: metadata.creation_timestamp,
+            annotations: metadata.annotations.map(|annotations| {
+                annotations
+                    .into_iter()
+                    .filter(|(key, _)| key.starts_with(ANNOTATION_PREFIX))
+                    .collect()
+            }),
+            ..ObjectMeta::default()
+        },
+        spec: None,
+        status,
+    }
+}
 
 #[derive(Debug, Default)]
 struct State {
     nodes: HashMap<String, Arc<Node>>,
     by_address: HashMap<IpAddr, String>,
-    pods_by_node: HashMap<String, BTreeMap<PodKey, Arc<Pod>>>,
+    pods_by_node: HashMap<String, BTreeMap<PodKey, Arc<PodRecord>>>,
     pod_nodes: HashMap<PodKey, String>,
 }
 
@@ -35,9 +121,14 @@ impl State {
     }
 
     fn upsert_pod(&mut self, pod: Pod) {
-        let key = (pod.namespace().unwrap_or_default(), pod.name_any());
+        let (pod, node) = PodRecord::of(pod);
+        self.insert_pod(pod, node);
+    }
+
+    fn insert_pod(&mut self, pod: PodRecord, node: Option<String>) {
+        let key = (pod.namespace.clone(), pod.name.clone());
         self.remove_pod(&key);
-        if let Some(node) = pod.spec.as_ref().and_then(|spec| spec.node_name.clone()) {
+        if let Some(node) = node {
             self.pods_by_node
                 .entry(node.clone())
                 .or_default()
@@ -97,7 +188,9 @@ impl ClusterCache {
     pub fn of(nodes: Vec<Node>, pods: Vec<Pod>) -> Self {
         let mut state = State::default();
         for node in nodes {
-            state.nodes.insert(node.name_any(), Arc::new(node));
+            state
+                .nodes
+                .insert(node.name_any(), Arc::new(slim_node(node)));
         }
         state.reindex_addresses();
         for pod in pods {
@@ -127,7 +220,7 @@ impl ClusterCache {
         self.read().nodes.values().cloned().collect()
     }
 
-    pub fn pods_on(&self, node: &str) -> Vec<Arc<Pod>> {
+    pub fn pods_on(&self, node: &str) -> Vec<Arc<PodRecord>> {
         self.read()
             .pods_by_node
             .get(node)
@@ -159,14 +252,16 @@ async fn watch_nodes(
         match event {
             watcher::Event::Init => relist.clear(),
             watcher::Event::InitApply(node) => {
-                relist.insert(node.name_any(), Arc::new(node));
+                relist.insert(node.name_any(), Arc::new(slim_node(node)));
             }
             watcher::Event::InitDone => {
                 state.nodes = std::mem::take(&mut relist);
                 synced.send_modify(|(nodes, _)| *nodes = true);
             }
             watcher::Event::Apply(node) => {
-                state.nodes.insert(node.name_any(), Arc::new(node));
+                state
+                    .nodes
+                    .insert(node.name_any(), Arc::new(slim_node(node)));
             }
             watcher::Event::Delete(node) => {
                 state.nodes.remove(&node.name_any());
@@ -194,12 +289,13 @@ async fn watch_pods(
         let mut state = state.write().expect("cluster cache lock");
         match event {
             watcher::Event::Init => relist.clear(),
-            watcher::Event::InitApply(pod) => relist.push(pod),
+            // Kept slim at once: a relist of a big cluster holds every pod until it is done.
+            watcher::Event::InitApply(pod) => relist.push(PodRecord::of(pod)),
             watcher::Event::InitDone => {
                 state.pods_by_node.clear();
                 state.pod_nodes.clear();
-                for pod in relist.drain(..) {
-                    state.upsert_pod(pod);
+                for (pod, node) in relist.drain(..) {
+                    state.insert_pod(pod, node);
                 }
                 synced.send_modify(|(_, pods)| *pods = true);
             }
@@ -208,5 +304,83 @@ async fn watch_pods(
                 state.remove_pod(&(pod.namespace().unwrap_or_default(), pod.name_any()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn only_what_the_controller_reads_is_kept() {
+        let node: Node = serde_json::from_value(json!({
+            "metadata": {
+                "name": "worker-3", "uid": "uid-node", "creationTimestamp": "2026-01-01T00:00:00Z",
+                "labels": { "kubernetes.io/hostname": "worker-3" },
+                "annotations": { "lastgasp.io/incident": "i-1", "node.alpha.kubernetes.io/ttl": "0" },
+                "managedFields": [{ "manager": "kubelet", "operation": "Update" }],
+            },
+            "spec": { "podCIDR": "10.0.0.0/24" },
+            "status": {
+                "addresses": [{ "type": "InternalIP", "address": "10.1.2.3" }],
+                "conditions": [
+                    { "type": "MemoryPressure", "status": "False" },
+                    { "type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown" },
+                ],
+                "nodeInfo": { "bootID": "boot-1", "machineID": "m", "kernelVersion": "6.1",
+                    "osImage": "", "containerRuntimeVersion": "", "kubeletVersion": "",
+                    "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64",
+                    "systemUUID": "" },
+                "images": [{ "names": ["registry/app:1"], "sizeBytes": 1 }],
+            },
+        }))
+        .unwrap();
+        let slim = serde_json::to_value(slim_node(node)).unwrap();
+        assert_eq!(
+            slim,
+            json!({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {
+                    "name": "worker-3", "uid": "uid-node",
+                    "creationTimestamp": "2026-01-01T00:00:00Z",
+                    "annotations": { "lastgasp.io/incident": "i-1" },
+                },
+                "status": {
+                    "addresses": [{ "type": "InternalIP", "address": "10.1.2.3" }],
+                    "conditions": [
+                        { "type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown" },
+                    ],
+                    "nodeInfo": { "bootID": "boot-1", "machineID": "", "kernelVersion": "",
+                        "osImage": "", "containerRuntimeVersion": "", "kubeletVersion": "",
+                        "kubeProxyVersion": "", "operatingSystem": "", "architecture": "",
+                        "systemUUID": "" },
+                },
+            })
+        );
+
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {
+                "name": "web-0", "namespace": "shop", "uid": "uid-web-0",
+                "creationTimestamp": "2026-01-01T00:00:00Z",
+                "annotations": { "lastgasp.io/incident": "i-1", "kubectl.kubernetes.io/last-applied-configuration": "{}" },
+            },
+            "spec": { "nodeName": "worker-3", "containers": [{ "name": "web", "image": "web:1" }] },
+            "status": { "phase": "Running" },
+        }))
+        .unwrap();
+        let (record, node) = PodRecord::of(pod);
+        assert_eq!(node.as_deref(), Some("worker-3"));
+        assert_eq!(
+            record,
+            PodRecord {
+                namespace: "shop".into(),
+                name: "web-0".into(),
+                uid: Some("uid-web-0".into()),
+                created: Some("2026-01-01T00:00:00Z".parse().unwrap()),
+                incident: Some("i-1".into()),
+            }
+        );
     }
 }

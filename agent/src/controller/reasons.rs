@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 use super::incidents::IncidentRecord;
 use crate::kernel_log::{CrashTitle, KernelEventKind};
 
+/// Every annotation the controller writes starts with it.
+pub const ANNOTATION_PREFIX: &str = "lastgasp.io/";
 pub const ANNOTATION_REASON: &str = "lastgasp.io/termination-reason";
 pub const ANNOTATION_REASON_CODE: &str = "lastgasp.io/termination-reason-code";
 pub const ANNOTATION_SOURCE: &str = "lastgasp.io/termination-source";
