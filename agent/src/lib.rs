@@ -2,8 +2,10 @@
 
 pub mod agent;
 pub mod controller;
+pub mod health;
 pub mod kernel_log;
 pub mod metrics;
 pub mod procfs;
+pub mod supervise;
 pub mod telemetry;
 pub mod wire;

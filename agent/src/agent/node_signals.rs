@@ -31,7 +31,6 @@ use kube::{
 use serde_json::{Value, json};
 use tokio::{
     sync::{mpsc, watch},
-    task::JoinHandle,
     time::Instant,
 };
 
@@ -39,6 +38,7 @@ use super::pods::{ContainerRef, PodIndex};
 use crate::{
     metrics::{AgentMetrics, KubernetesWriteLabels},
     procfs,
+    supervise::{Lifetime, Supervisor},
 };
 
 /// Field manager of the agent's server-side apply of its conditions.
@@ -105,14 +105,15 @@ pub struct NodeSignalsConfig {
     pub cni_stuck_threshold: Duration,
 }
 
-/// Starts the observer and the two writers; they run until aborted.
+/// Starts the observer and the two writers as tasks of `tasks`.
 pub fn spawn(
+    tasks: &mut Supervisor,
     client: Client,
     config: NodeSignalsConfig,
     pods: PodIndex,
     mut health: watch::Receiver<NodeHealth>,
     metrics: Arc<AgentMetrics>,
-) -> Vec<JoinHandle<()>> {
+) {
     let thresholds = Thresholds {
         netlink: config.netlink_hang_threshold,
         cni: config.cni_stuck_threshold,
@@ -126,7 +127,7 @@ pub fn spawn(
         metrics.clone(),
     );
     let (desired_tx, desired_rx) = watch::channel(observer.conditions.clone());
-    let observe = tokio::spawn(async move {
+    tasks.spawn("node-signals", Lifetime::Required, async move {
         loop {
             let now = Clock::now();
             let state = health.borrow_and_update().clone();
@@ -143,7 +144,9 @@ pub fn spawn(
             }
         }
     });
-    let conditions = tokio::spawn(
+    tasks.spawn(
+        "node-conditions",
+        Lifetime::Required,
         ConditionWriter {
             api: Api::all(client.clone()),
             node: config.node.clone(),
@@ -153,8 +156,11 @@ pub fn spawn(
         }
         .run(desired_rx),
     );
-    let events = tokio::spawn(write_events(client, config.node, events_rx, metrics));
-    vec![observe, conditions, events]
+    tasks.spawn(
+        "node-events",
+        Lifetime::Required,
+        write_events(client, config.node, events_rx, metrics),
+    );
 }
 
 #[derive(Clone, Copy, Debug)]
