@@ -2,11 +2,13 @@
 
 pub mod agent;
 pub mod controller;
+pub mod health;
 pub mod kernel_log;
 #[cfg(test)]
 mod kube_mock;
 pub mod kube_retry;
 pub mod metrics;
 pub mod procfs;
+pub mod supervise;
 pub mod telemetry;
 pub mod wire;

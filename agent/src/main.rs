@@ -20,7 +20,9 @@ use lastgasp::{
         policy::Policy,
         trust::DeletionEvidence,
     },
+    health::Health,
     procfs,
+    supervise::{self, InjectedPanic, Lifetime, Supervisor},
     telemetry::{self, LogFormat},
     wire::AuthKey,
 };
@@ -32,6 +34,10 @@ struct Cli {
     /// Log format: `text` for people, `json` for one object per line.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
+    /// For tests only: the named supervised task panics once it has run for DELAY (default at
+    /// once), to test how the process fails.
+    #[arg(long, value_name = "TASK[:DELAY]", global = true, hide = true)]
+    inject_task_panic: Option<InjectedPanic>,
     #[command(subcommand)]
     command: Command,
 }
@@ -181,6 +187,9 @@ struct AgentArgs {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
+    if let Some(injected) = cli.inject_task_panic {
+        supervise::inject_panic(injected);
+    }
     match cli.command {
         Command::Agent(args) => run_agent(args, cli.log_format).await,
         Command::Controller(args) => run_controller(args).await,
@@ -202,8 +211,12 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         Some(name) => name,
         None => procfs::hostname().context("reading the hostname for --pod-name")?,
     };
+    // Leader election runs beside the controller, under a supervisor of its own sharing the
+    // controller's health: its end would leave `is_leader` stuck at its last value.
+    let health = Health::default();
+    let mut tasks = Supervisor::new(health.clone());
     let election = args.leader_election.then(|| {
-        LeaderElection::start(
+        let (election, campaign) = LeaderElection::new(
             client.clone(),
             LeaderConfig {
                 namespace: args.leader_election_namespace.clone(),
@@ -213,19 +226,25 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
                 renew_interval: Duration::from_secs(5),
                 retry_interval: Duration::from_secs(2),
             },
-        )
+        );
+        tasks.spawn("leader-election", Lifetime::Required, campaign);
+        election
     });
     let leader = election.as_ref().map(LeaderElection::is_leader);
     let labeller = match (&leader, &args.pod_name) {
-        (Some(leading), Some(pod)) => Some(tokio::spawn(leader::label_own_pod(
-            client.clone(),
-            args.leader_election_namespace.clone(),
-            pod.clone(),
-            leading.clone(),
-        ))),
+        (Some(leading), Some(pod)) => Some(tasks.spawn(
+            "leader-label",
+            Lifetime::Required,
+            leader::label_own_pod(
+                client.clone(),
+                args.leader_election_namespace.clone(),
+                pod.clone(),
+                leading.clone(),
+            ),
+        )),
         _ => None,
     };
-    let controller = Controller::start(
+    let start = Controller::start(
         client,
         ControllerConfig {
             netconsole_addr: args.netconsole_addr,
@@ -245,23 +264,31 @@ async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
                 controller: "lastgasp-controller".into(),
                 instance: Some(identity),
             },
+            health,
         },
-    )
-    .await?;
+    );
+    let mut controller = tokio::select! {
+        controller = start => controller?,
+        failure = tasks.failed() => return Err(failure.into()),
+    };
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
-    }
+    let outcome = tokio::select! {
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = terminate.recv() => Ok(()),
+        failure = controller.failed() => Err(failure),
+        failure = tasks.failed() => Err(failure),
+    };
     tracing::info!("stopping");
-    controller.shutdown();
+    // Leadership first, while /healthz still answers (503 after a failure): `is_leader` turns
+    // false, which stops the controller's writes, before the lease is released.
     if let Some(labeller) = labeller {
         labeller.abort();
     }
     if let Some(election) = election {
         election.stop().await;
     }
-    Ok(())
+    controller.shutdown();
+    Ok(outcome?)
 }
 
 fn read_auth_key(path: Option<&std::path::Path>) -> anyhow::Result<AuthKey> {

@@ -26,6 +26,8 @@ use prometheus_client::{
 };
 use tokio::net::TcpListener;
 
+use crate::health::Health;
+
 /// Most distinct values a free-form label takes before new ones become `other`: ever, for
 /// `comm` and `plugin`; at once, for `namespace`, `pod` and `container`.
 pub const MAX_LABEL_VALUES: usize = 64;
@@ -300,12 +302,31 @@ pub fn dec_series<S: Clone + Hash + Eq>(family: &Family<S, Gauge>, labels: &S) {
 }
 
 /// Serves `/metrics` (Prometheus text format) and `/healthz` until the task is dropped.
-pub async fn serve(listener: TcpListener, registry: Arc<Registry>) -> std::io::Result<()> {
+/// `/healthz` answers 200 `ok` while `health` has no problem, else 503 with one line per problem.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    health: Health,
+) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(registry);
+        .with_state(registry)
+        .merge(
+            Router::new()
+                .route("/healthz", get(healthz_handler))
+                .with_state(health),
+        );
     axum::serve(listener, app).await
+}
+
+async fn healthz_handler(State(health): State<Health>) -> impl IntoResponse {
+    let problems = health.problems();
+    if problems.is_empty() {
+        return (StatusCode::OK, "ok\n".to_owned());
+    }
+    let mut body = problems.join("\n");
+    body.push('\n');
+    (StatusCode::SERVICE_UNAVAILABLE, body)
 }
 
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -423,6 +444,44 @@ mod tests {
         limiter.release("other");
         assert_eq!(limiter.acquire("newcomer"), "newcomer");
         assert_eq!(limiter.acquire("pod-7"), "other");
+    }
+
+    /// `GET path` over plain HTTP/1.1: status code and body.
+    async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap();
+        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+        (status, body.to_owned())
+    }
+
+    #[tokio::test]
+    async fn healthz_says_what_is_down() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let health = Health::default();
+        let server = tokio::spawn(serve(listener, Arc::default(), health.clone()));
+        assert_eq!(get(addr, "/healthz").await, (200, "ok\n".into()));
+        health.set_down("events", "task `events` panicked: boom");
+        health.set_down("probes", "program `console` (id 7) is not loaded");
+        assert_eq!(
+            get(addr, "/healthz").await,
+            (
+                503,
+                "task `events` panicked: boom\nprogram `console` (id 7) is not loaded\n".into()
+            )
+        );
+        health.set_up("probes");
+        assert_eq!(get(addr, "/healthz").await.0, 503);
+        health.set_up("events");
+        assert_eq!(get(addr, "/healthz").await, (200, "ok\n".into()));
+        assert_eq!(get(addr, "/metrics").await.0, 200);
+        server.abort();
     }
 
     #[test]

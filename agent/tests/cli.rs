@@ -350,3 +350,104 @@ fn the_controller_refuses_to_start_without_a_real_key() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `GET path` over plain HTTP/1.1: status code and body.
+fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::Read as _;
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_owned()))
+}
+
+/// A supervised task that panics (the events loop, made to panic by the test-only
+/// `--inject-task-panic`) stops the agent at once with exit code 1, its log naming the task and
+/// the panic's message.
+#[test]
+fn a_task_that_panics_stops_the_agent_with_an_error() {
+    let state = std::env::temp_dir().join(format!("lastgasp-cli-panic-{}", std::process::id()));
+    let mut agent = Running(
+        Command::new(BIN)
+            .args(["agent", "--standalone", "--log-format", "json"])
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .args(["--pstore-dir", "/nonexistent/pstore", "--state-dir"])
+            .arg(&state)
+            .args(["--inject-task-panic", "events:500ms"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (lines_tx, lines) = mpsc::channel();
+    let stdout = agent.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send((std::time::Instant::now(), line)).is_err() {
+                break;
+            }
+        }
+    });
+    let next_json = || {
+        let (at, line) = lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a log line");
+        let json = serde_json::from_str::<serde_json::Value>(&line)
+            .unwrap_or_else(|e| panic!("{e}: {line}"));
+        (at, json)
+    };
+    let metrics_addr = loop {
+        let (_, line) = next_json();
+        if line["message"] == "serving metrics" {
+            break line["metrics_addr"].as_str().unwrap().to_owned();
+        }
+    };
+    assert_eq!(
+        http_get(&metrics_addr, "/healthz").unwrap(),
+        (200, "ok\n".into())
+    );
+
+    let (failed_at, failure) = loop {
+        let (at, line) = next_json();
+        if line["level"] == "ERROR" {
+            break (at, line);
+        }
+    };
+    assert_eq!(failure["task"], "events", "{failure}");
+    assert_eq!(
+        failure["message"],
+        "task `events` panicked: injected panic (--inject-task-panic)"
+    );
+    let status = loop {
+        if let Some(status) = agent.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            failed_at.elapsed() < Duration::from_secs(5),
+            "the agent still runs"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let took = failed_at.elapsed();
+    println!("from the failure to the agent's exit: {took:?}");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert_eq!(status.code(), Some(1));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut agent.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(
+        stderr.contains("Error: task `events` panicked: injected panic (--inject-task-panic)"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&state);
+}

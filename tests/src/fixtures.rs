@@ -1,12 +1,16 @@
 //! Fixtures shared by the agent, controller, deploy and VM tests: an agent configuration for
-//! tests, seeded Nodes and Pods, a controller configuration on loopback, and readers of what the
-//! controller wrote.
+//! tests, seeded Nodes and Pods, a controller configuration on loopback, readers of what the
+//! controller wrote, and the `lastgasp` binary.
 
-use std::time::{Duration, Instant};
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 use lastgasp::{
     agent::{AgentConfig, loader::NetlinkProbeMode},
     controller::{ControllerConfig, policy::Policy, trust::DeletionEvidence},
+    health::Health,
     wire::AuthKey,
 };
 use serde_json::{Value, json};
@@ -32,6 +36,26 @@ pub fn agent_config(node: &str) -> AgentConfig {
         cluster: None,
         pstore: None,
     }
+}
+
+/// The `lastgasp` binary, built (if it is not up to date) with the profile of these tests.
+pub fn lastgasp_binary() -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut cargo = std::process::Command::new(std::env::var("CARGO").unwrap_or("cargo".into()));
+    cargo
+        .args(["build", "--package", "lastgasp", "--bin", "lastgasp"])
+        .current_dir(&workspace);
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        cargo.arg("--release");
+        "release"
+    };
+    let status = cargo.status().expect("cargo runs");
+    assert!(status.success(), "building lastgasp failed: {status}");
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace.join("target"), PathBuf::from);
+    target_dir.join(profile).join("lastgasp")
 }
 
 /// A Node whose InternalIP is `ip`: datagrams sent from that address come "from" it. It
@@ -124,6 +148,7 @@ pub fn controller_config(policy: Policy, auth_key: AuthKey) -> ControllerConfig 
         mark_wait: Duration::from_secs(120),
         leader: None,
         reporter: "lastgasp-controller".to_owned().into(),
+        health: Health::default(),
     }
 }
 

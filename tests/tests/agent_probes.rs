@@ -401,3 +401,101 @@ async fn metrics_pass_promtool_check() {
     );
     agent.shutdown().await;
 }
+
+/// `GET /healthz`: status code and body.
+async fn healthz(addr: SocketAddr) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    (head[9..12].parse().unwrap(), body.to_owned())
+}
+
+/// The probe check on this kernel: the programs the loader attached are recorded with their
+/// links and all found again. A link detached and a program unloaded (by the test, through
+/// aya, in this process: another process cannot detach them) are reported lost, and `/healthz`
+/// answers 503 naming them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_probe_makes_healthz_unhealthy() {
+    use aya::programs::TracePoint;
+    use lastgasp::{
+        agent::{
+            attached::{self, Attached, KernelView},
+            loader::{self, NetlinkProbeMode, ProbeSettings},
+        },
+        health::Health,
+        metrics,
+    };
+
+    // Without the recv syscall tracepoints, which the test attaches itself: one link to detach.
+    let mut loaded = loader::load(&ProbeSettings {
+        slow_recv: HANG_THRESHOLD,
+        cni_bin_dirs: &[],
+        panic_hold: Duration::ZERO,
+        netlink_probe: NetlinkProbeMode::Fentry,
+    })
+    .expect("the probes load (the tests must run as root)");
+    let recv: &mut TracePoint = loaded
+        .ebpf
+        .program_mut("recvfrom_enter")
+        .unwrap()
+        .try_into()
+        .unwrap();
+    recv.load().unwrap();
+    let link = recv.attach("syscalls", "sys_enter_recvfrom").unwrap();
+    let kernel = KernelView::read().unwrap();
+    let attached = Attached::record(&loaded.ebpf, &kernel);
+    assert_eq!(attached.lost(&kernel), Vec::<String>::new());
+
+    let health = Health::default();
+    let listener = metrics::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(metrics::serve(listener, Default::default(), health.clone()));
+    let check = tokio::spawn(attached::check(attached.clone(), health.clone()));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(healthz(addr).await, (200, "ok\n".into()));
+
+    let recv: &mut TracePoint = loaded
+        .ebpf
+        .program_mut("recvfrom_enter")
+        .unwrap()
+        .try_into()
+        .unwrap();
+    recv.detach(link).unwrap();
+    let exec: &mut TracePoint = loaded
+        .ebpf
+        .program_mut("sched_process_exec")
+        .unwrap()
+        .try_into()
+        .unwrap();
+    exec.unload().unwrap();
+    let lost = attached.lost(&KernelView::read().unwrap());
+    assert_eq!(lost.len(), 2, "{lost:?}");
+    assert!(
+        lost[0].starts_with("probe program `recvfrom_enter` (id ")
+            && lost[0].contains(") lost its link "),
+        "{lost:?}"
+    );
+    assert!(
+        lost[1].starts_with("probe program `sched_process_exec` (id ")
+            && lost[1].ends_with(") is no longer loaded"),
+        "{lost:?}"
+    );
+
+    let deadline = Instant::now() + attached::CHECK_INTERVAL + Duration::from_secs(5);
+    let unhealthy = loop {
+        let answer = healthz(addr).await;
+        if answer.0 != 200 || Instant::now() > deadline {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(unhealthy, (503, format!("{}\n", lost.join("\n"))));
+    check.abort();
+    server.abort();
+}

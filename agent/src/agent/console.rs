@@ -37,6 +37,7 @@ use super::{
 use crate::{
     kernel_log::{self, KernelEventKind},
     metrics::{AgentMetrics, KindLabels},
+    supervise::{Lifetime, Supervisor},
 };
 
 /// Frames of a `panic()` stack sent with the last gasp: past `panic()`, the die and exception
@@ -57,14 +58,16 @@ pub struct ConsoleWatcher {
 }
 
 impl ConsoleWatcher {
+    /// Runs the watcher on its own thread, supervised by `tasks`, until `stop` is set.
     pub fn spawn(
         self,
         ring: RingBuf<MapData>,
         stop: Arc<AtomicBool>,
+        tasks: &mut Supervisor,
     ) -> std::io::Result<thread::JoinHandle<()>> {
-        thread::Builder::new()
-            .name("kernel-log".into())
-            .spawn(move || self.run(ring, &stop))
+        tasks.spawn_thread("kernel-log", Lifetime::Required, move || {
+            self.run(ring, &stop);
+        })
     }
 
     fn run(mut self, mut ring: RingBuf<MapData>, stop: &AtomicBool) {

@@ -20,7 +20,9 @@ use kube::{
     Api, Client, ResourceExt as _,
     runtime::{WatchStreamExt as _, watcher},
 };
-use tokio::{sync::watch, task::JoinHandle};
+use tokio::sync::watch;
+
+use crate::supervise::{Lifetime, Supervisor};
 
 /// The label the EndpointSlice controller puts on every slice of a Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -140,19 +142,20 @@ impl ControllerEndpoints {
     }
 }
 
-/// Watches `service`'s EndpointSlices and publishes its endpoints whenever they change, until
-/// the task is aborted. The channel starts empty; a relist publishes once, when complete.
+/// Watches `service`'s EndpointSlices in a task of `tasks` and publishes its endpoints whenever
+/// they change. The channel starts empty; a relist publishes once, when complete.
 pub fn watch_endpoints(
     client: Client,
     service: &ServiceRef,
-) -> (watch::Receiver<ControllerEndpoints>, JoinHandle<()>) {
+    tasks: &mut Supervisor,
+) -> watch::Receiver<ControllerEndpoints> {
     let (sender, receiver) = watch::channel(ControllerEndpoints::default());
     let api = Api::<EndpointSlice>::namespaced(client, &service.namespace);
     let config =
         watcher::Config::default().labels(&format!("{SERVICE_NAME_LABEL}={}", service.name));
     let events = watcher(api, config).default_backoff();
     let service = service.clone();
-    let task = tokio::spawn(async move {
+    tasks.spawn("controller-endpoints", Lifetime::Required, async move {
         let mut events = std::pin::pin!(events);
         let mut slices: BTreeMap<String, EndpointSlice> = BTreeMap::new();
         let mut relist = BTreeMap::new();
@@ -190,7 +193,7 @@ pub fn watch_endpoints(
             });
         }
     });
-    (receiver, task)
+    receiver
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The node agent: loads the probes, turns their records into events and metrics, and sends
 //! the last gasp when the kernel panics.
 
+pub mod attached;
 pub mod btf;
 pub mod cni;
 pub mod console;
@@ -38,10 +39,10 @@ use prometheus_client::registry::Registry;
 use tokio::{
     io::unix::AsyncFd,
     sync::{broadcast, watch},
-    task::JoinHandle,
 };
 
 use self::{
+    attached::{Attached, KernelView},
     cni::CniTracker,
     console::ConsoleWatcher,
     discovery::{ControllerEndpoints, ServiceRef},
@@ -58,8 +59,10 @@ use self::{
     records::Record,
 };
 use crate::{
+    health::Health,
     metrics::{self, AgentMetrics, ProbeLabels, ReasonLabels},
     procfs,
+    supervise::{Lifetime, Supervisor, TaskFailure},
     wire::AuthKey,
 };
 
@@ -99,7 +102,7 @@ pub struct Agent {
     probes: Vec<ProbeStatus>,
     metrics_addr: SocketAddr,
     netconsole: Netconsole,
-    tasks: Vec<JoinHandle<()>>,
+    tasks: Supervisor,
     console: Option<thread::JoinHandle<()>>,
     stop: Arc<AtomicBool>,
     /// What pstore told of earlier boots, found at start.
@@ -111,210 +114,31 @@ pub struct Agent {
 impl Agent {
     pub async fn start(config: AgentConfig) -> anyhow::Result<Self> {
         let mut registry = Registry::with_prefix("lastgasp");
-        let metrics = AgentMetrics::register(&mut registry);
-
-        let loaded = loader::load(&ProbeSettings {
-            slow_recv: config.netlink_hang_threshold,
-            cni_bin_dirs: &config.cni_bin_dirs,
-            panic_hold: panic_hold(&config),
-            netlink_probe: config.netlink_probe,
-        })?;
-        let mut ebpf = loaded.ebpf;
-        for status in &loaded.status {
-            match status.mode {
-                Some(_) => tracing::info!(probe = status.probe, "{status}"),
-                None => tracing::warn!(probe = status.probe, "{status}"),
-            }
-            metrics
-                .probe_info
-                .get_or_create(&ProbeLabels {
-                    probe: status.probe.into(),
-                    mode: status.mode.map_or("none", |mode| mode.as_str()).into(),
-                    attached: status.mode.is_some().to_string(),
-                })
-                .set(1);
-        }
-
-        let mut tasks = Vec::new();
-        let netconsole = Netconsole::new(metrics.netconsole_targets.clone());
-        // Flags name the netconsole targets, or else the controller's Service does.
-        let netconsole_follows_controller =
-            config.netconsole_targets.is_empty() && config.controller_service.is_some();
-        tasks.push(tokio::spawn(netconsole::maintain(
-            netconsole.clone(),
-            config.netconsole_targets,
-        )));
-        match aya_log::EbpfLogger::init(&mut ebpf) {
-            Ok(logger) => tasks.push(tokio::spawn(forward_ebpf_logs(logger))),
-            Err(error) => tracing::warn!(%error, "eBPF log forwarding unavailable"),
-        }
-
-        let events_ring: RingBuf<MapData> = take_map(&mut ebpf, "EVENTS")?;
-        let kernel_log_ring: RingBuf<MapData> = take_map(&mut ebpf, "KERNEL_LOG")?;
-        let threads = match ebpf.take_map("RECV_THREADS") {
-            Some(aya::maps::Map::Array(data)) => {
-                RecvSlots::map(data).context("mapping RECV_THREADS into memory")?
-            }
-            _ => anyhow::bail!("map RECV_THREADS missing from the eBPF object or not an array"),
+        let mut start = Start {
+            metrics: AgentMetrics::register(&mut registry),
+            tasks: Supervisor::new(Health::default()),
+            config,
         };
-        registry.register_collector(Box::new(KernelStats {
-            latency: Mutex::new(take_map::<PerCpuArray<MapData, _>>(
-                &mut ebpf,
-                "RECV_LATENCY",
-            )?),
-            drops: Mutex::new(take_map::<PerCpuArray<MapData, _>>(&mut ebpf, "DROPS")?),
-        }));
-
-        let (events, _) = broadcast::channel(4096);
-        // A fixed address never changes: its sender is dropped at once.
-        let endpoints = match (config.controller, &config.controller_service) {
-            (Some(_), Some(_)) => {
-                anyhow::bail!("a fixed controller address and a controller Service are exclusive")
-            }
-            (Some(address), None) => Some(watch::channel(ControllerEndpoints::fixed(address)).1),
-            (None, Some(service)) => {
-                let client = config.cluster.clone().with_context(|| {
-                    format!("finding the controller from Service {service} needs Kubernetes")
-                })?;
-                let (endpoints, task) = discovery::watch_endpoints(client, service);
-                tasks.push(task);
-                Some(endpoints)
-            }
-            (None, None) => None,
-        };
+        let probes = start.load_probes(&mut registry)?;
         let boot_id = procfs::boot_id().context("reading the boot id")?;
-        let sender = match &endpoints {
-            Some(endpoints) => Some(ReportSender::new(
-                endpoints.clone(),
-                config.auth_key.clone(),
-                NodeIdentity {
-                    node: config.node_name.clone(),
-                    boot_id: boot_id.clone(),
-                    kernel_release: procfs::kernel_release().ok(),
-                },
-            )?),
-            None => None,
-        };
-        let endpoints = endpoints.unwrap_or_else(|| watch::channel(Default::default()).1);
-        if netconsole_follows_controller {
-            tasks.push(tokio::spawn(follow_controller_with_netconsole(
-                netconsole.clone(),
-                endpoints.clone(),
-            )));
-        }
+        let (endpoints, sender) = start.find_controller(&boot_id)?;
+        let netconsole = start.start_netconsole(&endpoints);
         // After loading, so an agent that cannot load leaves the records for its next start.
-        let recovered = match &config.pstore {
-            Some(pstore) => pstore::recover(pstore, &boot_id, sender.as_ref()),
-            None => pstore::Recovered::default(),
-        };
-        if let Some(sender) = &sender
-            && !recovered.reports.is_empty()
-        {
-            tasks.push(tokio::spawn(pstore::send_reports(
-                sender.clone(),
-                recovered.reports,
-                metrics.clone(),
-            )));
-        }
-        let last_gasp = sender.map(LastGasp::new);
-        // Only a panic() probe takes stacks to name, and only a last gasp carries them.
-        let panic_probe = loaded
-            .status
-            .iter()
-            .any(|status| status.probe == "panic" && status.mode.is_some());
-        let kallsyms = (panic_probe && last_gasp.is_some())
-            .then(
-                || match Kallsyms::load(std::path::Path::new("/proc/kallsyms")) {
-                    Ok(symbols) => {
-                        tracing::info!(
-                            symbols = symbols.len(),
-                            "kernel symbols read for panic stacks"
-                        );
-                        Some(symbols)
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "panic stacks will not be named");
-                        None
-                    }
-                },
-            )
-            .flatten();
-        let stop = Arc::new(AtomicBool::new(false));
-        let panic_ack: Array<MapData, u64> = take_map(&mut ebpf, "PANIC_ACK")?;
-        let console = ConsoleWatcher {
-            last_gasp,
-            kallsyms,
-            panic_ack,
-            events: events.clone(),
-            metrics: metrics.clone(),
-        }
-        .spawn(kernel_log_ring, stop.clone())?;
-
-        let pods = config.cluster.as_ref().map(|client| {
-            let (pods, watch) = PodIndex::start(client.clone(), &config.node_name);
-            tasks.push(watch);
-            pods
-        });
-        let health = config.cluster.zip(pods.clone()).map(|(client, pods)| {
-            let (health, observed) = watch::channel(NodeHealth::default());
-            tasks.extend(node_signals::spawn(
-                client,
-                NodeSignalsConfig {
-                    node: config.node_name.clone(),
-                    netlink_hang_threshold: config.netlink_hang_threshold,
-                    cni_stuck_threshold: config.cni_stuck_threshold,
-                },
-                pods,
-                observed,
-                metrics.clone(),
-            ));
-            health
-        });
-        let netlink_mode = loaded
-            .status
-            .iter()
-            .find(|status| status.probe == "netlink_recv")
-            .and_then(|status| status.mode);
-        let hangs = HangTracker::new(
-            threads,
-            config.netlink_hang_threshold,
-            pods,
-            metrics.clone(),
-            netlink_mode == Some(AttachMode::Kprobe),
-        );
-        let cni = CniTracker::new(config.cni_stuck_threshold, metrics.clone());
-        tasks.push(tokio::spawn(events_loop(
-            async_fd(events_ring)?,
-            hangs,
-            cni,
-            events.clone(),
-            health,
-            metrics.clone(),
-        )));
-
-        let listener = metrics::bind(config.metrics_addr)
-            .await
-            .with_context(|| format!("binding the metrics address {}", config.metrics_addr))?;
-        let metrics_addr = listener.local_addr()?;
-        let registry = Arc::new(registry);
-        tasks.push(tokio::spawn(async move {
-            if let Err(error) = metrics::serve(listener, registry).await {
-                tracing::error!(%error, "metrics server stopped");
-            }
-        }));
-        tracing::info!(%metrics_addr, "serving metrics");
-
+        let recovered = start.recover_pstore(&boot_id, sender.as_ref());
+        let signals = start.start_cluster_signals();
+        let readers = start.start_readers(probes.maps, sender, signals)?;
+        let metrics_addr = start.serve_metrics(registry).await?;
         Ok(Self {
-            events,
+            events: readers.events,
             endpoints,
-            probes: loaded.status,
+            probes: probes.status,
             metrics_addr,
             netconsole,
-            tasks,
-            console: Some(console),
-            stop,
-            recovered: recovered.events,
-            _ebpf: ebpf,
+            tasks: start.tasks,
+            console: Some(readers.console),
+            stop: readers.stop,
+            recovered,
+            _ebpf: probes.ebpf,
         })
     }
 
@@ -348,12 +172,16 @@ impl Agent {
         &self.netconsole
     }
 
+    /// Waits until a task or the kernel-log thread fails; `/healthz` answers 503 from then on.
+    /// Cancel-safe.
+    pub async fn failed(&mut self) -> TaskFailure {
+        self.tasks.failed().await
+    }
+
     /// Stops the readers and detaches every probe.
     pub async fn shutdown(mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        for task in &self.tasks {
-            task.abort();
-        }
+        self.tasks.abort_all();
         if let Some(console) = self.console.take() {
             let _ = tokio::task::spawn_blocking(move || console.join()).await;
         }
@@ -362,34 +190,334 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        // The tasks are aborted as `tasks` drops.
         self.stop.store(true, Ordering::Relaxed);
-        for task in &self.tasks {
-            task.abort();
-        }
     }
 }
 
-/// Runs the agent until Ctrl-C or SIGTERM, logging every event.
+/// What the steps of [`Agent::start`] share.
+struct Start {
+    config: AgentConfig,
+    metrics: Arc<AgentMetrics>,
+    tasks: Supervisor,
+}
+
+/// The loaded probes.
+struct Probes {
+    ebpf: Ebpf,
+    status: Vec<ProbeStatus>,
+    maps: ProbeMaps,
+}
+
+/// What the readers take from the probes.
+struct ProbeMaps {
+    events: RingBuf<MapData>,
+    kernel_log: RingBuf<MapData>,
+    threads: RecvSlots,
+    panic_ack: Array<MapData, u64>,
+    /// Whether `panic()` itself is probed.
+    panic_probe: bool,
+    netlink_mode: Option<AttachMode>,
+}
+
+/// In a cluster: this node's pods, and where the events loop publishes what the node signals
+/// report.
+#[derive(Default)]
+struct ClusterSignals {
+    pods: Option<PodIndex>,
+    node_health: Option<watch::Sender<NodeHealth>>,
+}
+
+/// The running readers of the probes' rings.
+struct Readers {
+    events: broadcast::Sender<AgentEvent>,
+    console: thread::JoinHandle<()>,
+    /// Stops the kernel-log thread.
+    stop: Arc<AtomicBool>,
+}
+
+impl Start {
+    /// Loads and attaches the probes, says how each attached, forwards the programs' logs,
+    /// and checks from then on that they stay attached.
+    fn load_probes(&mut self, registry: &mut Registry) -> anyhow::Result<Probes> {
+        let config = &self.config;
+        let loaded = loader::load(&ProbeSettings {
+            slow_recv: config.netlink_hang_threshold,
+            cni_bin_dirs: &config.cni_bin_dirs,
+            panic_hold: panic_hold(config),
+            netlink_probe: config.netlink_probe,
+        })?;
+        let mut ebpf = loaded.ebpf;
+        for status in &loaded.status {
+            match status.mode {
+                Some(_) => tracing::info!(probe = status.probe, "{status}"),
+                None => tracing::warn!(probe = status.probe, "{status}"),
+            }
+            self.metrics
+                .probe_info
+                .get_or_create(&ProbeLabels {
+                    probe: status.probe.into(),
+                    mode: status.mode.map_or("none", |mode| mode.as_str()).into(),
+                    attached: status.mode.is_some().to_string(),
+                })
+                .set(1);
+        }
+        let logger = aya_log::EbpfLogger::init(&mut ebpf)
+            .map_err(anyhow::Error::from)
+            .and_then(|logger| Ok(async_fd(logger)?));
+        match logger {
+            Ok(logger) => {
+                self.tasks
+                    .spawn("ebpf-logs", Lifetime::Required, forward_ebpf_logs(logger));
+            }
+            Err(error) => tracing::warn!(%error, "eBPF log forwarding unavailable"),
+        }
+        let attached = Attached::record(&ebpf, &KernelView::read().unwrap_or_default());
+        let health = self.tasks.health().clone();
+        self.tasks.spawn(
+            "probe-check",
+            Lifetime::Required,
+            attached::check(attached, health),
+        );
+
+        let threads = match ebpf.take_map("RECV_THREADS") {
+            Some(aya::maps::Map::Array(data)) => {
+                RecvSlots::map(data).context("mapping RECV_THREADS into memory")?
+            }
+            _ => anyhow::bail!("map RECV_THREADS missing from the eBPF object or not an array"),
+        };
+        registry.register_collector(Box::new(KernelStats {
+            latency: Mutex::new(take_map::<PerCpuArray<MapData, _>>(
+                &mut ebpf,
+                "RECV_LATENCY",
+            )?),
+            drops: Mutex::new(take_map::<PerCpuArray<MapData, _>>(&mut ebpf, "DROPS")?),
+        }));
+        let mode_of = |probe: &str| {
+            loaded
+                .status
+                .iter()
+                .find(|status| status.probe == probe)
+                .and_then(|status| status.mode)
+        };
+        let maps = ProbeMaps {
+            events: take_map(&mut ebpf, "EVENTS")?,
+            kernel_log: take_map(&mut ebpf, "KERNEL_LOG")?,
+            threads,
+            panic_ack: take_map(&mut ebpf, "PANIC_ACK")?,
+            panic_probe: mode_of("panic").is_some(),
+            netlink_mode: mode_of("netlink_recv"),
+        };
+        Ok(Probes {
+            ebpf,
+            status: loaded.status,
+            maps,
+        })
+    }
+
+    /// Where last-gasp reports go: a fixed address, or the controller Service's endpoints
+    /// kept current by a watch; and the sender of reports, if there is somewhere to send.
+    fn find_controller(
+        &mut self,
+        boot_id: &str,
+    ) -> anyhow::Result<(watch::Receiver<ControllerEndpoints>, Option<ReportSender>)> {
+        let config = &self.config;
+        // A fixed address never changes: its sender is dropped at once.
+        let endpoints = match (config.controller, &config.controller_service) {
+            (Some(_), Some(_)) => {
+                anyhow::bail!("a fixed controller address and a controller Service are exclusive")
+            }
+            (Some(address), None) => watch::channel(ControllerEndpoints::fixed(address)).1,
+            (None, Some(service)) => {
+                let client = config.cluster.clone().with_context(|| {
+                    format!("finding the controller from Service {service} needs Kubernetes")
+                })?;
+                discovery::watch_endpoints(client, service, &mut self.tasks)
+            }
+            (None, None) => return Ok((watch::channel(Default::default()).1, None)),
+        };
+        let sender = ReportSender::new(
+            endpoints.clone(),
+            config.auth_key.clone(),
+            NodeIdentity {
+                node: config.node_name.clone(),
+                boot_id: boot_id.to_owned(),
+                kernel_release: procfs::kernel_release().ok(),
+            },
+        )?;
+        Ok((endpoints, Some(sender)))
+    }
+
+    /// Keeps the kernel's netconsole targets: those the flags name, or else the controller
+    /// Service's `netconsole` endpoints.
+    fn start_netconsole(&mut self, endpoints: &watch::Receiver<ControllerEndpoints>) -> Netconsole {
+        let netconsole = Netconsole::new(self.metrics.netconsole_targets.clone());
+        let targets = self.config.netconsole_targets.clone();
+        let follow_controller = targets.is_empty() && self.config.controller_service.is_some();
+        self.tasks.spawn(
+            "netconsole",
+            Lifetime::Required,
+            netconsole::maintain(netconsole.clone(), targets),
+        );
+        if follow_controller {
+            self.tasks.spawn(
+                "netconsole-follow",
+                Lifetime::Required,
+                follow_controller_with_netconsole(netconsole.clone(), endpoints.clone()),
+            );
+        }
+        netconsole
+    }
+
+    /// The previous boot's panic from pstore: its events, and its delayed reports sent.
+    fn recover_pstore(&mut self, boot_id: &str, sender: Option<&ReportSender>) -> Vec<AgentEvent> {
+        let Some(pstore) = &self.config.pstore else {
+            return Vec::new();
+        };
+        let recovered = pstore::recover(pstore, boot_id, sender);
+        if let Some(sender) = sender
+            && !recovered.reports.is_empty()
+        {
+            self.tasks.spawn(
+                "pstore-reports",
+                Lifetime::OneShot,
+                pstore::send_reports(sender.clone(), recovered.reports, self.metrics.clone()),
+            );
+        }
+        recovered.events
+    }
+
+    /// In a cluster: the watch of this node's pods, and the node conditions and Events.
+    fn start_cluster_signals(&mut self) -> ClusterSignals {
+        let Some(client) = self.config.cluster.clone() else {
+            return ClusterSignals::default();
+        };
+        let pods = PodIndex::start(client.clone(), &self.config.node_name, &mut self.tasks);
+        let (node_health, observed) = watch::channel(NodeHealth::default());
+        node_signals::spawn(
+            &mut self.tasks,
+            client,
+            NodeSignalsConfig {
+                node: self.config.node_name.clone(),
+                netlink_hang_threshold: self.config.netlink_hang_threshold,
+                cni_stuck_threshold: self.config.cni_stuck_threshold,
+            },
+            pods.clone(),
+            observed,
+            self.metrics.clone(),
+        );
+        ClusterSignals {
+            pods: Some(pods),
+            node_health: Some(node_health),
+        }
+    }
+
+    /// The kernel-log thread (which sends the last gasp) and the events loop.
+    fn start_readers(
+        &mut self,
+        maps: ProbeMaps,
+        sender: Option<ReportSender>,
+        signals: ClusterSignals,
+    ) -> anyhow::Result<Readers> {
+        let (events, _) = broadcast::channel(4096);
+        let last_gasp = sender.map(LastGasp::new);
+        // Only a panic() probe takes stacks to name, and only a last gasp carries them.
+        let kallsyms = (maps.panic_probe && last_gasp.is_some())
+            .then(
+                || match Kallsyms::load(std::path::Path::new("/proc/kallsyms")) {
+                    Ok(symbols) => {
+                        tracing::info!(
+                            symbols = symbols.len(),
+                            "kernel symbols read for panic stacks"
+                        );
+                        Some(symbols)
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "panic stacks will not be named");
+                        None
+                    }
+                },
+            )
+            .flatten();
+        let stop = Arc::new(AtomicBool::new(false));
+        let console = ConsoleWatcher {
+            last_gasp,
+            kallsyms,
+            panic_ack: maps.panic_ack,
+            events: events.clone(),
+            metrics: self.metrics.clone(),
+        }
+        .spawn(maps.kernel_log, stop.clone(), &mut self.tasks)?;
+
+        let hangs = HangTracker::new(
+            maps.threads,
+            self.config.netlink_hang_threshold,
+            signals.pods,
+            self.metrics.clone(),
+            maps.netlink_mode == Some(AttachMode::Kprobe),
+        );
+        let cni = CniTracker::new(self.config.cni_stuck_threshold, self.metrics.clone());
+        self.tasks.spawn(
+            "events",
+            Lifetime::Required,
+            events_loop(
+                async_fd(maps.events)?,
+                hangs,
+                cni,
+                events.clone(),
+                signals.node_health,
+                self.metrics.clone(),
+            ),
+        );
+        Ok(Readers {
+            events,
+            console,
+            stop,
+        })
+    }
+
+    /// Serves `/metrics` and `/healthz`; returns the address it listens on.
+    async fn serve_metrics(&mut self, registry: Registry) -> anyhow::Result<SocketAddr> {
+        let requested = self.config.metrics_addr;
+        let listener = metrics::bind(requested)
+            .await
+            .with_context(|| format!("binding the metrics address {requested}"))?;
+        let metrics_addr = listener.local_addr()?;
+        let (registry, health) = (Arc::new(registry), self.tasks.health().clone());
+        self.tasks
+            .spawn("metrics-server", Lifetime::Required, async move {
+                if let Err(error) = metrics::serve(listener, registry, health).await {
+                    tracing::error!(%error, "metrics server stopped");
+                }
+            });
+        tracing::info!(%metrics_addr, "serving metrics");
+        Ok(metrics_addr)
+    }
+}
+
+/// Runs the agent until Ctrl-C or SIGTERM, logging every event. A task that fails stops the
+/// agent with an error.
 pub async fn run(config: AgentConfig, log: EventLog) -> anyhow::Result<()> {
-    let agent = Agent::start(config).await?;
+    let mut agent = Agent::start(config).await?;
     for event in agent.recovered() {
         log.write(event);
     }
     let mut events = agent.subscribe();
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    loop {
+    let outcome = loop {
         tokio::select! {
             event = events.recv() => match event {
                 Ok(event) => log.write(&event),
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     tracing::warn!(missed, "event log fell behind; events were not logged");
                 }
-                Err(broadcast::error::RecvError::Closed) => break,
+                Err(broadcast::error::RecvError::Closed) => break Ok(()),
             },
-            _ = tokio::signal::ctrl_c() => break,
-            _ = terminate.recv() => break,
+            failure = agent.failed() => break Err(failure),
+            _ = tokio::signal::ctrl_c() => break Ok(()),
+            _ = terminate.recv() => break Ok(()),
         }
-    }
+    };
     tracing::info!("detaching probes");
     let netconsole = agent.netconsole().configured();
     agent.shutdown().await;
@@ -403,7 +531,7 @@ pub async fn run(config: AgentConfig, log: EventLog) -> anyhow::Result<()> {
             "leaving the netconsole targets enabled: they report a panic while no agent runs"
         );
     }
-    Ok(())
+    Ok(outcome?)
 }
 
 /// Points the kernel's netconsole at the controller's `netconsole` endpoints whenever they
@@ -464,13 +592,14 @@ fn async_fd<T: AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
     unsafe { AsyncFd::register(inner) }.map_err(|error| error.into_parts().1)
 }
 
-async fn forward_ebpf_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
-    let Ok(mut logger) = async_fd(logger) else {
-        return;
-    };
+async fn forward_ebpf_logs(mut logger: AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>) {
     loop {
-        let Ok(mut guard) = logger.readable_mut().await else {
-            return;
+        let mut guard = match logger.readable_mut().await {
+            Ok(guard) => guard,
+            Err(error) => {
+                tracing::error!(%error, "the eBPF log ring is unreadable");
+                return;
+            }
         };
         guard.get_inner_mut().flush();
         guard.clear_ready();
@@ -493,7 +622,13 @@ async fn events_loop(
     loop {
         tokio::select! {
             ready = ring.readable_mut() => {
-                let Ok(mut guard) = ready else { return };
+                let mut guard = match ready {
+                    Ok(guard) => guard,
+                    Err(error) => {
+                        tracing::error!(%error, "the events ring is unreadable");
+                        return;
+                    }
+                };
                 drain(guard.get_inner_mut(), &mut hangs, &mut cni, &events, &metrics);
                 guard.clear_ready();
             }

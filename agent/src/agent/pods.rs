@@ -15,7 +15,8 @@ use kube::{
     runtime::{WatchStreamExt as _, watcher},
 };
 use serde::Serialize;
-use tokio::task::JoinHandle;
+
+use crate::supervise::{Lifetime, Supervisor};
 
 /// The container a process runs in.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -41,13 +42,13 @@ struct Index {
 }
 
 impl PodIndex {
-    /// Watches the pods bound to `node` until the handle is aborted.
-    pub fn start(client: Client, node: &str) -> (Self, JoinHandle<()>) {
+    /// Watches the pods bound to `node` in a task of `tasks`.
+    pub fn start(client: Client, node: &str, tasks: &mut Supervisor) -> Self {
         let index = Self::default();
         let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
         let events = watcher(Api::<Pod>::all(client), config).default_backoff();
         let shared = index.index.clone();
-        let task = tokio::spawn(async move {
+        tasks.spawn("pod-watch", Lifetime::Required, async move {
             let mut pods: HashMap<(String, String), Watched> = HashMap::new();
             let mut events = std::pin::pin!(events);
             while let Some(event) = events.next().await {
@@ -81,7 +82,7 @@ impl PodIndex {
                 };
             }
         });
-        (index, task)
+        index
     }
 
     pub fn container(&self, container_id: &str) -> Option<ContainerRef> {

@@ -22,7 +22,9 @@ use kube::{
     Api, Client, ResourceExt as _,
     runtime::{WatchStreamExt as _, watcher},
 };
-use tokio::{sync::watch, task::JoinHandle};
+use tokio::sync::watch;
+
+use crate::supervise::{Lifetime, Supervisor};
 
 use super::reasons::{ANNOTATION_INCIDENT, ANNOTATION_PREFIX};
 
@@ -165,22 +167,31 @@ pub struct ClusterCache {
 }
 
 impl ClusterCache {
-    /// Starts watching nodes and pods; the tasks end when the handles are aborted.
-    pub fn start(client: Client) -> (Self, [JoinHandle<()>; 2]) {
+    /// Starts watching nodes and pods in tasks of `tasks`.
+    pub fn start(client: Client, tasks: &mut Supervisor) -> Self {
         let state = Arc::new(RwLock::new(State::default()));
         let (synced_tx, synced) = watch::channel((false, false));
         let synced_tx = Arc::new(synced_tx);
-        let nodes = tokio::spawn(watch_nodes(
-            watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).default_backoff(),
-            state.clone(),
-            synced_tx.clone(),
-        ));
-        let pods = tokio::spawn(watch_pods(
-            watcher(Api::<Pod>::all(client), watcher::Config::default()).default_backoff(),
-            state.clone(),
-            synced_tx,
-        ));
-        (Self { state, synced }, [nodes, pods])
+        tasks.spawn(
+            "node-watch",
+            Lifetime::Required,
+            watch_nodes(
+                watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+                    .default_backoff(),
+                state.clone(),
+                synced_tx.clone(),
+            ),
+        );
+        tasks.spawn(
+            "pod-watch",
+            Lifetime::Required,
+            watch_pods(
+                watcher(Api::<Pod>::all(client), watcher::Config::default()).default_backoff(),
+                state.clone(),
+                synced_tx,
+            ),
+        );
+        Self { state, synced }
     }
 
     /// A cache holding these objects, synced, watching nothing: for tests of its readers.

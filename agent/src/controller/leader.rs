@@ -22,7 +22,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use tokio::sync::{oneshot, watch};
-use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 use tracing::{debug, info, warn};
 
@@ -69,18 +68,21 @@ pub fn default_identity() -> Option<String> {
         .find(|value| !value.is_empty())
 }
 
-/// A running campaign for one lease.
+/// A campaign for one lease.
 pub struct LeaderElection {
     leading: watch::Receiver<bool>,
     stop: oneshot::Sender<()>,
-    task: JoinHandle<()>,
 }
 
 impl LeaderElection {
-    /// Starts campaigning in a background task; the watch channel says whether we lead right now.
-    /// Dropping the value without [`Self::stop`] also ends the campaign and releases the lease,
-    /// but nobody waits for that.
-    pub fn start(client: kube::Client, config: LeaderConfig) -> Self {
+    /// A campaign, and the future that runs it until [`Self::stop`] (the caller runs it, e.g.
+    /// supervised). The watch channel says whether we lead right now. Dropping the value
+    /// without [`Self::stop`] also ends the campaign and releases the lease, but nobody waits
+    /// for that.
+    pub fn new(
+        client: kube::Client,
+        config: LeaderConfig,
+    ) -> (Self, impl Future<Output = ()> + Send + 'static) {
         let (leading_tx, leading) = watch::channel(false);
         let (stop, stop_rx) = oneshot::channel();
         let campaign = Campaign {
@@ -89,26 +91,29 @@ impl LeaderElection {
             leading: leading_tx,
             observed: None,
         };
-        let task = tokio::spawn(campaign.run(stop_rx));
-        Self {
-            leading,
-            stop,
-            task,
-        }
+        (Self { leading, stop }, campaign.run(stop_rx))
+    }
+
+    /// Starts campaigning in a task of its own.
+    pub fn start(client: kube::Client, config: LeaderConfig) -> Self {
+        let (election, campaign) = Self::new(client, config);
+        tokio::spawn(campaign);
+        election
     }
 
     pub fn is_leader(&self) -> watch::Receiver<bool> {
         self.leading.clone()
     }
 
-    /// Releases the lease if held and stops. `is_leader` turns false before the lease is
-    /// released, so a successor cannot start writing while we still think we lead.
+    /// Releases the lease if held and waits for the campaign to end. `is_leader` turns false
+    /// before the lease is released, so a successor cannot start writing while we still think
+    /// we lead.
     pub async fn stop(self) {
-        // The task only ends after a stop signal, so this send cannot fail unless it panicked.
+        // Fails only if the campaign already ended.
         let _ = self.stop.send(());
-        if let Err(e) = self.task.await {
-            warn!(error = %e, "leader election task failed");
-        }
+        let mut leading = self.leading;
+        // The campaign's end drops the sender.
+        while leading.changed().await.is_ok() {}
     }
 }
 

@@ -70,6 +70,7 @@ pub struct ControllerMetrics {
     pub breaker_held_back: Counter,
     pub leader: Gauge,
     pub crashes: Family<CrashLabels, Counter>,
+    pub executor_panics: Counter,
     /// The signatures that have their own series (at most [`MAX_CRASH_SIGNATURES`]).
     crash_signatures: Mutex<HashSet<CrashLabels>>,
 }
@@ -91,6 +92,7 @@ impl ControllerMetrics {
             breaker_held_back: Counter::default(),
             leader: Gauge::default(),
             crashes: Family::default(),
+            executor_panics: Counter::default(),
             crash_signatures: Mutex::new(HashSet::new()),
         };
         registry.register(
@@ -162,6 +164,11 @@ impl ControllerMetrics {
             "Node crashes by signature (kind, culprit function, kernel release), counted once the \
              culprit is named; the first 50 signatures have their own series, later ones other",
             metrics.crashes.clone(),
+        );
+        registry.register(
+            "controller_executor_panics",
+            "Incident executors that panicked, leaving their node's incident unfinished",
+            metrics.executor_panics.clone(),
         );
         Arc::new(metrics)
     }

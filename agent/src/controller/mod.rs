@@ -33,7 +33,7 @@ use prometheus_client::registry::Registry;
 use tokio::{
     net::UdpSocket,
     sync::{mpsc, watch},
-    task::JoinHandle,
+    task::{AbortHandle, Id, JoinError, JoinSet},
 };
 
 use self::{
@@ -47,7 +47,12 @@ use self::{
     reasons::ANNOTATION_INCIDENT_RECORD,
     trust::DeletionEvidence,
 };
-use crate::{metrics as http, wire::AuthKey};
+use crate::{
+    health::Health,
+    metrics as http,
+    supervise::{self, Lifetime, Supervisor, TaskFailure},
+    wire::AuthKey,
+};
 
 pub struct ControllerConfig {
     pub netconsole_addr: SocketAddr,
@@ -72,20 +77,25 @@ pub struct ControllerConfig {
     pub leader: Option<watch::Receiver<bool>>,
     /// The controller (and replica) named on Events.
     pub reporter: Reporter,
+    /// What `/healthz` reports; shared with tasks run beside the controller (leader election).
+    pub health: Health,
 }
 
-/// A running controller.
+/// A running controller. Dropping it stops every task, as [`Controller::shutdown`] does.
 pub struct Controller {
     netconsole_addr: SocketAddr,
     report_addr: SocketAddr,
     metrics_addr: SocketAddr,
-    tasks: Vec<JoinHandle<()>>,
+    tasks: Supervisor,
 }
 
 impl Controller {
+    /// Starts the controller; returns once its caches have synced, or the error of a task
+    /// that failed first.
     pub async fn start(client: Client, config: ControllerConfig) -> anyhow::Result<Self> {
         let mut registry = Registry::with_prefix("lastgasp");
         let metrics = ControllerMetrics::register(&mut registry);
+        let mut tasks = Supervisor::new(config.health.clone());
 
         let netconsole_socket = UdpSocket::bind(config.netconsole_addr)
             .await
@@ -103,9 +113,11 @@ impl Controller {
             (netconsole_socket.local_addr()?, report_socket.local_addr()?);
         let metrics_addr = listener.local_addr()?;
 
-        let (cluster, watches) = ClusterCache::start(client.clone());
-        let mut tasks = Vec::from(watches);
-        cluster.wait_synced().await;
+        let cluster = ClusterCache::start(client.clone(), &mut tasks);
+        tokio::select! {
+            () = cluster.wait_synced() => {}
+            failure = tasks.failed() => return Err(failure.into()),
+        }
         tracing::info!(
             nodes = cluster.nodes().len(),
             %netconsole_addr,
@@ -115,25 +127,27 @@ impl Controller {
         );
 
         let (evidence_tx, evidence_rx) = mpsc::channel(1024);
-        tasks.push(tokio::spawn(ingest::netconsole(
-            netconsole_socket,
-            cluster.clone(),
-            evidence_tx.clone(),
-            metrics.clone(),
-        )));
-        tasks.push(tokio::spawn(ingest::reports(
-            report_socket,
-            config.auth_key.clone(),
-            cluster.clone(),
-            evidence_tx,
-            metrics.clone(),
-        )));
-        let registry = Arc::new(registry);
-        tasks.push(tokio::spawn(async move {
-            if let Err(error) = http::serve(listener, registry).await {
-                tracing::error!(%error, "metrics server stopped");
-            }
-        }));
+        tasks.spawn(
+            "netconsole-ingest",
+            Lifetime::Required,
+            ingest::netconsole(
+                netconsole_socket,
+                cluster.clone(),
+                evidence_tx.clone(),
+                metrics.clone(),
+            ),
+        );
+        tasks.spawn(
+            "report-ingest",
+            Lifetime::Required,
+            ingest::reports(
+                report_socket,
+                config.auth_key.clone(),
+                cluster.clone(),
+                evidence_tx,
+                metrics.clone(),
+            ),
+        );
 
         let recorder = Recorder::new(client.clone(), config.reporter.clone());
         let actions = Arc::new(Actions::new(
@@ -156,6 +170,8 @@ impl Controller {
                 metrics.clone(),
             ),
             executors: HashMap::new(),
+            running: JoinSet::new(),
+            running_nodes: HashMap::new(),
             gate: Gate {
                 deletion_evidence: config.deletion_evidence,
                 node_dead_after: config.node_dead_after,
@@ -167,7 +183,14 @@ impl Controller {
             leader,
             metrics,
         };
-        tasks.push(tokio::spawn(decisions.run(evidence_rx)));
+        tasks.spawn("decisions", Lifetime::Required, decisions.run(evidence_rx));
+
+        let (registry, health) = (Arc::new(registry), config.health);
+        tasks.spawn("metrics-server", Lifetime::Required, async move {
+            if let Err(error) = http::serve(listener, registry, health).await {
+                tracing::error!(%error, "metrics server stopped");
+            }
+        });
         Ok(Self {
             netconsole_addr,
             report_addr,
@@ -188,20 +211,13 @@ impl Controller {
         self.metrics_addr
     }
 
-    /// Stops every task; writes in flight stop where they are (a restart finishes them).
-    pub fn shutdown(self) {
-        for task in &self.tasks {
-            task.abort();
-        }
+    /// Waits until a task fails; `/healthz` answers 503 from then on. Cancel-safe.
+    pub async fn failed(&mut self) -> TaskFailure {
+        self.tasks.failed().await
     }
-}
 
-impl Drop for Controller {
-    fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
-    }
+    /// Stops every task; writes in flight stop where they are (a restart finishes them).
+    pub fn shutdown(self) {}
 }
 
 /// The incident recorded on a node by an earlier run of the actions, if readable.
@@ -217,7 +233,7 @@ fn stored_incident(node: &k8s_openapi::api::core::v1::Node) -> Option<StoredInci
 /// Runs one node's incident, again whenever it is updated.
 struct Executor {
     updates: watch::Sender<(Incident, Plan)>,
-    task: JoinHandle<()>,
+    task: AbortHandle,
 }
 
 /// The decision stage at work: evidence in ([`Decider`]), one executor per node out.
@@ -225,6 +241,13 @@ struct Decisions {
     cluster: ClusterCache,
     decider: Decider,
     executors: HashMap<String, Executor>,
+    /// The executors' tasks, and the node of each. An executor's panic ends only its node's
+    /// incident, not the process: the incident resumed from the node's record after a restart
+    /// would likely panic again, and a crash loop would stop the handling of every other
+    /// node's panic. So the panic is logged and counted, and the node's next evidence starts
+    /// a new executor.
+    running: JoinSet<()>,
+    running_nodes: HashMap<Id, String>,
     gate: Gate,
     actions: Arc<Actions>,
     leader: watch::Receiver<bool>,
@@ -247,6 +270,7 @@ impl Decisions {
                     self.metrics.leader.set(i64::from(*leader.borrow_and_update()));
                 }
                 _ = tick.tick() => self.decider.expire(Instant::now()),
+                Some(ended) = self.running.join_next_with_id() => self.reap(ended),
             }
             self.metrics
                 .breaker_open
@@ -306,12 +330,13 @@ impl Decisions {
             return;
         }
         let (sender, updates) = watch::channel((incident, plan));
-        let task = tokio::spawn(run_executor(
+        let task = self.running.spawn(run_executor(
             updates,
             self.actions.clone(),
             self.leader.clone(),
             self.gate.clone(),
         ));
+        self.running_nodes.insert(task.id(), node.clone());
         self.executors.insert(
             node,
             Executor {
@@ -319,6 +344,26 @@ impl Decisions {
                 task,
             },
         );
+    }
+
+    /// Forgets an executor that ended; logs and counts it if it panicked.
+    fn reap(&mut self, ended: Result<(Id, ()), JoinError>) {
+        let id = match &ended {
+            Ok((id, ())) => *id,
+            Err(error) => error.id(),
+        };
+        let node = self.running_nodes.remove(&id).unwrap_or_default();
+        if let Err(error) = ended
+            && error.is_panic()
+        {
+            let message = supervise::panic_message(error.into_panic());
+            tracing::error!(
+                node,
+                message,
+                "the incident's executor panicked: the node's incident is left unfinished"
+            );
+            self.metrics.executor_panics.inc();
+        }
     }
 }
 

@@ -20,7 +20,6 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::Client;
 use tokio::{
     sync::{mpsc, watch},
-    task::JoinHandle,
     time::Instant,
 };
 
@@ -29,6 +28,7 @@ use super::pods::{ContainerRef, PodIndex};
 use crate::{
     metrics::{AgentMetrics, KubernetesWriteLabels},
     procfs,
+    supervise::{Lifetime, Supervisor},
 };
 
 /// Field manager of the agent's server-side apply of its conditions.
@@ -83,14 +83,15 @@ pub struct NodeSignalsConfig {
     pub cni_stuck_threshold: Duration,
 }
 
-/// Starts the observer and the two writers; they run until aborted.
+/// Starts the observer and the two writers as tasks of `tasks`.
 pub fn spawn(
+    tasks: &mut Supervisor,
     client: Client,
     config: NodeSignalsConfig,
     pods: PodIndex,
     mut health: watch::Receiver<NodeHealth>,
     metrics: Arc<AgentMetrics>,
-) -> Vec<JoinHandle<()>> {
+) {
     let thresholds = Thresholds {
         netlink: config.netlink_hang_threshold,
         cni: config.cni_stuck_threshold,
@@ -104,7 +105,7 @@ pub fn spawn(
         metrics.clone(),
     );
     let (desired_tx, desired_rx) = watch::channel(observer.conditions.clone());
-    let observe = tokio::spawn(async move {
+    tasks.spawn("node-signals", Lifetime::Required, async move {
         loop {
             let now = Clock::now();
             let state = health.borrow_and_update().clone();
@@ -121,7 +122,9 @@ pub fn spawn(
             }
         }
     });
-    let conditions = tokio::spawn(
+    tasks.spawn(
+        "node-conditions",
+        Lifetime::Required,
         ConditionWriter::new(
             client.clone(),
             config.node.clone(),
@@ -130,8 +133,11 @@ pub fn spawn(
         )
         .run(desired_rx),
     );
-    let events = tokio::spawn(events::write(client, config.node, events_rx, metrics));
-    vec![observe, conditions, events]
+    tasks.spawn(
+        "node-events",
+        Lifetime::Required,
+        events::write(client, config.node, events_rx, metrics),
+    );
 }
 
 #[derive(Clone, Copy, Debug)]
