@@ -175,7 +175,7 @@ fn json_log_has_one_object_per_event_with_its_kind() {
 /// state directory and removed from pstore. Files that are no crash record are left alone.
 #[test]
 fn a_panic_left_in_pstore_is_reported_archived_and_removed() {
-    use lastgasp::wire::{AuthKey, decode};
+    use lastgasp::wire::{AuthKey, ReportKind, ReportSource, decode};
     use std::time::{SystemTime, UNIX_EPOCH};
 
     let root = std::env::temp_dir().join(format!("lastgasp-cli-pstore-{}", std::process::id()));
@@ -275,8 +275,8 @@ fn a_panic_left_in_pstore_is_reported_archived_and_removed() {
     let first = receive();
     assert_eq!(first.node, "cli-node");
     assert_eq!(first.boot_id, boot_id.trim());
-    assert_eq!(first.kind, "kernel_panic");
-    assert_eq!(first.source, "pstore");
+    assert_eq!(first.kind, ReportKind::KernelPanic);
+    assert_eq!(first.source, ReportSource::Pstore);
     assert_eq!(
         first.message,
         "Kernel panic - not syncing: sysrq triggered crash"
