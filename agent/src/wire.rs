@@ -15,7 +15,9 @@
 //!
 //! ```text
 //! {"node": string, "boot_id": string, "seq": u64, "sent_at_ms": u64 (Unix ms),
-//!  "kind": string (e.g. "kernel_panic"),
+//!  "kind": string ("kernel_panic" | "kernel_oops" | "kernel_page_fault" | "kernel_gpf" |
+//!          "kernel_bug" | "kernel_soft_lockup" | "kernel_hard_lockup" | "kernel_hung_task" |
+//!          "kernel_rcu_stall" | "kernel_oom_kill"),
 //!  "source": string ("console" | "kprobe" | "fentry" | "pstore"),
 //!  "message": string, "context": [string], "kernel_release": string | null,
 //!  "event_at_ms": u64 (Unix ms, optional), "event_boot_id": string (optional)}
@@ -31,7 +33,10 @@
 //! kernel's release is not known). Both fields are left out of live reports.
 //!
 //! Receivers ignore unknown fields, and treat a missing `context` as empty and
-//! missing `kernel_release`, `event_at_ms` and `event_boot_id` as null.
+//! missing `kernel_release`, `event_at_ms` and `event_boot_id` as null. A `kind` or
+//! `source` string they do not know decodes as [`ReportKind::Unknown`] or
+//! [`ReportSource::Unknown`] (any other JSON type there is a decoding error); neither is
+//! ever encoded.
 //!
 //! A whole datagram is at most [`MAX_DATAGRAM`] (1400) bytes, which fits an
 //! unfragmented packet on a 1500-byte MTU. When a report does not fit,
@@ -50,6 +55,8 @@ use std::fmt;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
+
+use crate::kernel_log::KernelEventKind;
 
 /// First four bytes of every datagram.
 pub const MAGIC: [u8; 4] = *b"LGSP";
@@ -73,10 +80,8 @@ pub struct Report {
     pub seq: u64,
     /// Unix time in milliseconds when the agent built the datagram.
     pub sent_at_ms: u64,
-    /// Event kind, e.g. `kernel_panic`.
-    pub kind: String,
-    /// Where the agent saw it: `console`, `kprobe`, `fentry` or `pstore`.
-    pub source: String,
+    pub kind: ReportKind,
+    pub source: ReportSource,
     pub message: String,
     /// Console lines around the event, oldest first.
     #[serde(default)]
@@ -92,6 +97,116 @@ pub struct Report {
     /// symbolised like a call-trace line: `tcp_v4_rcv+0x1c/0x2e0 [module]`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub frames: Vec<String>,
+}
+
+/// What a report is about: the kernel failure of its `message`, one name for each
+/// [`KernelEventKind`]. These are also the `kind` of the agent's log lines about them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportKind {
+    KernelPanic,
+    KernelOops,
+    KernelPageFault,
+    KernelGpf,
+    KernelBug,
+    KernelSoftLockup,
+    KernelHardLockup,
+    KernelHungTask,
+    KernelRcuStall,
+    KernelOomKill,
+    /// A name this build does not know (a newer agent's, or made up): decoded so the receiver
+    /// can refuse it as such; never encoded.
+    #[serde(other, skip_serializing)]
+    Unknown,
+}
+
+impl ReportKind {
+    /// The name on the wire; `unknown` for [`ReportKind::Unknown`].
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::KernelPanic => "kernel_panic",
+            Self::KernelOops => "kernel_oops",
+            Self::KernelPageFault => "kernel_page_fault",
+            Self::KernelGpf => "kernel_gpf",
+            Self::KernelBug => "kernel_bug",
+            Self::KernelSoftLockup => "kernel_soft_lockup",
+            Self::KernelHardLockup => "kernel_hard_lockup",
+            Self::KernelHungTask => "kernel_hung_task",
+            Self::KernelRcuStall => "kernel_rcu_stall",
+            Self::KernelOomKill => "kernel_oom_kill",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    /// The kernel failure it names; `None` for [`ReportKind::Unknown`].
+    pub fn kernel_kind(self) -> Option<KernelEventKind> {
+        Some(match self {
+            Self::KernelPanic => KernelEventKind::Panic,
+            Self::KernelOops => KernelEventKind::Oops,
+            Self::KernelPageFault => KernelEventKind::PageFault,
+            Self::KernelGpf => KernelEventKind::GeneralProtectionFault,
+            Self::KernelBug => KernelEventKind::KernelBug,
+            Self::KernelSoftLockup => KernelEventKind::SoftLockup,
+            Self::KernelHardLockup => KernelEventKind::HardLockup,
+            Self::KernelHungTask => KernelEventKind::HungTask,
+            Self::KernelRcuStall => KernelEventKind::RcuStall,
+            Self::KernelOomKill => KernelEventKind::OutOfMemory,
+            Self::Unknown => return None,
+        })
+    }
+}
+
+impl From<KernelEventKind> for ReportKind {
+    fn from(kind: KernelEventKind) -> Self {
+        match kind {
+            KernelEventKind::Panic => Self::KernelPanic,
+            KernelEventKind::Oops => Self::KernelOops,
+            KernelEventKind::PageFault => Self::KernelPageFault,
+            KernelEventKind::GeneralProtectionFault => Self::KernelGpf,
+            KernelEventKind::KernelBug => Self::KernelBug,
+            KernelEventKind::SoftLockup => Self::KernelSoftLockup,
+            KernelEventKind::HardLockup => Self::KernelHardLockup,
+            KernelEventKind::HungTask => Self::KernelHungTask,
+            KernelEventKind::RcuStall => Self::KernelRcuStall,
+            KernelEventKind::OutOfMemory => Self::KernelOomKill,
+        }
+    }
+}
+
+/// Where the agent saw what it reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportSource {
+    /// A console line (the printk `console` tracepoint); a live report.
+    Console,
+    /// The kprobe on `panic()`; a live report.
+    Kprobe,
+    /// The fentry program on `panic()`; a live report.
+    Fentry,
+    /// A pstore record of an earlier boot, found after the reboot; a delayed report.
+    Pstore,
+    /// A name this build does not know: decoded so the receiver can take it as a live report
+    /// it trusts least, like `console`; never encoded.
+    #[serde(other, skip_serializing)]
+    Unknown,
+}
+
+impl ReportSource {
+    /// The name on the wire; `unknown` for [`ReportSource::Unknown`].
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Console => "console",
+            Self::Kprobe => "kprobe",
+            Self::Fentry => "fentry",
+            Self::Pstore => "pstore",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    /// A probe on `panic()` itself, as opposed to console text or a record.
+    pub fn is_panic_probe(self) -> bool {
+        matches!(self, Self::Kprobe | Self::Fentry)
+    }
 }
 
 /// Authentication scheme carried in header byte 5.
@@ -363,8 +478,8 @@ mod tests {
             boot_id: "0b6f5c2e-6f0e-4d6a-9a43-3c7b1c9e2f10".into(),
             seq: 7,
             sent_at_ms: 1_732_000_000_123,
-            kind: "kernel_panic".into(),
-            source: "console".into(),
+            kind: ReportKind::KernelPanic,
+            source: ReportSource::Console,
             message: "Kernel panic - not syncing: sysrq triggered crash".into(),
             context: vec![
                 "sysrq: Trigger a crash".into(),
@@ -423,8 +538,8 @@ mod tests {
             boot_id: "b1".into(),
             seq: 1,
             sent_at_ms: 2,
-            kind: "kernel_panic".into(),
-            source: "console".into(),
+            kind: ReportKind::KernelPanic,
+            source: ReportSource::Console,
             message: "m".into(),
             context: vec!["c".into()],
             kernel_release: None,
@@ -446,7 +561,7 @@ mod tests {
     #[test]
     fn round_trip_delayed_report() {
         let r = Report {
-            source: "pstore".into(),
+            source: ReportSource::Pstore,
             kernel_release: None,
             event_at_ms: Some(1_731_999_000_456),
             event_boot_id: Some("9a8b7c6d-0000-4000-8000-000000000001".into()),
@@ -509,9 +624,117 @@ mod tests {
             "source":"kprobe","message":"m","future_field":{"x":[1,2]}}"#;
         let r = decode(&raw(json, &AuthKey::None), &AuthKey::None).unwrap();
         assert_eq!(r.node, "n");
+        assert_eq!(
+            (r.kind, r.source),
+            (ReportKind::KernelOops, ReportSource::Kprobe)
+        );
         assert!(r.context.is_empty());
         assert_eq!(r.kernel_release, None);
         assert_eq!((r.event_at_ms, r.event_boot_id), (None, None));
+    }
+
+    /// The names every agent so far has sent, byte for byte.
+    const KINDS: [(ReportKind, &str); 10] = [
+        (ReportKind::KernelPanic, "kernel_panic"),
+        (ReportKind::KernelOops, "kernel_oops"),
+        (ReportKind::KernelPageFault, "kernel_page_fault"),
+        (ReportKind::KernelGpf, "kernel_gpf"),
+        (ReportKind::KernelBug, "kernel_bug"),
+        (ReportKind::KernelSoftLockup, "kernel_soft_lockup"),
+        (ReportKind::KernelHardLockup, "kernel_hard_lockup"),
+        (ReportKind::KernelHungTask, "kernel_hung_task"),
+        (ReportKind::KernelRcuStall, "kernel_rcu_stall"),
+        (ReportKind::KernelOomKill, "kernel_oom_kill"),
+    ];
+    const SOURCES: [(ReportSource, &str); 4] = [
+        (ReportSource::Console, "console"),
+        (ReportSource::Kprobe, "kprobe"),
+        (ReportSource::Fentry, "fentry"),
+        (ReportSource::Pstore, "pstore"),
+    ];
+
+    #[test]
+    fn kind_and_source_names_are_unchanged() {
+        for (kind, name) in KINDS {
+            assert_eq!(serde_json::to_string(&kind).unwrap(), format!("\"{name}\""));
+            assert_eq!(
+                serde_json::from_str::<ReportKind>(&format!("\"{name}\"")).unwrap(),
+                kind
+            );
+            assert_eq!(kind.as_str(), name);
+        }
+        for (source, name) in SOURCES {
+            assert_eq!(
+                serde_json::to_string(&source).unwrap(),
+                format!("\"{name}\"")
+            );
+            assert_eq!(
+                serde_json::from_str::<ReportSource>(&format!("\"{name}\"")).unwrap(),
+                source
+            );
+            assert_eq!(source.as_str(), name);
+        }
+        // Each kernel failure has its own name, and maps back to itself.
+        for kernel in KernelEventKind::ALL {
+            let kind = ReportKind::from(kernel);
+            assert!(KINDS.iter().any(|&(k, _)| k == kind), "{kind:?}");
+            assert_eq!(kind.kernel_kind(), Some(kernel));
+        }
+        assert_eq!(ReportKind::Unknown.kernel_kind(), None);
+    }
+
+    #[test]
+    fn unknown_names_decode_as_unknown_and_never_encode() {
+        let json = br#"{"node":"n","boot_id":"b","seq":1,"sent_at_ms":2,"kind":"kernel_warning",
+            "source":"tracepoint","message":"m"}"#;
+        let r = decode(&raw(json, &key()), &key()).unwrap();
+        assert_eq!(
+            (r.kind, r.source),
+            (ReportKind::Unknown, ReportSource::Unknown)
+        );
+        // Names are case-sensitive, as before.
+        let json = br#"{"node":"n","boot_id":"b","seq":1,"sent_at_ms":2,"kind":"KERNEL_PANIC",
+            "source":"Console","message":"m"}"#;
+        let r = decode(&raw(json, &key()), &key()).unwrap();
+        assert_eq!(
+            (r.kind, r.source),
+            (ReportKind::Unknown, ReportSource::Unknown)
+        );
+        for r in [
+            Report {
+                kind: ReportKind::Unknown,
+                ..report()
+            },
+            Report {
+                source: ReportSource::Unknown,
+                ..report()
+            },
+        ] {
+            assert!(matches!(encode(&r, &key()), Err(WireError::Json(_))));
+        }
+    }
+
+    #[test]
+    fn kind_and_source_of_another_json_type_are_errors() {
+        for (kind, source) in [
+            ("5", r#""console""#),
+            ("null", r#""console""#),
+            (r#"{"kernel_panic":1}"#, r#""console""#),
+            (r#"["kernel_panic"]"#, r#""console""#),
+            (r#""kernel_panic""#, "true"),
+            (r#""kernel_panic""#, r#"{"pstore":1}"#),
+        ] {
+            let json = format!(
+                r#"{{"node":"n","boot_id":"b","seq":1,"sent_at_ms":2,"kind":{kind},"source":{source},"message":"m"}}"#
+            );
+            assert!(
+                matches!(
+                    decode(&raw(json.as_bytes(), &AuthKey::None), &AuthKey::None),
+                    Err(WireError::Json(_))
+                ),
+                "{json}"
+            );
+        }
     }
 
     #[test]

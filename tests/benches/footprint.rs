@@ -1,6 +1,7 @@
 //! Memory and CPU of the built `lastgasp` binary: idle, then under a storm of kernel log
 //! lines written to /dev/kmsg. Needs root and a built binary (`cargo build --release -p
-//! lastgasp`, or `LASTGASP_BIN`): `cargo bench -p lastgasp-tests --bench footprint`.
+//! lastgasp`, or `LASTGASP_BIN`): `cargo bench -p lastgasp-tests --features privileged --bench
+//! footprint`.
 
 use std::{
     fs,

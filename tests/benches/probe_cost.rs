@@ -1,9 +1,10 @@
 //! What lastgasp's recv probes add to a `recvfrom`/`recvmsg` call, next to empty tracepoint
 //! programs on the same tracepoints. Non-blocking calls on empty sockets return EAGAIN at
 //! once, so the probes' cost is a large share of each call. Needs root:
-//! `cargo bench -p lastgasp-tests --bench probe_cost`. The agent's netlink probe attaches in
-//! the best mode the kernel allows; `LASTGASP_NETLINK_PROBE=fentry|kprobe|tracepoint` forces
-//! one (the empty programs stay on the syscall tracepoints).
+//! `cargo bench -p lastgasp-tests --features privileged --bench probe_cost`. The agent's netlink
+//! probe attaches in the best mode the kernel allows;
+//! `LASTGASP_NETLINK_PROBE=fentry|kprobe|tracepoint` forces one (the empty programs stay on the
+//! syscall tracepoints).
 
 use std::{
     net::UdpSocket,

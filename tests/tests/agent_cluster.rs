@@ -23,7 +23,7 @@ use lastgasp::{
         discovery::{ControllerEndpoints, ServiceRef},
         events::AgentEvent,
     },
-    wire::{self, AuthKey, Report},
+    wire::{self, AuthKey, Report, ReportKind},
 };
 use lastgasp_tests::{
     apiserver::{ApiServer, Matcher},
@@ -262,7 +262,7 @@ async fn the_last_gasp_follows_the_controller_endpoints() {
     let report = report_mentioning(&a, &key, &nonce, Duration::from_secs(5))
         .expect("a last-gasp datagram at the leader's endpoint");
     assert_eq!(report.node, "discovery-node");
-    assert_eq!(report.kind, "kernel_panic");
+    assert_eq!(report.kind, ReportKind::KernelPanic);
 
     // Leadership moves: the old leader's endpoint is not ready any more, the new leader's
     // endpoint comes in a second slice.

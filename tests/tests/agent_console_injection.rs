@@ -11,7 +11,7 @@ use std::{
 
 use lastgasp::{
     agent::{Agent, AgentConfig, events::AgentEvent},
-    wire::{self, AuthKey},
+    wire::{self, AuthKey, ReportKind},
 };
 use lastgasp_tests::fixtures::agent_config;
 use tokio::sync::broadcast;
@@ -76,8 +76,8 @@ async fn a_panic_line_after_the_first_of_a_record_sends_nothing() {
         .expect("a last-gasp datagram");
     let report = wire::decode(&datagram[..len], &AuthKey::HmacSha256(KEY.to_vec())).unwrap();
     assert_eq!(
-        (report.kind.as_str(), report.message.as_str()),
-        ("kernel_panic", first_line.as_str()),
+        (report.kind, report.message.as_str()),
+        (ReportKind::KernelPanic, first_line.as_str()),
         "the first datagram is about the record's first line, none about the forged one"
     );
     agent.shutdown().await;

@@ -18,7 +18,7 @@ use lastgasp::{
     },
     kernel_log::KernelEventKind,
     procfs,
-    wire::{self, AuthKey},
+    wire::{self, AuthKey, ReportKind, ReportSource},
 };
 use lastgasp_tests::{
     blocking::{block_in_recvfrom, netlink_route_socket, udp_socket},
@@ -300,11 +300,11 @@ async fn a_panic_line_sends_a_last_gasp_datagram() {
         .expect("a last-gasp datagram");
     let key = AuthKey::HmacSha256(b"test-key".to_vec());
     let first = wire::decode(&datagram[..len], &key).expect("a valid, authenticated report");
-    assert_eq!(first.kind, "kernel_panic");
+    assert_eq!(first.kind, ReportKind::KernelPanic);
     assert_eq!(first.message, panic_message);
     assert_eq!(first.node, "test-node");
     assert_eq!(first.boot_id, procfs::boot_id().unwrap());
-    assert_eq!(first.source, "console");
+    assert_eq!(first.source, ReportSource::Console);
 
     let len = controller.recv(&mut datagram).expect("a context update");
     let second = wire::decode(&datagram[..len], &key).unwrap();

@@ -9,7 +9,7 @@ use std::{
 
 use lastgasp::{
     controller::{Controller, ControllerConfig, policy::Policy, trust::DeletionEvidence},
-    wire::{self, AuthKey, Report},
+    wire::{self, AuthKey, Report, ReportKind, ReportSource},
 };
 use lastgasp_tests::{
     apiserver::{ApiServer, Matcher},
@@ -83,8 +83,8 @@ fn report(node: &str, seq: u64) -> Vec<u8> {
             boot_id: "boot-1".into(),
             seq,
             sent_at_ms: now_ms(),
-            kind: "kernel_panic".into(),
-            source: "kprobe".into(),
+            kind: ReportKind::KernelPanic,
+            source: ReportSource::Kprobe,
             message: PANIC.into(),
             context: vec!["CPU: 0 PID: 1 Comm: sh".into()],
             frames: SYSRQ_STACK
@@ -109,8 +109,8 @@ fn pstore_report(node: &str, seq: u64, panicked_at: Option<jiff::Timestamp>) -> 
             boot_id: "boot-2".into(),
             seq,
             sent_at_ms: now_ms(),
-            kind: "kernel_panic".into(),
-            source: "pstore".into(),
+            kind: ReportKind::KernelPanic,
+            source: ReportSource::Pstore,
             message: PANIC.into(),
             // The record's last lines, as the kernel wrote them to pstore.
             context: [
@@ -1187,15 +1187,21 @@ async fn a_pstore_report_to_a_replica_that_missed_the_panic_follows_the_node_rec
 }
 
 /// A signed report as the agent would send it, with every field the trust checks look at.
-fn signed_report(node: &str, boot_id: &str, seq: u64, sent_at_ms: u64, source: &str) -> Vec<u8> {
+fn signed_report(
+    node: &str,
+    boot_id: &str,
+    seq: u64,
+    sent_at_ms: u64,
+    source: ReportSource,
+) -> Vec<u8> {
     wire::encode(
         &Report {
             node: node.into(),
             boot_id: boot_id.into(),
             seq,
             sent_at_ms,
-            kind: "kernel_panic".into(),
-            source: source.into(),
+            kind: ReportKind::KernelPanic,
+            source,
             message: PANIC.into(),
             context: Vec::new(),
             kernel_release: None,
@@ -1235,24 +1241,24 @@ async fn signed_reports_from_the_wrong_place_time_or_boot_write_nothing() {
     // node-a's agent (or anything on node-a) naming node-b.
     send_from(
         "127.0.0.3",
-        &signed_report("node-b", "boot-1", 1, now, "kprobe"),
+        &signed_report("node-b", "boot-1", 1, now, ReportSource::Kprobe),
         to,
     );
     // Captured ten minutes ago and replayed; and one dated in the future.
     send_from(
         "127.0.0.2",
-        &signed_report("node-b", "boot-1", 2, now - 600_000, "kprobe"),
+        &signed_report("node-b", "boot-1", 2, now - 600_000, ReportSource::Kprobe),
         to,
     );
     send_from(
         "127.0.0.2",
-        &signed_report("node-b", "boot-1", 3, now + 600_000, "kprobe"),
+        &signed_report("node-b", "boot-1", 3, now + 600_000, ReportSource::Kprobe),
         to,
     );
     // A boot node-b does not have.
     send_from(
         "127.0.0.2",
-        &signed_report("node-b", "boot-0", 4, now, "kprobe"),
+        &signed_report("node-b", "boot-0", 4, now, ReportSource::Kprobe),
         to,
     );
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -1283,13 +1289,13 @@ async fn console_text_and_unverifiable_reports_mark_and_a_verified_panic_report_
     let to = controller.report_addr();
     send_from(
         "127.0.0.2",
-        &signed_report("node-b", "boot-1", 1, now_ms(), "console"),
+        &signed_report("node-b", "boot-1", 1, now_ms(), ReportSource::Console),
         to,
     );
     // node-c publishes no boot id.
     send_from(
         "127.0.0.4",
-        &signed_report("node-c", "boot-9", 1, now_ms(), "kprobe"),
+        &signed_report("node-c", "boot-9", 1, now_ms(), ReportSource::Kprobe),
         to,
     );
     wait_for("both marked", Duration::from_secs(10), || {
@@ -1304,7 +1310,7 @@ async fn console_text_and_unverifiable_reports_mark_and_a_verified_panic_report_
     // Then node-b's kprobe report: the same incident, now verified, deletes.
     send_from(
         "127.0.0.2",
-        &signed_report("node-b", "boot-1", 2, now_ms(), "kprobe"),
+        &signed_report("node-b", "boot-1", 2, now_ms(), ReportSource::Kprobe),
         to,
     );
     wait_for("node-b's pods deleted", Duration::from_secs(10), || {
@@ -1327,7 +1333,7 @@ async fn a_report_replayed_after_a_restart_writes_nothing_new() {
     let server = ApiServer::start().await.unwrap();
     seed(&server);
     let first = start(&server, Policy::DeletePods, 3).await;
-    let datagram = signed_report("node-b", "boot-1", 1, now_ms(), "kprobe");
+    let datagram = signed_report("node-b", "boot-1", 1, now_ms(), ReportSource::Kprobe);
     send_from("127.0.0.2", &datagram, first.report_addr());
     wait_for("node-b's pods deleted", Duration::from_secs(10), || {
         ["b-0", "b-1", "b-2"]
@@ -1372,7 +1378,7 @@ async fn a_replaced_pod_is_left_alone_and_the_node_is_still_deleted() {
     let long = format!("Kernel panic - not syncing: {}", "x".repeat(3000));
     let mut report =
         wire::decode(&report("node-b", 1), &AuthKey::HmacSha256(KEY.to_vec())).unwrap();
-    report.source = "console".into();
+    report.source = ReportSource::Console;
     report.message = long;
     let datagram = wire::encode(&report, &AuthKey::HmacSha256(KEY.to_vec())).unwrap();
     send_from("127.0.0.2", &datagram, controller.report_addr());

@@ -28,7 +28,7 @@ use lastgasp::{
         policy::Policy,
     },
     metrics::{AgentMetrics, ReasonLabels},
-    wire::{self, AuthKey, Report},
+    wire::{self, AuthKey, Report, ReportKind, ReportSource},
 };
 use lastgasp_tests::{
     apiserver::ApiServer,
@@ -415,8 +415,8 @@ async fn controller_exposition() -> String {
             boot_id: "boot-1".into(),
             seq: 1,
             sent_at_ms: now_ms(),
-            kind: "kernel_panic".into(),
-            source: "kprobe".into(),
+            kind: ReportKind::KernelPanic,
+            source: ReportSource::Kprobe,
             message: "Kernel panic - not syncing: sysrq triggered crash".into(),
             context: Vec::new(),
             kernel_release: None,

@@ -14,7 +14,7 @@
 //! Needs qemu-system-x86, busybox-static and apt access to Debian's kernels (`cargo xtask vm
 //! fetch`), and builds the static agent and guest tools first (release; minutes if not up to
 //! date). Run: `cargo xtask vm test --test vm_hangs` or
-//! `cargo test -p lastgasp-tests --test vm_hangs`.
+//! `cargo test -p lastgasp-tests --features vm --test vm_hangs`.
 
 use std::{collections::BTreeSet, time::Duration};
 

@@ -18,6 +18,9 @@ use clap::{Parser, Subcommand};
 const BPF_LINKER_VERSION: &str = "0.10.3";
 /// Validates the rendered manifests offline; 1.37.0 ships the newest Kubernetes schemas.
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+/// The features of the test tiers beyond plain `cargo test` (README, "Tests").
+const ALL_TIERS: &str =
+    "lastgasp/privileged,lastgasp-tests/privileged,lastgasp-tests/tools,lastgasp-tests/vm";
 
 #[derive(Parser)]
 struct Cli {
@@ -34,8 +37,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run every test: unit tests and the integration tests that load eBPF into this kernel (root).
-    /// Every test binary runs even when one fails; the task fails at the end if any did.
+    /// Run every test, all tiers: what plain `cargo test` runs, the tests that need root on this
+    /// kernel or other programs, and the VM scenarios. Every test binary runs even when one
+    /// fails; the task fails at the end if any did.
     Test,
     /// `cargo fmt --check`, and clippy with `-D warnings` on the host crates and, with the pinned
     /// nightly, on the eBPF programs.
@@ -62,12 +66,20 @@ fn main() -> anyhow::Result<()> {
             if unsafe { libc::geteuid() } != 0 {
                 bail!("the tests load eBPF programs into the kernel: run them as root");
             }
-            run(Command::new("cargo").args(["test", "--no-fail-fast"]))
+            run(Command::new("cargo").args(["test", "--no-fail-fast", "--features", ALL_TIERS]))
         }
         Task::Lint => {
             setup(false)?;
             run(Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
-            run(Command::new("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+            // Every feature, so the targets of every test tier are linted too.
+            run(Command::new("cargo").args([
+                "clippy",
+                "--all-targets",
+                "--all-features",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
             run(Command::new("cargo").args([
                 &format!("+{}", toolchain::ebpf_toolchain()),
                 "clippy",

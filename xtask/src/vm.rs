@@ -66,6 +66,8 @@ pub fn main(task: VmTask) -> anyhow::Result<()> {
                         "--no-fail-fast",
                         "--package",
                         "lastgasp-tests",
+                        "--features",
+                        "vm",
                         "--test",
                         "vm_scenarios",
                         "--test",

@@ -81,6 +81,8 @@ pub struct CniDir {
 #[derive(Clone, Copy, Debug)]
 pub struct ProbeConfig {
     pub offsets: KernelOffsets,
+    /// Explicit, so the struct has no implicit padding (`offsets` is 60 bytes, then a u64).
+    pub _pad: u32,
     /// A netlink recv call lasting at least this long is sent to userspace when it returns.
     pub slow_recv_ns: u64,
     /// How long the panic probe holds the dying CPU for the agent's acknowledgement
@@ -89,6 +91,16 @@ pub struct ProbeConfig {
     pub cni_dirs: [CniDir; CNI_DIRS],
     pub recv_syscalls: RecvSyscallNumbers,
 }
+
+// The fields' sizes add up to the struct's: it has no padding (its `aya::Pod` needs none).
+const _: () = assert!(
+    size_of::<ProbeConfig>()
+        == size_of::<KernelOffsets>()
+            + size_of::<u32>()
+            + 2 * size_of::<u64>()
+            + size_of::<[CniDir; CNI_DIRS]>()
+            + size_of::<RecvSyscallNumbers>()
+);
 
 /// The receive syscalls traced for netlink hangs. A call of `netlink_recvmsg` from anything
 /// else (io_uring, a 32-bit syscall) is recorded with 0: unknown.
@@ -307,11 +319,19 @@ pub struct PanicCall {
 mod user {
     use super::*;
 
-    // SAFETY: all of these are #[repr(C)] plain data with explicit padding, valid for any bytes.
+    // SAFETY: #[repr(C)], fifteen u32 and no padding; any bytes are a valid value.
     unsafe impl aya::Pod for KernelOffsets {}
+    // SAFETY: #[repr(C)], a u32 and a byte array (132 bytes, align 4, no padding); any bytes
+    // are a valid value.
     unsafe impl aya::Pod for CniDir {}
+    // SAFETY: #[repr(C)], four u32 and no padding; any bytes are a valid value.
     unsafe impl aya::Pod for RecvSyscallNumbers {}
+    // SAFETY: #[repr(C)], made of the Pod types above, integers and `_pad` (which fills the
+    // gap before the u64s), so no padding; any bytes are a valid value.
     unsafe impl aya::Pod for ProbeConfig {}
+    // SAFETY: #[repr(C)], two u64 then six 32-bit integers (40 bytes, align 8, no padding);
+    // any bytes are a valid value.
     unsafe impl aya::Pod for RecvThread {}
+    // SAFETY: #[repr(C)], u64s only, no padding; any bytes are a valid value.
     unsafe impl aya::Pod for LatencyHistogram {}
 }

@@ -146,7 +146,7 @@ impl ConsoleWatcher {
     fn on_panic_call(&mut self, source: KernelSource, message: &str, frames: Vec<String>) {
         if let Some(last_gasp) = &mut self.last_gasp {
             // The datagram first: nothing else matters if the machine is about to stop.
-            let sent = last_gasp.on_panic(message, source.as_str(), frames);
+            let sent = last_gasp.on_panic(message, source, frames);
             self.count_send(sent);
         }
         self.note_kernel_event(KernelEventKind::Panic, source, message);
@@ -156,7 +156,7 @@ impl ConsoleWatcher {
         if let Some(last_gasp) = &mut self.last_gasp {
             // The datagram first: nothing else matters if the machine is about to stop.
             let sent = if kind.is_fatal() {
-                last_gasp.on_panic(message, source.as_str(), Vec::new())
+                last_gasp.on_panic(message, source, Vec::new())
             } else {
                 last_gasp.on_line(message)
             };

@@ -5,7 +5,11 @@ use std::{io::Write, time::SystemTime};
 use serde::Serialize;
 
 use super::{pods::ContainerRef, pstore::DumpReason};
-use crate::{kernel_log::KernelEventKind, telemetry::LogFormat};
+use crate::{
+    kernel_log::KernelEventKind,
+    telemetry::LogFormat,
+    wire::{ReportKind, ReportSource},
+};
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct NetlinkHang {
@@ -91,12 +95,12 @@ pub enum KernelSource {
     Fentry,
 }
 
-impl KernelSource {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Console => "console",
-            Self::Kprobe => "kprobe",
-            Self::Fentry => "fentry",
+impl From<KernelSource> for ReportSource {
+    fn from(source: KernelSource) -> Self {
+        match source {
+            KernelSource::Console => Self::Console,
+            KernelSource::Kprobe => Self::Kprobe,
+            KernelSource::Fentry => Self::Fentry,
         }
     }
 }
@@ -156,7 +160,7 @@ impl AgentEvent {
             Self::NetlinkHangCleared(_) => "netlink_hang_cleared",
             Self::CniCall(_) => "cni_call",
             Self::CniCallStuck(_) => "cni_call_stuck",
-            Self::Kernel(event) => event.kind.event_kind(),
+            Self::Kernel(event) => ReportKind::from(event.kind).as_str(),
             Self::PreviousBootPanic(_) => "previous_boot_panic",
         }
     }
@@ -211,7 +215,12 @@ impl AgentEvent {
                 c.pid
             ),
             Self::Kernel(k) => {
-                format!("{} ({}): {}", k.kind.as_str(), k.source.as_str(), k.message)
+                format!(
+                    "{} ({}): {}",
+                    k.kind.as_str(),
+                    ReportSource::from(k.source).as_str(),
+                    k.message
+                )
             }
             Self::PreviousBootPanic(p) => format!(
                 "previous boot {}: {} ({}#{} in pstore {}, written {}; {})",

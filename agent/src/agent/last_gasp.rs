@@ -13,10 +13,10 @@ use std::{
 
 use tokio::sync::watch;
 
-use super::discovery::ControllerEndpoints;
+use super::{discovery::ControllerEndpoints, events::KernelSource};
 use crate::{
     metrics::{AgentMetrics, ReasonLabels},
-    wire::{self, AuthKey, Report},
+    wire::{self, AuthKey, Report, ReportKind, ReportSource},
 };
 
 /// Context lines sent after the panic line (Netflix's controller keeps 20).
@@ -94,8 +94,8 @@ impl ReportSender {
     /// A report from this node and boot, to be stamped by [`ReportSender::send`].
     pub fn report(
         &self,
-        kind: &str,
-        source: &str,
+        kind: ReportKind,
+        source: ReportSource,
         message: String,
         context: Vec<String>,
     ) -> Report {
@@ -104,8 +104,8 @@ impl ReportSender {
             boot_id: self.identity.boot_id.clone(),
             seq: 0,
             sent_at_ms: 0,
-            kind: kind.into(),
-            source: source.into(),
+            kind,
+            source,
             message,
             context,
             kernel_release: self.identity.kernel_release.clone(),
@@ -186,12 +186,9 @@ impl Sent {
     }
 }
 
-/// The `source` of a panic line read from the console, as opposed to a `panic()` probe.
-const CONSOLE: &str = "console";
-
 struct Incident {
     started: Instant,
-    source: &'static str,
+    source: KernelSource,
     message: String,
     context: Vec<String>,
     /// The named kernel stack at `panic()`, when a probe saw the call.
@@ -201,7 +198,7 @@ struct Incident {
 }
 
 impl Incident {
-    fn new(message: &str, source: &'static str, frames: Vec<String>) -> Self {
+    fn new(message: &str, source: KernelSource, frames: Vec<String>) -> Self {
         Self {
             started: Instant::now(),
             source,
@@ -232,14 +229,18 @@ impl LastGasp {
     /// The console line that follows a probe's call replaces the message (a format string)
     /// with the printed text once; the source stays the probe's.
     /// A probe's `frames` (its named stack) go with every datagram of the incident.
-    pub fn on_panic(&mut self, message: &str, source: &'static str, frames: Vec<String>) -> Sent {
-        let from_console = source == CONSOLE;
+    pub fn on_panic(&mut self, message: &str, source: KernelSource, frames: Vec<String>) -> Sent {
+        let from_console = source == KernelSource::Console;
         match &mut self.incident {
-            Some(incident) if incident.source == CONSOLE && !from_console => {
+            Some(incident) if incident.source == KernelSource::Console && !from_console => {
                 self.incident = Some(Incident::new(message, source, frames));
             }
             None => self.incident = Some(Incident::new(message, source, frames)),
-            Some(incident) if incident.source != CONSOLE && from_console && !incident.printed => {
+            Some(incident)
+                if incident.source != KernelSource::Console
+                    && from_console
+                    && !incident.printed =>
+            {
                 incident.message = message.to_owned();
                 incident.printed = true;
             }
@@ -268,8 +269,8 @@ impl LastGasp {
             return Sent::default();
         };
         let mut report = self.sender.report(
-            "kernel_panic",
-            incident.source,
+            ReportKind::KernelPanic,
+            incident.source.into(),
             incident.message.clone(),
             incident.context.clone(),
         );
@@ -309,35 +310,49 @@ mod tests {
     fn a_probed_panic_is_sent_after_a_console_panic() {
         let (mut gasp, controller) = last_gasp();
         let forged = "Kernel panic - not syncing: forged";
-        assert_eq!(gasp.on_panic(forged, "console", Vec::new()).sent, 1);
+        assert_eq!(
+            gasp.on_panic(forged, KernelSource::Console, Vec::new())
+                .sent,
+            1
+        );
         assert_eq!(received(&controller).message, forged);
         // Another console panic line adds nothing.
         assert_eq!(
-            gasp.on_panic(forged, "console", Vec::new()),
+            gasp.on_panic(forged, KernelSource::Console, Vec::new()),
             Sent::default()
         );
 
         let format = "Kernel panic - not syncing: %s";
-        assert_eq!(gasp.on_panic(format, "fentry", Vec::new()).sent, 1);
+        assert_eq!(
+            gasp.on_panic(format, KernelSource::Fentry, Vec::new()).sent,
+            1
+        );
         let probed = received(&controller);
         assert_eq!(
-            (probed.source.as_str(), probed.message.as_str()),
-            ("fentry", format)
+            (probed.source, probed.message.as_str()),
+            (ReportSource::Fentry, format)
         );
         assert!(probed.context.is_empty());
 
         // The printed line then names the panic, once; the source stays the probe's.
         let printed = "Kernel panic - not syncing: sysrq triggered crash";
-        assert_eq!(gasp.on_panic(printed, "console", Vec::new()).sent, 1);
+        assert_eq!(
+            gasp.on_panic(printed, KernelSource::Console, Vec::new())
+                .sent,
+            1
+        );
         let update = received(&controller);
         assert_eq!(
-            (update.source.as_str(), update.message.as_str()),
-            ("fentry", printed)
+            (update.source, update.message.as_str()),
+            (ReportSource::Fentry, printed)
         );
         assert_eq!(
-            gasp.on_panic(forged, "console", Vec::new()),
+            gasp.on_panic(forged, KernelSource::Console, Vec::new()),
             Sent::default()
         );
-        assert_eq!(gasp.on_panic(format, "kprobe", Vec::new()), Sent::default());
+        assert_eq!(
+            gasp.on_panic(format, KernelSource::Kprobe, Vec::new()),
+            Sent::default()
+        );
     }
 }

@@ -133,6 +133,7 @@ pub fn load(settings: &ProbeSettings<'_>) -> Result<LoadedProbes, LoadError> {
     let offsets = btf::Btf::from_sys_fs().and_then(|btf| btf::kernel_offsets(&btf));
     let config = ProbeConfig {
         offsets: offsets.as_ref().copied().unwrap_or_default(),
+        _pad: 0,
         slow_recv_ns: u64::try_from(settings.slow_recv.as_nanos()).unwrap_or(u64::MAX),
         panic_hold_ns: u64::try_from(settings.panic_hold.as_nanos()).unwrap_or(u64::MAX),
         cni_dirs: cni_dirs(settings.cni_bin_dirs)?,

@@ -35,7 +35,7 @@ use crate::{
     kernel_log::{self, Frame, KernelEventKind},
     metrics::AgentMetrics,
     procfs,
-    wire::{self, Report},
+    wire::{self, Report, ReportSource},
 };
 
 /// Where the records are and where the agent keeps what it needs across reboots.
@@ -601,8 +601,8 @@ pub fn recover(config: &PstoreConfig, boot_id: &str, sender: Option<&ReportSende
         };
         if let Some(sender) = sender {
             let mut report = sender.report(
-                finding.kind.event_kind(),
-                "pstore",
+                finding.kind.into(),
+                ReportSource::Pstore,
                 finding.message.clone(),
                 finding.context.clone(),
             );
@@ -778,8 +778,8 @@ mod tests {
             boot_id: "6f1c0000-0000-4000-8000-000000000000".into(),
             seq: 1_795_445_310_000_000,
             sent_at_ms: 1_795_445_310_000,
-            kind: finding.kind.event_kind().into(),
-            source: "pstore".into(),
+            kind: finding.kind.into(),
+            source: ReportSource::Pstore,
             message: finding.message.clone(),
             context: finding.context.clone(),
             kernel_release: None,

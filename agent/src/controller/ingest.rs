@@ -21,13 +21,11 @@ use super::{
 };
 use crate::{
     kernel_log::{self, Frame, KernelEventKind},
-    wire::{self, AuthKey, WireError},
+    wire::{self, AuthKey, ReportKind, ReportSource, WireError},
 };
 
 const NETCONSOLE: &str = "netconsole";
 const REPORT: &str = "report";
-/// The `source` of the agent's delayed reports.
-const PSTORE: &str = "pstore";
 
 /// A delayed (pstore) report of a panic longer ago than this is logged and dropped: pods
 /// running since then have long been restarted, and marking them now would mislead. An agent
@@ -228,15 +226,6 @@ impl ReplayGuard {
     }
 }
 
-fn kind_of(report_kind: &str) -> Option<KernelEventKind> {
-    KernelEventKind::ALL
-        .into_iter()
-        .find(|kind| kind.event_kind() == report_kind)
-}
-
-/// The `source` values of reports from the agent's `panic()` probe.
-const PANIC_PROBES: [&str; 2] = ["fentry", "kprobe"];
-
 /// Receives last-gasp reports: authenticated, fresh, not replayed, from an address of the known
 /// node they name, for a boot that node has.
 pub async fn reports(
@@ -315,7 +304,7 @@ fn report_crash(report: &wire::Report) -> Option<Crash> {
         .iter()
         .filter_map(|line| Frame::parse(line))
         .collect();
-    if frames.is_empty() || report.kind != KernelEventKind::Panic.event_kind() {
+    if frames.is_empty() || report.kind != ReportKind::KernelPanic {
         return console.as_ref().map(Crash::new);
     }
     let message = report
@@ -338,6 +327,7 @@ pub enum Refusal {
     Future,
     /// A boot the node does not have (now, or just before a reboot the Node does not show yet).
     WrongBoot,
+    /// A `kind` this build does not know.
     UnknownKind,
     Malformed,
 }
@@ -383,7 +373,7 @@ pub fn admit(
         Freshness::Stale => return Err(Refusal::Stale),
         Freshness::Future => return Err(Refusal::Future),
     }
-    let kind = kind_of(&report.kind).ok_or(Refusal::UnknownKind)?;
+    let kind = report.kind.kernel_kind().ok_or(Refusal::UnknownKind)?;
     // An empty boot id: a Node whose kubelet has not reported one; then no boot can be checked.
     let node_boot = node
         .status
@@ -391,7 +381,7 @@ pub fn admit(
         .and_then(|status| status.node_info.as_ref())
         .map(|info| info.boot_id.as_str())
         .filter(|boot| !boot.is_empty());
-    if report.source == PSTORE {
+    if report.source == ReportSource::Pstore {
         // About an earlier boot: `boot_id` is the sender's boot, the crashed one is
         // `event_boot_id` (when the agent knew it), and the time is the record's. Right after
         // the reboot the Node may still show the crashed boot.
@@ -423,7 +413,9 @@ pub fn admit(
     if node_boot.is_some_and(|node_boot| node_boot != report.boot_id) {
         return Err(Refusal::WrongBoot);
     }
-    let from_probe = PANIC_PROBES.contains(&report.source.as_str());
+    // Any other source, one this build does not know included, is a live report; only a
+    // `panic()` probe's may rank above console text.
+    let from_probe = report.source.is_panic_probe();
     let verified = matches!(key, AuthKey::HmacSha256(_)) && node_boot.is_some();
     let tier = match (from_probe && kind == KernelEventKind::Panic, verified) {
         (true, true) => Tier::PanicProbe,
@@ -465,15 +457,5 @@ mod tests {
         assert!(guard.accept("b", "boot", 1));
         // ("a", "boot") was the oldest and is forgotten.
         assert!(guard.accept("a", "boot", 1));
-    }
-
-    #[test]
-    fn report_kinds_map_back_to_kernel_kinds() {
-        assert_eq!(kind_of("kernel_panic"), Some(KernelEventKind::Panic));
-        assert_eq!(
-            kind_of("kernel_oom_kill"),
-            Some(KernelEventKind::OutOfMemory)
-        );
-        assert_eq!(kind_of("nonsense"), None);
     }
 }

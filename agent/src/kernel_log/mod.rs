@@ -87,22 +87,6 @@ impl KernelEventKind {
         matches!(self, Self::Panic)
     }
 
-    /// The agent's log event kind for this classification.
-    pub fn event_kind(self) -> &'static str {
-        match self {
-            Self::Panic => "kernel_panic",
-            Self::Oops => "kernel_oops",
-            Self::PageFault => "kernel_page_fault",
-            Self::GeneralProtectionFault => "kernel_gpf",
-            Self::KernelBug => "kernel_bug",
-            Self::SoftLockup => "kernel_soft_lockup",
-            Self::HardLockup => "kernel_hard_lockup",
-            Self::HungTask => "kernel_hung_task",
-            Self::RcuStall => "kernel_rcu_stall",
-            Self::OutOfMemory => "kernel_oom_kill",
-        }
-    }
-
     /// PascalCase reason for Kubernetes events and node conditions.
     pub fn reason_code(self) -> &'static str {
         match self {
@@ -688,11 +672,8 @@ mod tests {
             let json = serde_json::to_string(&k).unwrap();
             assert_eq!(json, format!("\"{}\"", k.as_str()));
             assert_eq!(k.is_fatal(), k == K::Panic);
-            assert!(k.event_kind().starts_with("kernel_"));
             assert!(k.reason_code().starts_with("Kernel"));
         }
-        assert_eq!(K::Panic.event_kind(), "kernel_panic");
-        assert_eq!(K::OutOfMemory.event_kind(), "kernel_oom_kill");
         assert_eq!(K::RcuStall.reason_code(), "KernelRCUStall");
         assert_eq!(K::OutOfMemory.reason_code(), "KernelOOMKill");
     }
