@@ -100,6 +100,7 @@ pub fn ensure() -> anyhow::Result<Binaries> {
          (once; 4 to 10 minutes on 2 cores)",
         dir.display()
     );
+    require_free_space(parent)?;
     install_host_tools()?;
     let build = Build::new(sibling(&dir, "build"))?;
     build.fetch()?;
@@ -155,6 +156,29 @@ fn lock(path: &Path) -> anyhow::Result<fs::File> {
         }
     }
     Ok(file)
+}
+
+/// The build tree, Go's build cache and the downloads take about 2.5 GB at their peak.
+const BUILD_SPACE: u64 = 3 << 30;
+
+/// Fails early, saying so, when the file system of `dir` has less than [`BUILD_SPACE`] free.
+fn require_free_space(dir: &Path) -> anyhow::Result<()> {
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
+    // SAFETY: statvfs writes only into the struct it is given; the path is NUL-terminated.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return Ok(()); // Unknown: let the build say what fails.
+    }
+    let free = stat.f_bavail as u64 * stat.f_frsize as u64;
+    if free < BUILD_SPACE {
+        bail!(
+            "building kube-apiserver needs about {} GiB free in {}; {:.1} GiB are",
+            BUILD_SPACE >> 30,
+            dir.display(),
+            free as f64 / f64::from(1 << 30)
+        );
+    }
+    Ok(())
 }
 
 fn install_host_tools() -> anyhow::Result<()> {
