@@ -45,6 +45,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use base64::Engine as _;
 use k8s_openapi::api::core::v1::Namespace;
+use tracing::{instrument::WithSubscriber as _, subscriber::NoSubscriber};
 
 use self::{pki::Pki, process::Supervisor};
 
@@ -212,8 +213,11 @@ impl RealApiServer {
             .arg("--profiling=false");
         server.spawn("kube-apiserver", command)?;
         let admin = server.admin_client().await?;
+        // The client logs every refused connection and 500 of a server still starting as an
+        // error, in whatever subscriber a test installed: none while polling.
         server
             .wait_ready("kube-apiserver", || readyz(&admin))
+            .with_subscriber(NoSubscriber::default())
             .await?;
         for namespace in SYSTEM_NAMESPACES {
             let namespaces = kube::Api::<Namespace>::all(admin.clone());
@@ -221,6 +225,7 @@ impl RealApiServer {
                 .wait_ready(&format!("namespace {namespace}"), || async {
                     matches!(namespaces.get_opt(namespace).await, Ok(Some(_)))
                 })
+                .with_subscriber(NoSubscriber::default())
                 .await?;
         }
         tracing::debug!(url = %server.url, took = ?started.elapsed(), "real kube-apiserver ready");
