@@ -1,9 +1,11 @@
-//! Shared test support: the Kubernetes API test server and helpers used by tests/tests/.
+//! Shared test support: the Kubernetes API test server, the real kube-apiserver fixture and
+//! helpers used by tests/tests/.
 
 pub mod apiserver;
 pub mod blocking;
 pub mod container;
 pub mod fixtures;
+pub mod kube;
 pub mod vm;
 
 /// The body of `GET /metrics` from an agent or controller, over plain HTTP/1.1.

@@ -1,20 +1,31 @@
-//! Leader election against the in-repo API server, with short durations (lease 1 s, renew
+//! Leader election against the real kube-apiserver (`lastgasp_tests::kube`), as the
+//! controller's ServiceAccount under `deploy/`'s RBAC, with short durations (lease 1 s, renew
 //! 200 ms, retry 100 ms): one leader at a time, handover on stop, takeover of an abandoned
-//! lease, step-down when renewals fail.
+//! lease, step-down when renewals fail (the leader-election RoleBinding revoked).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
+use k8s_openapi::api::{coordination::v1::Lease, rbac::v1::RoleBinding};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, PostParams},
+};
 use lastgasp::controller::leader::{LeaderConfig, LeaderElection};
-use lastgasp_tests::apiserver::{ApiServer, Matcher};
+use lastgasp_tests::kube::{RealApiServer, seed::create_deploy_rbac};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 const NAMESPACE: &str = "lastgasp-system";
+/// The controller's ServiceAccount, which the electors run as; deploy/'s Role lets it create
+/// Leases and get and update this one.
+const SERVICE_ACCOUNT: &str = "lastgasp-controller";
 const LEASE: &str = "lastgasp-controller";
+/// deploy/'s RoleBinding that grants the Lease.
+const LEADER_BINDING: &str = "lastgasp-controller-leader-election";
 const LEASE_DURATION: Duration = Duration::from_secs(1);
 const SAMPLE: Duration = Duration::from_millis(20);
 
@@ -29,25 +40,44 @@ fn config(identity: &str) -> LeaderConfig {
     }
 }
 
-async fn elector(server: &ApiServer, identity: &str) -> LeaderElection {
+/// The real server with deploy/'s namespace and RBAC, and an admin client.
+struct Cluster {
+    server: RealApiServer,
+    admin: Client,
+}
+
+async fn cluster() -> Cluster {
+    let server = RealApiServer::start().await.expect("server");
+    let admin = server.admin_client().await.expect("admin client");
+    create_deploy_rbac(&admin).await.expect("deploy/'s RBAC");
+    Cluster { server, admin }
+}
+
+async fn elector(cluster: &Cluster, identity: &str) -> LeaderElection {
     // `RUST_LOG=lastgasp=debug` shows the election in the test output.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-    let client = server.client().await.expect("client");
+    let client = cluster
+        .server
+        .client_as(NAMESPACE, SERVICE_ACCOUNT)
+        .await
+        .expect("client");
     LeaderElection::start(client, config(identity))
 }
 
-fn lease(server: &ApiServer) -> Value {
-    server
-        .get_json("leases", Some(NAMESPACE), LEASE)
-        .expect("read lease")
-        .expect("lease exists")
+fn leases(cluster: &Cluster) -> Api<Lease> {
+    Api::namespaced(cluster.admin.clone(), NAMESPACE)
 }
 
-fn holder(server: &ApiServer) -> Option<String> {
-    lease(server)["spec"]["holderIdentity"]
+async fn lease(cluster: &Cluster) -> Value {
+    let lease = leases(cluster).get(LEASE).await.expect("read lease");
+    serde_json::to_value(lease).expect("lease as JSON")
+}
+
+async fn holder(cluster: &Cluster) -> Option<String> {
+    lease(cluster).await["spec"]["holderIdentity"]
         .as_str()
         .map(str::to_string)
 }
@@ -94,13 +124,13 @@ async fn wait_for(what: &str, limit: Duration, mut condition: impl FnMut() -> bo
 
 /// Starts electors "a" and "b" and waits until one leads; returns (leader, follower) with their ids.
 async fn leader_and_follower(
-    server: &ApiServer,
+    cluster: &Cluster,
 ) -> (
     (LeaderElection, &'static str),
     (LeaderElection, &'static str),
 ) {
-    let a = elector(server, "a").await;
-    let b = elector(server, "b").await;
+    let a = elector(cluster, "a").await;
+    let b = elector(cluster, "b").await;
     let (a_rx, b_rx) = (a.is_leader(), b.is_leader());
     wait_for("a leader", Duration::from_secs(3), || {
         *a_rx.borrow() || *b_rx.borrow()
@@ -115,12 +145,12 @@ async fn leader_and_follower(
 
 #[tokio::test]
 async fn exactly_one_leads_and_the_lease_names_it() {
-    let server = ApiServer::start().await.expect("server");
-    let ((leader, leader_id), (follower, _)) = leader_and_follower(&server).await;
+    let cluster = cluster().await;
+    let ((leader, leader_id), (follower, _)) = leader_and_follower(&cluster).await;
     let (leader_rx, follower_rx) = (leader.is_leader(), follower.is_leader());
     let overlap = OverlapWatch::start(leader_rx.clone(), follower_rx.clone());
 
-    let first = lease(&server);
+    let first = lease(&cluster).await;
     assert_eq!(first["spec"]["holderIdentity"], json!(leader_id));
     assert_eq!(first["spec"]["leaseDurationSeconds"], json!(1));
     assert_eq!(first["spec"]["leaseTransitions"], json!(0));
@@ -135,7 +165,7 @@ async fn exactly_one_leads_and_the_lease_names_it() {
         );
         tokio::time::sleep(SAMPLE).await;
     }
-    let later = lease(&server);
+    let later = lease(&cluster).await;
     assert_eq!(later["spec"]["holderIdentity"], json!(leader_id));
     assert_eq!(later["spec"]["leaseTransitions"], json!(0));
     assert_eq!(later["spec"]["acquireTime"], first["spec"]["acquireTime"]);
@@ -148,11 +178,11 @@ async fn exactly_one_leads_and_the_lease_names_it() {
 
 #[tokio::test]
 async fn stopping_the_leader_hands_over_within_a_second() {
-    let server = ApiServer::start().await.expect("server");
-    let ((leader, leader_id), (follower, follower_id)) = leader_and_follower(&server).await;
+    let cluster = cluster().await;
+    let ((leader, leader_id), (follower, follower_id)) = leader_and_follower(&cluster).await;
     let (leader_rx, follower_rx) = (leader.is_leader(), follower.is_leader());
     let overlap = OverlapWatch::start(leader_rx.clone(), follower_rx.clone());
-    assert_eq!(holder(&server).as_deref(), Some(leader_id));
+    assert_eq!(holder(&cluster).await.as_deref(), Some(leader_id));
 
     let stopping = Instant::now();
     leader.stop().await;
@@ -167,39 +197,37 @@ async fn stopping_the_leader_hands_over_within_a_second() {
         "handover took {handover:?}"
     );
 
-    let spec = &lease(&server)["spec"];
+    let spec = &lease(&cluster).await["spec"];
     assert_eq!(spec["holderIdentity"], json!(follower_id));
     assert_eq!(spec["leaseTransitions"], json!(1));
 
     overlap.assert_never_overlapped().await;
     follower.stop().await;
-    assert_eq!(holder(&server), None, "stop released the lease");
+    assert_eq!(holder(&cluster).await, None, "stop released the lease");
 }
 
 #[tokio::test]
 async fn takes_over_an_abandoned_lease_after_its_duration() {
-    let server = ApiServer::start().await.expect("server");
+    let cluster = cluster().await;
     // Held by a replica that died without releasing it.
-    server
-        .put_json(
-            "leases",
-            json!({
-                "apiVersion": "coordination.k8s.io/v1",
-                "kind": "Lease",
-                "metadata": {"name": LEASE, "namespace": NAMESPACE},
-                "spec": {
-                    "holderIdentity": "gone",
-                    "leaseDurationSeconds": 1,
-                    "renewTime": Timestamp::now().to_string(),
-                    "acquireTime": Timestamp::now().to_string(),
-                    "leaseTransitions": 4,
-                },
-            }),
-        )
-        .expect("put lease");
+    let abandoned = serde_json::from_value(json!({
+        "metadata": {"name": LEASE, "namespace": NAMESPACE},
+        "spec": {
+            "holderIdentity": "gone",
+            "leaseDurationSeconds": 1,
+            "renewTime": Timestamp::now().to_string(),
+            "acquireTime": Timestamp::now().to_string(),
+            "leaseTransitions": 4,
+        },
+    }))
+    .expect("a lease");
+    leases(&cluster)
+        .create(&PostParams::default(), &abandoned)
+        .await
+        .expect("create lease");
 
     let started = Instant::now();
-    let elector = elector(&server, "a").await;
+    let elector = elector(&cluster, "a").await;
     let leading = elector.is_leader();
     wait_for("takeover", Duration::from_secs(3), || *leading.borrow()).await;
     let took = started.elapsed();
@@ -208,7 +236,7 @@ async fn takes_over_an_abandoned_lease_after_its_duration() {
         "took over after {took:?}, before the lease expired"
     );
 
-    let spec = &lease(&server)["spec"];
+    let spec = &lease(&cluster).await["spec"];
     assert_eq!(spec["holderIdentity"], json!("a"));
     assert_eq!(spec["leaseTransitions"], json!(5));
     elector.stop().await;
@@ -216,20 +244,24 @@ async fn takes_over_an_abandoned_lease_after_its_duration() {
 
 #[tokio::test]
 async fn a_leader_that_cannot_renew_steps_down_before_its_lease_expires() {
-    let server = ApiServer::start().await.expect("server");
-    let ((leader, leader_id), (follower, _)) = leader_and_follower(&server).await;
+    let cluster = cluster().await;
+    let ((leader, leader_id), (follower, _)) = leader_and_follower(&cluster).await;
     let (leader_rx, follower_rx) = (leader.is_leader(), follower.is_leader());
     let overlap = OverlapWatch::start(leader_rx.clone(), follower_rx.clone());
 
-    // The API fails every lease request (gets and updates) for longer than the lease lasts.
+    // The server refuses every lease request (gets and updates: 403) for longer than the
+    // lease lasts: the leader-election RoleBinding is gone.
+    let bindings = Api::<RoleBinding>::namespaced(cluster.admin.clone(), NAMESPACE);
+    let binding = bindings.get(LEADER_BINDING).await.expect("the binding");
     let outage = Instant::now();
-    server
-        .faults()
-        .fail_next(Matcher::any().resource("leases"), u32::MAX, 500);
+    bindings
+        .delete(LEADER_BINDING, &DeleteParams::default())
+        .await
+        .expect("revoke the binding");
 
     wait_for("step-down", LEASE_DURATION, || !*leader_rx.borrow()).await;
     let stepped_down = Timestamp::now();
-    let stale = lease(&server);
+    let stale = lease(&cluster).await;
     assert_eq!(stale["spec"]["holderIdentity"], json!(leader_id));
     let renewed: Timestamp = stale["spec"]["renewTime"]
         .as_str()
@@ -245,7 +277,13 @@ async fn a_leader_that_cannot_renew_steps_down_before_its_lease_expires() {
     tokio::time::sleep((LEASE_DURATION + LEASE_DURATION / 2).saturating_sub(outage.elapsed()))
         .await;
     assert!(!*leader_rx.borrow() && !*follower_rx.borrow());
-    server.faults().clear();
+    let mut restored = binding;
+    restored.metadata.resource_version = None;
+    restored.metadata.uid = None;
+    bindings
+        .create(&PostParams::default(), &restored)
+        .await
+        .expect("grant the lease again");
 
     // Once the API is back, exactly one of them leads again.
     wait_for("a new leader", Duration::from_secs(2), || {

@@ -2,9 +2,11 @@
 //!
 //! `setup` installs what building the eBPF programs needs (the nightly pinned in
 //! `agent-ebpf/rust-toolchain.toml` with rust-src, bpf-linker 0.10.3) and, for the tests,
-//! promtool, kubernetes-validate, and the VM harness's qemu, busybox-static and kernels; `run`,
-//! `test` and `lint` call it first, so a fresh machine needs nothing else.
+//! promtool, kubernetes-validate, the real kube-apiserver and etcd (`cargo xtask kube`, built
+//! once into a cache outside `target/`), and the VM harness's qemu, busybox-static and kernels;
+//! `run`, `test` and `lint` call it first, so a fresh machine needs nothing else.
 
+mod kube;
 #[path = "../../agent-ebpf/toolchain.rs"]
 mod toolchain;
 mod vm;
@@ -19,8 +21,7 @@ const BPF_LINKER_VERSION: &str = "0.10.3";
 /// Validates the rendered manifests offline; 1.37.0 ships the newest Kubernetes schemas.
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 /// The features of the test tiers beyond plain `cargo test` (README, "Tests").
-const ALL_TIERS: &str =
-    "lastgasp/privileged,lastgasp-tests/privileged,lastgasp-tests/tools,lastgasp-tests/vm";
+const ALL_TIERS: &str = "lastgasp/privileged,lastgasp-tests/privileged,lastgasp-tests/tools,lastgasp-tests/vm,lastgasp-tests/kube";
 
 #[derive(Parser)]
 struct Cli {
@@ -44,6 +45,10 @@ enum Task {
     /// `cargo fmt --check`, and clippy with `-D warnings` on the host crates and, with the pinned
     /// nightly, on the eBPF programs.
     Lint,
+    /// Build kube-apiserver v1.20.2 and fetch etcd for the tests of `tests/src/kube/`, once:
+    /// they are cached outside `target/` (`$XDG_CACHE_HOME/lastgasp/kubernetes-1.20.2/`, else
+    /// `~/.cache/lastgasp/...`, or `$LASTGASP_KUBE_BIN_DIR`). Prints the binaries' paths.
+    Kube,
     /// The VM end-to-end harness: Debian kernels under QEMU.
     #[command(subcommand)]
     Vm(vm::VmTask),
@@ -95,6 +100,7 @@ fn main() -> anyhow::Result<()> {
                 "warnings",
             ]))
         }
+        Task::Kube => kube::main(),
         Task::Vm(task) => vm::main(task),
     }
 }
@@ -146,6 +152,10 @@ fn setup(for_tests: bool) -> anyhow::Result<()> {
             &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
         ]))
         .context("installing kubernetes-validate (PyPI) for the manifest tests")?;
+    }
+    if for_tests {
+        kube::ensure()
+            .context("building the real API server for the tests (`cargo xtask kube`)")?;
     }
     if for_tests && output("promtool", &["--version"]).is_none() {
         run(Command::new("apt-get").arg("update")).context("apt-get update")?;
