@@ -164,8 +164,9 @@ const BUILD_SPACE: u64 = 3 << 30;
 /// Fails early, saying so, when the file system of `dir` has less than [`BUILD_SPACE`] free.
 fn require_free_space(dir: &Path) -> anyhow::Result<()> {
     let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
-    // SAFETY: statvfs writes only into the struct it is given; the path is NUL-terminated.
+    // SAFETY: statvfs is plain old data; all zeroes is a valid value.
     let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs writes only into the struct it is given; the path is NUL-terminated.
     if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
         return Ok(()); // Unknown: let the build say what fails.
     }
