@@ -4,6 +4,7 @@ pub mod agent;
 pub mod controller;
 pub mod health;
 pub mod kernel_log;
+pub mod kube_events;
 #[cfg(test)]
 mod kube_mock;
 pub mod kube_retry;

@@ -529,7 +529,7 @@ async fn a_hang_is_a_node_condition_and_events_on_node_and_pod_until_it_ends() {
     let (on_node, on_pod) = (&on_node[0], &on_pod[0]);
     assert_from_agent(on_node, node);
     assert_from_agent(on_pod, node);
-    assert_eq!(on_node["metadata"]["namespace"], "default");
+    assert_eq!(on_node["metadata"]["namespace"], "kube-system");
     assert_eq!(on_node["regarding"]["uid"], node);
     assert_eq!(on_pod["metadata"]["namespace"], "shop");
     assert_eq!(on_pod["regarding"]["namespace"], "shop");

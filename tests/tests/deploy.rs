@@ -891,7 +891,7 @@ async fn agent_rbac_allows_exactly_its_calls() {
     })
     .await;
     wait_for("the hang's Events", Duration::from_secs(10), || {
-        let events = server.list_json("events", Some("default")).unwrap();
+        let events = server.list_json("events", Some("kube-system")).unwrap();
         ["Warning", "Normal"].iter().all(|type_| {
             events
                 .iter()
@@ -936,7 +936,7 @@ async fn agent_rbac_allows_exactly_its_calls() {
             grants
         })
         .collect();
-    // A call is scoped as the grant that allows it: an Event created in `default` under a
+    // A call is scoped as the grant that allows it: an Event created in `kube-system` under a
     // ClusterRole is a cluster-wide grant in use.
     let used: BTreeSet<Grant> = made
         .iter()

@@ -19,8 +19,8 @@ use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::{
     Api, Client, Resource as _, ResourceExt as _,
-    api::{DeleteParams, Patch, PatchParams, Preconditions},
-    runtime::events::{Event, EventType, Recorder},
+    api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions},
+    runtime::events::Reporter,
 };
 use prometheus_client::metrics::{counter::Counter, family::Family};
 use serde_json::json;
@@ -35,11 +35,14 @@ use super::{
         event_note,
     },
 };
-use crate::kube_retry::{self, Backoff, Ended, OnConflict};
+use crate::{
+    kube_events::{NewEvent, namespace_of},
+    kube_retry::{self, Backoff, Ended, OnConflict},
+};
 
 pub struct Actions {
     client: Client,
-    recorder: Recorder,
+    reporter: Reporter,
     cluster: ClusterCache,
     metrics: Arc<ControllerMetrics>,
     concurrency: usize,
@@ -52,7 +55,7 @@ pub struct Actions {
 impl Actions {
     pub fn new(
         client: Client,
-        recorder: Recorder,
+        reporter: Reporter,
         cluster: ClusterCache,
         metrics: Arc<ControllerMetrics>,
         concurrency: usize,
@@ -60,7 +63,7 @@ impl Actions {
     ) -> Self {
         Self {
             client,
-            recorder,
+            reporter,
             cluster,
             metrics,
             concurrency: concurrency.max(1),
@@ -266,14 +269,42 @@ impl Actions {
         verdict: &Verdict,
         action: &str,
     ) {
-        let event = Event {
-            type_: EventType::Warning,
-            reason: verdict.condition_reason.clone(),
-            note: Some(verdict.event_note.clone()),
-            action: action.into(),
-            secondary: None,
-        };
-        self.retry("publish event", || self.recorder.publish(&event, reference))
+        self.publish_event(
+            reference,
+            &verdict.condition_reason,
+            action,
+            &verdict.event_note,
+        )
+        .await;
+    }
+
+    /// Creates a Warning Event about `reference` (a Node's in `kube-system`).
+    async fn publish_event(
+        &self,
+        reference: &k8s_openapi::api::core::v1::ObjectReference,
+        reason: &str,
+        action: &str,
+        note: &str,
+    ) {
+        let event = NewEvent {
+            regarding: reference,
+            warning: true,
+            reason,
+            action,
+            note,
+            time: k8s_openapi::jiff::Timestamp::now(),
+            reporting_controller: &self.reporter.controller,
+            reporting_instance: self
+                .reporter
+                .instance
+                .as_deref()
+                .unwrap_or(&self.reporter.controller),
+        }
+        .build();
+        let api: Api<k8s_openapi::api::events::v1::Event> =
+            Api::namespaced(self.client.clone(), namespace_of(reference));
+        let params = PostParams::default();
+        self.retry("publish event", || api.create(&params, &event))
             .await;
     }
 
@@ -299,21 +330,12 @@ impl Actions {
         {
             return;
         }
-        let event = Event {
-            type_: EventType::Warning,
-            reason: "DeletionWithheld".into(),
-            note: Some(event_note(format!(
-                "{} marked the node and its pods but deleted nothing: {why}",
-                record.kind().reason_code()
-            ))),
-            action: "Withheld".into(),
-            secondary: None,
-        };
-        let reference = node.object_ref(&());
-        self.retry("publish event", || {
-            self.recorder.publish(&event, &reference)
-        })
-        .await;
+        let note = event_note(format!(
+            "{} marked the node and its pods but deleted nothing: {why}",
+            record.kind().reason_code()
+        ));
+        self.publish_event(&node.object_ref(&()), "DeletionWithheld", "Withheld", &note)
+            .await;
     }
 
     /// Runs a write until it succeeds; `None` when it failed for good or is moot. Every write
@@ -488,14 +510,11 @@ mod tests {
         };
         let cluster = ClusterCache::of(vec![node], pods.iter().map(|name| pod(name)).collect());
         let metrics = ControllerMetrics::register(&mut Registry::default());
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: "lastgasp-controller".into(),
-                instance: Some("replica-0".into()),
-            },
-        );
-        let actions = Actions::new(client, recorder, cluster, metrics.clone(), 16, false);
+        let reporter = Reporter {
+            controller: "lastgasp-controller".into(),
+            instance: Some("replica-0".into()),
+        };
+        let actions = Actions::new(client, reporter, cluster, metrics.clone(), 16, false);
         (actions, server, metrics)
     }
 
@@ -562,7 +581,7 @@ mod tests {
         expect(
             &event,
             "POST",
-            "/apis/events.k8s.io/v1/namespaces/default/events",
+            "/apis/events.k8s.io/v1/namespaces/kube-system/events",
         );
         assert_eq!(event.body["reason"], "NodeKernelPanic");
         assert_eq!(event.body["action"], "MarkedForDeletion");

@@ -25,10 +25,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use kube::{
-    Client, ResourceExt as _,
-    runtime::events::{Recorder, Reporter},
-};
+use kube::{Client, ResourceExt as _, runtime::events::Reporter};
 use prometheus_client::registry::Registry;
 use tokio::{
     net::UdpSocket,
@@ -149,10 +146,9 @@ impl Controller {
             ),
         );
 
-        let recorder = Recorder::new(client.clone(), config.reporter.clone());
         let actions = Arc::new(Actions::new(
             client.clone(),
-            recorder,
+            config.reporter.clone(),
             cluster.clone(),
             metrics.clone(),
             config.concurrency,

@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use k8s_openapi::{
     api::{core::v1::ObjectReference, events::v1::Event},
-    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
     jiff::Timestamp,
 };
 use kube::{Api, Client, api::PostParams};
@@ -13,6 +12,7 @@ use tokio::sync::mpsc;
 
 use super::{REPORTING_CONTROLLER, count};
 use crate::{
+    kube_events::{NewEvent, namespace_of},
     kube_retry::{self, Backoff, Ended, OnConflict},
     metrics::AgentMetrics,
 };
@@ -41,37 +41,21 @@ pub(super) async fn write(
     mut queue: mpsc::Receiver<EventSpec>,
     metrics: Arc<AgentMetrics>,
 ) {
-    let mut last_ns = 0i128;
     while let Some(spec) = queue.recv().await {
-        // Names `<object>.<hex ns>` like client-go's; strictly increasing so none repeats.
-        last_ns = (last_ns + 1).max(Timestamp::now().as_nanosecond());
-        let namespace = spec
-            .regarding
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        let event = Event {
-            metadata: ObjectMeta {
-                name: Some(format!(
-                    "{}.{:x}",
-                    spec.regarding.name.as_deref().unwrap_or("lastgasp-agent"),
-                    last_ns
-                )),
-                namespace: Some(namespace.clone()),
-                ..ObjectMeta::default()
-            },
-            event_time: Some(MicroTime(spec.time)),
-            type_: Some(if spec.warning { "Warning" } else { "Normal" }.into()),
-            reason: Some(spec.reason.into()),
-            action: Some(spec.action().into()),
-            note: Some(spec.note.clone()),
-            regarding: Some(spec.regarding.clone()),
-            reporting_controller: Some(REPORTING_CONTROLLER.into()),
-            reporting_instance: Some(node.clone()),
-            ..Event::default()
-        };
+        let event = NewEvent {
+            regarding: &spec.regarding,
+            warning: spec.warning,
+            reason: spec.reason,
+            action: spec.action(),
+            note: &spec.note,
+            time: spec.time,
+            reporting_controller: REPORTING_CONTROLLER,
+            reporting_instance: &node,
+        }
+        .build();
+        let namespace = namespace_of(&spec.regarding);
         let (api, params) = (
-            Api::<Event>::namespaced(client.clone(), &namespace),
+            Api::<Event>::namespaced(client.clone(), namespace),
             PostParams::default(),
         );
         let created = kube_retry::call(
@@ -187,12 +171,12 @@ mod tests {
         // Taken: an earlier try was created after all.
         retry.fail(409, "AlreadyExists");
 
-        // A Node's Event goes to `default`; a refusal drops it and the writer goes on.
+        // A Node's Event goes to `kube-system`; a refusal drops it and the writer goes on.
         queue.send(on_node()).await.unwrap();
         let refused = server.next().await;
         assert_eq!(
             refused.path(),
-            "/apis/events.k8s.io/v1/namespaces/default/events"
+            "/apis/events.k8s.io/v1/namespaces/kube-system/events"
         );
         assert_eq!(refused.body["type"], "Normal");
         assert_eq!(refused.body["action"], "Cleared");
