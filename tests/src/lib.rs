@@ -4,6 +4,7 @@
 pub mod apiserver;
 pub mod blocking;
 pub mod container;
+pub mod faults;
 pub mod fixtures;
 pub mod kube;
 pub mod vm;

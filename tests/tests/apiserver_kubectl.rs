@@ -852,4 +852,23 @@ async fn faults_and_latency() {
         fast < Duration::from_millis(300),
         "latency not cleared: {fast:?}"
     );
+
+    // Open watches end when the faults drop them.
+    let mut watch = pods
+        .watch(&kube::api::WatchParams::default().timeout(290), "0")
+        .await
+        .unwrap()
+        .boxed();
+    let first = tokio::time::timeout(Duration::from_secs(5), watch.next()).await;
+    assert!(first.expect("the existing pod streamed").is_some());
+    server.faults().drop_watches();
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(event) = watch.next().await {
+            if event.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the watch ended");
 }

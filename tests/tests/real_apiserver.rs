@@ -16,9 +16,13 @@ use kube::{
     Api, Client,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
-use lastgasp_tests::kube::{
-    RealApiServer,
-    seed::{create_deploy_rbac, create_node, create_running_pod},
+use lastgasp_tests::{
+    faults::Matcher,
+    kube::{
+        RealApiServer, User,
+        proxy::FaultProxy,
+        seed::{create_deploy_rbac, create_node, create_running_pod},
+    },
 };
 use serde_json::json;
 
@@ -237,4 +241,97 @@ async fn what_v1_20_does_differently() {
         .create(&PostParams::default(), &event("kube-system"))
         .await
         .expect("an Event about a Node in kube-system");
+}
+
+/// The proxy forwards as the caller (RBAC applies to the token sent), fails what its faults
+/// select with a `Status` before the server sees it, delays, and ends open watches on demand.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_fault_proxy_forwards_fails_delays_and_drops_watches() {
+    use futures::StreamExt as _;
+    use kube::api::WatchParams;
+    let server = start().await;
+    let proxy = FaultProxy::start(&server).await.expect("the proxy");
+    assert!(proxy.url().starts_with("http://127.0.0.1:"));
+    let admin = proxy.client(&User::Admin).await.unwrap();
+    assert_eq!(
+        admin.apiserver_version().await.unwrap().git_version,
+        "v1.20.2"
+    );
+    create_node(&admin, "node-a", "10.0.0.1").await.unwrap();
+    create_running_pod(&admin, "default", "web", "node-a")
+        .await
+        .unwrap();
+    // Forwarded with the caller's token: a ServiceAccount without RBAC is refused.
+    let agent = proxy
+        .client_as("lastgasp-system", "lastgasp-agent")
+        .await
+        .unwrap();
+    let listed = Api::<Pod>::all(agent).list(&ListParams::default()).await;
+    assert_eq!(refused(listed), 403);
+
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), "default");
+    proxy
+        .faults()
+        .fail_next(Matcher::any().verb("patch").resource("pods/status"), 1, 500);
+    let status = json!({ "status": { "phase": "Failed" } });
+    let failed = pods
+        .patch_status("web", &PatchParams::default(), &Patch::Merge(&status))
+        .await;
+    match failed {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(
+                (status.code, status.reason.as_str()),
+                (500, "InternalError")
+            );
+        }
+        other => panic!("expected the injected Status, got {other:?}"),
+    }
+    // A patch of the pod itself is not `pods/status`: it goes through.
+    let label = json!({ "metadata": { "labels": { "app": "web" } } });
+    pods.patch("web", &PatchParams::default(), &Patch::Merge(&label))
+        .await
+        .unwrap();
+    assert_eq!(proxy.faults().injected(), 1);
+    let requests = proxy.requests();
+    let injected: Vec<_> = requests.iter().filter(|r| r.injected).collect();
+    assert_eq!(injected.len(), 1);
+    assert_eq!(
+        (injected[0].verb.as_deref(), injected[0].resource.as_deref()),
+        (Some("patch"), Some("pods/status"))
+    );
+
+    proxy
+        .faults()
+        .set_latency(std::time::Duration::from_millis(300));
+    let delayed = Instant::now();
+    pods.get("web").await.unwrap();
+    assert!(delayed.elapsed() >= std::time::Duration::from_millis(300));
+    proxy.faults().clear();
+
+    // A watch streams through, and ends when the faults drop it.
+    let mut watch = pods
+        .watch(&WatchParams::default().timeout(290), "0")
+        .await
+        .unwrap()
+        .boxed();
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), watch.next())
+        .await
+        .expect("the existing pod streamed");
+    assert!(first.is_some());
+    assert!(
+        proxy
+            .requests()
+            .iter()
+            .any(|r| r.verb.as_deref() == Some("watch") && r.resource.as_deref() == Some("pods"))
+    );
+    proxy.faults().drop_watches();
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while let Some(event) = watch.next().await {
+            if event.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the watch ended");
 }

@@ -19,7 +19,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(code: u16, reason: &str, message: String) -> Self {
+    pub(crate) fn new(code: u16, reason: &str, message: String) -> Self {
         Self {
             code,
             reason: reason.to_string(),

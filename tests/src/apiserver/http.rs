@@ -14,12 +14,12 @@ use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc, watch};
 
 use super::error::ApiError;
-use super::faults::Faults;
 use super::patch::{self, PatchType};
 use super::resources::{self, ResourceDef};
 use super::select::Selector;
 use super::store::{Change, ChangeType, DeleteOptions, Store, Subresource};
 use super::validate;
+use crate::faults::Faults;
 
 /// One request as the server saw it, for tests that count attempts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -542,7 +542,13 @@ fn watch_response(
                 .expect("a fresh channel has room");
         }
         Ok(start) => {
-            tokio::spawn(stream_changes(spec, start, tx, app.shutdown.clone()));
+            tokio::spawn(stream_changes(
+                spec,
+                start,
+                tx,
+                app.shutdown.clone(),
+                app.faults.watch_drops(),
+            ));
         }
     }
     let stream =
@@ -559,6 +565,7 @@ async fn stream_changes(
     start: super::store::WatchStart,
     tx: mpsc::Sender<Bytes>,
     mut shutdown: watch::Receiver<bool>,
+    mut drops: watch::Receiver<u64>,
 ) {
     let mut rv = start.rv;
     let mut receiver = start.receiver;
@@ -590,6 +597,7 @@ async fn stream_changes(
         let line = tokio::select! {
             _ = &mut deadline => return,
             _ = shutdown.changed() => return,
+            _ = drops.changed() => return,
             _ = tx.closed() => return,
             _ = ticks.tick(), if spec.bookmarks => Some(spec.bookmark(rv, false)),
             received = receiver.recv() => match received {

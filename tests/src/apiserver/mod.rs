@@ -14,7 +14,6 @@
 //! ```
 
 mod error;
-mod faults;
 mod http;
 mod patch;
 mod resources;
@@ -30,8 +29,8 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+pub use crate::faults::{Faults, Matcher};
 pub use error::ApiError;
-pub use faults::{Faults, Matcher};
 pub use http::RequestRecord;
 pub use store::DeleteOptions;
 

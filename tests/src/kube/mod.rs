@@ -31,6 +31,7 @@
 pub mod bin_dir;
 mod pki;
 mod process;
+pub mod proxy;
 pub mod seed;
 
 use std::{

@@ -1,4 +1,6 @@
-//! Fault and latency injection, driven by tests through [`super::ApiServer::faults`].
+//! Fault and latency injection, one implementation for both test servers: the in-repo
+//! [`crate::apiserver::ApiServer::faults`] and the proxy in front of the real kube-apiserver,
+//! [`crate::kube::proxy::FaultProxy::faults`].
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -49,9 +51,20 @@ struct State {
 }
 
 /// Shared fault settings of one server.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Faults {
     state: Mutex<State>,
+    /// Bumped by [`Faults::drop_watches`]; every open watch response ends when it changes.
+    watch_drops: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Self {
+            state: Mutex::default(),
+            watch_drops: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 impl Faults {
@@ -86,12 +99,23 @@ impl Faults {
         self.lock().injected
     }
 
-    pub(super) fn latency(&self) -> Duration {
+    /// Ends every watch response open now (its stream just stops, as when a connection to the
+    /// server drops); later watches are not affected.
+    pub fn drop_watches(&self) {
+        self.watch_drops.send_modify(|drops| *drops += 1);
+    }
+
+    /// Changes at each [`Self::drop_watches`]: a watch response ends when it does.
+    pub(crate) fn watch_drops(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.watch_drops.subscribe()
+    }
+
+    pub(crate) fn latency(&self) -> Duration {
         self.lock().latency
     }
 
     /// The status code to fail this request with, if a rule selects it.
-    pub(super) fn take(&self, verb: &str, resource: &str) -> Option<u16> {
+    pub(crate) fn take(&self, verb: &str, resource: &str) -> Option<u16> {
         let mut state = self.lock();
         let rule = state
             .rules
@@ -103,4 +127,40 @@ impl Faults {
         state.injected += 1;
         Some(code)
     }
+}
+
+/// The Kubernetes verb and resource (as RBAC names it: `pods`, `pods/status`) of a request to
+/// a resource path, `None` for discovery, `/version`, `/readyz` and the like. A collection
+/// `GET` with `watch=true` (or `1`) is a `watch`.
+pub fn classify(method: &str, path: &str, query: Option<&str>) -> Option<(String, String)> {
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let rest = match segments.as_slice() {
+        ["api", _version, rest @ ..] => rest,
+        ["apis", _group, _version, rest @ ..] => rest,
+        _ => return None,
+    };
+    let rest = match rest {
+        ["namespaces", _namespace, tail @ ..] if !tail.is_empty() => tail,
+        _ => rest,
+    };
+    let (resource, named) = match rest {
+        [plural] => ((*plural).to_owned(), false),
+        [plural, _name] => ((*plural).to_owned(), true),
+        [plural, _name, sub] => (format!("{plural}/{sub}"), true),
+        _ => return None,
+    };
+    let watching = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .any(|(key, value)| key == "watch" && matches!(value.as_ref(), "true" | "1"));
+    let verb = match (method, named) {
+        ("GET", true) => "get",
+        ("GET", false) if watching => "watch",
+        ("GET", false) => "list",
+        ("POST", false) => "create",
+        ("PUT", true) => "update",
+        ("PATCH", true) => "patch",
+        ("DELETE", true) => "delete",
+        ("DELETE", false) => "deletecollection",
+        _ => return None,
+    };
+    Some((verb.to_owned(), resource))
 }
