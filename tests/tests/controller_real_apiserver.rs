@@ -6,7 +6,9 @@
 //!
 //! The other scenarios are ports of `controller.rs` (which runs them on the in-repo server),
 //! with the controller's client going through a [`FaultProxy`] that injects API errors:
-//! retries of 5xx, a replaced pod's real UID-precondition conflict, a restarted controller.
+//! retries of 5xx, a replaced pod's real UID-precondition conflict, a restarted controller,
+//! the Lease-gated deletion of netconsole evidence, leader election, a pstore report, dropped
+//! watches.
 //!
 //! Needs the binaries of `cargo xtask kube`.
 
@@ -865,4 +867,53 @@ async fn a_pstore_report_marks_the_node_and_the_pods_that_were_there_and_deletes
     assert!(deletes.is_empty(), "{deletes:?}");
     assert!(cluster.pod("b-0").await.is_some());
     assert!(cluster.node("node-b").await.is_some());
+}
+
+/// Watches the proxy ends (a load balancer's idle timeout, a server restart) are resumed: a
+/// pod created after the drop is known to the controller and acted on with the others.
+#[tokio::test(flavor = "multi_thread")]
+async fn dropped_watches_are_resumed() {
+    let cluster = Cluster::start().await;
+    let controller = cluster
+        .controller(|config| config.policy = Policy::DeletePods)
+        .await;
+    // Let the controller's watches open, then end them all.
+    eventually(
+        "the controller's watches",
+        Duration::from_secs(10),
+        || async {
+            let watches = cluster
+                .proxy
+                .requests()
+                .iter()
+                .filter(|request| request.verb.as_deref() == Some("watch"))
+                .count();
+            watches >= 2
+        },
+    )
+    .await;
+    let before = cluster.proxy.requests().len();
+    cluster.proxy.faults().drop_watches();
+    create_running_pod(&cluster.admin, "team", "b-3", "node-b")
+        .await
+        .unwrap();
+    eventually("the watches resumed", Duration::from_secs(15), || async {
+        cluster.proxy.requests()[before..]
+            .iter()
+            .filter(|request| request.verb.as_deref() == Some("watch"))
+            .count()
+            >= 2
+    })
+    .await;
+    send_from("127.0.0.2", &report("node-b", 1), controller.report_addr());
+    eventually(
+        "node-b's pods deleted, b-3 too",
+        Duration::from_secs(20),
+        || async { b_pods_gone(&cluster).await && cluster.pod("b-3").await.is_none() },
+    )
+    .await;
+    assert_eq!(cluster.events_about("Pod", "b-3").await.len(), 1);
+    for pod in ["a-0", "a-1"] {
+        assert!(cluster.pod(pod).await.is_some());
+    }
 }
