@@ -206,11 +206,16 @@ async fn a_storm_of_kernel_sized_datagrams_does_not_hide_another_nodes_panic() {
 }
 
 /// Floods extended datagrams of `size` bytes of `ab\x0a` lines from the attacker, at most
-/// 100,000 in 6 s, while the victim's captured panic is sent; prints the rates and the
-/// victim's latency. `reason` is how the controller drops the storm's datagrams, if it does.
+/// 100,000 in 6 s and 10,000/s, while the victim's captured panic is sent; prints the rates and
+/// the victim's latency. `reason` is how the controller drops the storm's datagrams, if it does.
+///
+/// The rate stays below what this test's debug build reads on a loaded 2-core machine (about
+/// 32,000/s at worst): beyond what the controller reads, the kernel drops datagrams from the
+/// full socket buffer whoever sent them, the victim's included (README, "Under a storm").
 async fn storm(size: usize, reason: &str) {
     const STORM_DATAGRAMS: u64 = 100_000;
     const STORM_TIME: Duration = Duration::from_secs(6);
+    const STORM_RATE: f64 = 10_000.0;
     let server = ApiServer::start().await.unwrap();
     seed(&server);
     let controller = start(&server, Policy::Annotate).await;
@@ -223,6 +228,9 @@ async fn storm(size: usize, reason: &str) {
         let started = Instant::now();
         let mut sent = 0u64;
         while sent < STORM_DATAGRAMS && started.elapsed() < STORM_TIME {
+            while sent as f64 > STORM_RATE * started.elapsed().as_secs_f64() {
+                std::thread::sleep(Duration::from_micros(50));
+            }
             // Another record each time, so none is a repeat; exactly `size` bytes.
             let mut datagram = format!("4,{sent},{sent},-;").into_bytes();
             while datagram.len() + 7 <= size {
