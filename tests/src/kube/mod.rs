@@ -29,6 +29,7 @@
 //! - a Node's status sent on create is kept (newer servers drop it).
 
 pub mod bin_dir;
+pub mod cluster;
 mod pki;
 mod process;
 pub mod proxy;
