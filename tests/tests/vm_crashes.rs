@@ -3,8 +3,9 @@
 //! kernel's Debian headers), the agent sets up its netconsole target to the controller and
 //! exits, and the module crashes the kernel: a NULL pointer dereference, `BUG()`,
 //! `WARN_ON(1)` with `panic_on_warn`, or a task hung in uninterruptible sleep with
-//! `hung_task_panic`. The controller, in this process against the API test server, marks the
-//! node and its pods from the netconsole stream alone, and names the crash:
+//! `hung_task_panic`. The controller, in this process against the real kube-apiserver (as its
+//! ServiceAccount under `deploy/`'s RBAC), marks the node and its pods from the netconsole
+//! stream alone, and names the crash:
 //! `lastgasp.io/crash-title` (syzkaller's convention, `<kind> in <function>`) and
 //! `lastgasp.io/crash-culprit` (the function).
 //!
@@ -18,8 +19,8 @@ use lastgasp::{
     wire::AuthKey,
 };
 use lastgasp_tests::{
-    apiserver::ApiServer,
-    fixtures::{annotation, controller_config, put_node, put_pod},
+    fixtures::{annotation, controller_config},
+    kube::cluster::Cluster,
     scrape,
     vm::{
         CRASH_MODULE_GUEST_PATH, ConsoleLine, CrashModule, Initramfs, Kernel, KernelVersion, Vm,
@@ -91,10 +92,11 @@ const HANG: Crash = Crash {
     title_kind: "INFO: task hung",
 };
 
-fn seed(server: &ApiServer) {
-    put_node(server, NODE, "127.0.0.1");
+async fn seed(cluster: &Cluster) {
+    cluster.namespace("team").await;
+    cluster.node(NODE, "127.0.0.1", None).await;
     for pod in PODS {
-        put_pod(server, "team", pod, NODE);
+        cluster.pod("team", pod, NODE).await;
     }
 }
 
@@ -136,17 +138,17 @@ echo 'lastgasp-vm: still alive after the crash trigger'
     )
 }
 
-fn object(server: &ApiServer, resource: &str, namespace: Option<&str>, name: &str) -> Value {
-    server
-        .get_json(resource, namespace, name)
-        .unwrap()
+async fn object(cluster: &Cluster, resource: &str, namespace: Option<&str>, name: &str) -> Value {
+    cluster
+        .get(resource, namespace, name)
+        .await
         .unwrap_or_else(|| panic!("{resource} {name} is gone"))
 }
 
 /// Waits until the node and `pods` carry `key`; the failure message carries the node, the
 /// controller's metrics and the guest's console.
 async fn wait_for_annotation(
-    server: &ApiServer,
+    cluster: &Cluster,
     controller: &Controller,
     vm: &Vm,
     key: &str,
@@ -155,12 +157,12 @@ async fn wait_for_annotation(
 ) {
     let deadline = Instant::now() + within;
     loop {
-        let node = object(server, "nodes", None, NODE);
-        if annotation(&node, key).is_some()
-            && pods
-                .iter()
-                .all(|pod| annotation(&object(server, "pods", Some("team"), pod), key).is_some())
-        {
+        let node = object(cluster, "nodes", None, NODE).await;
+        let mut all = annotation(&node, key).is_some();
+        for pod in pods {
+            all &= annotation(&object(cluster, "pods", Some("team"), pod).await, key).is_some();
+        }
+        if all {
             return;
         }
         if Instant::now() >= deadline {
@@ -243,10 +245,10 @@ async fn crash_and_name_it(version: KernelVersion, crash: Crash) {
     println!("{version}: {}", module.fetched());
     let agent = tokio::task::block_in_place(static_agent).unwrap();
 
-    let server = ApiServer::start().await.unwrap();
-    seed(&server);
+    let cluster = Cluster::start().await;
+    seed(&cluster).await;
     let config = controller_config(Policy::Annotate, AuthKey::None);
-    let controller = Controller::start(server.client().await.unwrap(), config)
+    let controller = Controller::start(cluster.client_as("lastgasp-controller").await, config)
         .await
         .unwrap();
     let port = controller.netconsole_addr().port();
@@ -295,7 +297,7 @@ async fn crash_and_name_it(version: KernelVersion, crash: Crash) {
     );
 
     wait_for_annotation(
-        &server,
+        &cluster,
         &controller,
         &vm,
         "lastgasp.io/termination-reason",
@@ -303,7 +305,7 @@ async fn crash_and_name_it(version: KernelVersion, crash: Crash) {
         CRASH_TIMEOUT,
     )
     .await;
-    let node = object(&server, "nodes", None, NODE);
+    let node = object(&cluster, "nodes", None, NODE).await;
     println!(
         "{version} {}: termination reason {:?}, code {:?}, source {:?}",
         crash.trigger,
@@ -315,7 +317,7 @@ async fn crash_and_name_it(version: KernelVersion, crash: Crash) {
     // The crash's name. The marks above may come from the first report line, the title with
     // the rest of the report: give it a moment.
     wait_for_annotation(
-        &server,
+        &cluster,
         &controller,
         &vm,
         TITLE,
@@ -323,8 +325,8 @@ async fn crash_and_name_it(version: KernelVersion, crash: Crash) {
         Duration::from_secs(30),
     )
     .await;
-    let node = object(&server, "nodes", None, NODE);
-    let pod = object(&server, "pods", Some("team"), PODS[0]);
+    let node = object(&cluster, "nodes", None, NODE).await;
+    let pod = object(&cluster, "pods", Some("team"), PODS[0]).await;
     for (what, object) in [("node", &node), ("pod", &pod)] {
         let title = annotation(object, TITLE).unwrap_or_default();
         let culprit = annotation(object, CULPRIT).unwrap_or_default();

@@ -6,8 +6,8 @@
 //! First boot: the agent starts, the network is cut (`ip link set eth0 down`) so nothing can
 //! reach the controller, and the kernel is crashed with sysrq; ramoops keeps the panic's log.
 //! Second boot: the agent finds `dmesg-ramoops-0` in pstore, sends the delayed report, archives
-//! the record and removes it. The controller (in this process, against the API test server)
-//! marks the node and the pods that were there at the panic, with source `pstore` and the
+//! the record and removes it. The controller (in this process, against the real kube-apiserver
+//! as its ServiceAccount) marks the node and the pods that were there at the panic, with source `pstore` and the
 //! panic's line; it deletes nothing, and a pod created after the panic is left alone.
 //! The init script tells the boots apart by whether pstore holds a record.
 //!
@@ -22,8 +22,8 @@ use lastgasp::{
     wire::AuthKey,
 };
 use lastgasp_tests::{
-    apiserver::ApiServer,
-    fixtures::{annotation, controller_config, events_about, put_node, put_pod},
+    fixtures::{annotation, controller_config},
+    kube::cluster::Cluster,
     vm::{ConsoleLine, Initramfs, Kernel, KernelVersion, Vm, VmOptions, guest, static_agent},
 };
 use serde_json::Value;
@@ -36,16 +36,17 @@ const REASON: &str = "kernel panic: sysrq triggered crash in sysrq_handle_crash 
 const CRASH_MARKER: &str = "lastgasp-vm: crashing now";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
-fn seed(server: &ApiServer) {
-    put_node(server, NODE, "127.0.0.1");
-    put_node(server, "other", "127.0.0.9");
+async fn seed(cluster: &Cluster) {
+    cluster.namespace("team").await;
+    cluster.node(NODE, "127.0.0.1", None).await;
+    cluster.node("other", "127.0.0.9", None).await;
     for (pod, node) in [
         ("vm-0", NODE),
         ("vm-1", NODE),
         ("vm-2", NODE),
         ("other-0", "other"),
     ] {
-        put_pod(server, "team", pod, node);
+        cluster.pod("team", pod, node).await;
     }
 }
 
@@ -109,10 +110,10 @@ fn console(vm: &Vm, pattern: &str, timeout: Duration) -> ConsoleLine {
     tokio::task::block_in_place(|| vm.wait_for_console(pattern, timeout)).unwrap()
 }
 
-fn get(server: &ApiServer, resource: &str, namespace: Option<&str>, name: &str) -> Value {
-    server
-        .get_json(resource, namespace, name)
-        .unwrap()
+async fn get(cluster: &Cluster, resource: &str, namespace: Option<&str>, name: &str) -> Value {
+    cluster
+        .get(resource, namespace, name)
+        .await
         .unwrap_or_else(|| panic!("{resource} {name} is gone"))
 }
 
@@ -121,8 +122,9 @@ fn marked(object: &Value) -> bool {
 }
 
 /// Writes (anything but reads) the controller made so far.
-fn writes(server: &ApiServer) -> Vec<(Instant, String)> {
-    server
+fn writes(cluster: &Cluster) -> Vec<(Instant, String)> {
+    cluster
+        .proxy()
         .requests()
         .into_iter()
         .filter(|request| request.method != "GET")
@@ -134,11 +136,11 @@ async fn pstore_recovery(version: KernelVersion) {
     let started = Instant::now();
     let agent = tokio::task::block_in_place(static_agent).unwrap();
     let kernel = fetch(version);
-    let server = ApiServer::start().await.unwrap();
-    seed(&server);
+    let cluster = Cluster::start().await;
+    seed(&cluster).await;
     // The policy that deletes most: a delayed report must still delete nothing.
     let config = controller_config(Policy::DeletePodsAndNode, AuthKey::None);
-    let controller = Controller::start(server.client().await.unwrap(), config)
+    let controller = Controller::start(cluster.client_as("lastgasp-controller").await, config)
         .await
         .unwrap();
 
@@ -183,12 +185,12 @@ async fn pstore_recovery(version: KernelVersion) {
         second.text
     );
     assert!(
-        writes(&server).is_empty(),
+        writes(&cluster).is_empty(),
         "nothing reached the controller while the guest was cut off: {:?}",
-        writes(&server)
+        writes(&cluster)
     );
     // A pod scheduled to the node after the panic: the panic did not touch it.
-    put_pod(&server, "team", "vm-late", NODE);
+    cluster.pod("team", "vm-late", NODE).await;
 
     let event = console(&vm, "previous_boot_panic", BOOT_TIMEOUT);
     println!(
@@ -222,11 +224,11 @@ async fn pstore_recovery(version: KernelVersion) {
 
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let done = marked(&get(&server, "nodes", None, NODE))
-            && ["vm-0", "vm-1", "vm-2"].iter().all(|pod| {
-                marked(&get(&server, "pods", Some("team"), pod))
-                    && events_about(&server, "Pod", pod).len() == 1
-            });
+        let mut done = marked(&get(&cluster, "nodes", None, NODE).await);
+        for pod in ["vm-0", "vm-1", "vm-2"] {
+            done &= marked(&get(&cluster, "pods", Some("team"), pod).await)
+                && cluster.events_about("Pod", pod).await.len() == 1;
+        }
         if done {
             break;
         }
@@ -237,7 +239,7 @@ async fn pstore_recovery(version: KernelVersion) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (last_write, _) = writes(&server)
+    let (last_write, _) = writes(&cluster)
         .into_iter()
         .max_by_key(|(at, _)| *at)
         .unwrap();
@@ -248,7 +250,7 @@ async fn pstore_recovery(version: KernelVersion) {
     );
 
     for name in ["vm-0", "vm-1", "vm-2"] {
-        let pod = get(&server, "pods", Some("team"), name);
+        let pod = get(&cluster, "pods", Some("team"), name).await;
         assert_eq!(
             annotation(&pod, "lastgasp.io/termination-source"),
             Some("pstore")
@@ -265,10 +267,10 @@ async fn pstore_recovery(version: KernelVersion) {
             .cloned()
             .expect("DisruptionTarget condition");
         assert_eq!(disruption["reason"], "NodeKernelPanic");
-        assert_eq!(events_about(&server, "Pod", name).len(), 1);
+        assert_eq!(cluster.events_about("Pod", name).await.len(), 1);
     }
-    let node = get(&server, "nodes", None, NODE);
-    assert_eq!(events_about(&server, "Node", NODE).len(), 1);
+    let node = get(&cluster, "nodes", None, NODE).await;
+    assert_eq!(cluster.events_about("Node", NODE).await.len(), 1);
     let record: Value =
         serde_json::from_str(annotation(&node, "lastgasp.io/incident-record").unwrap()).unwrap();
     assert_eq!(record["record"]["sources"], serde_json::json!(["pstore"]));
@@ -291,12 +293,12 @@ async fn pstore_recovery(version: KernelVersion) {
         "panicked_at {panicked} is not the crash's time"
     );
 
-    let late = get(&server, "pods", Some("team"), "vm-late");
+    let late = get(&cluster, "pods", Some("team"), "vm-late").await;
     assert!(late["metadata"]["annotations"].is_null(), "{late}");
-    assert!(events_about(&server, "Pod", "vm-late").is_empty());
-    let other = get(&server, "pods", Some("team"), "other-0");
+    assert!(cluster.events_about("Pod", "vm-late").await.is_empty());
+    let other = get(&cluster, "pods", Some("team"), "other-0").await;
     assert!(other["metadata"]["annotations"].is_null(), "{other}");
-    let deletes: Vec<_> = writes(&server)
+    let deletes: Vec<_> = writes(&cluster)
         .into_iter()
         .filter(|(_, write)| write.starts_with("DELETE"))
         .collect();

@@ -1,6 +1,8 @@
 //! End to end in a VM: a Debian cloud kernel under QEMU (TCG) runs the agent, which
 //! configures the kernel's netconsole itself; the kernel crashes with sysrq, and the
-//! controller, in this process against the API test server, marks the node's pods.
+//! controller, in this process against the real kube-apiserver as its ServiceAccount, marks
+//! the node's pods. The in-cluster agent reaches the same server through the test's fault
+//! proxy (plain HTTP on the host's loopback, which qemu's network maps into the guest).
 //!
 //! The guest reaches the host's loopback through qemu's user-mode network, so its datagrams
 //! arrive from 127.0.0.1: the guest's Node lists 127.0.0.1 as its InternalIP.
@@ -20,10 +22,14 @@ use lastgasp::{
     wire::AuthKey,
 };
 use lastgasp_tests::{
-    apiserver::ApiServer,
-    fixtures::{annotation, controller_config, events_about, put_node, put_pod},
+    fixtures::{annotation, controller_config},
+    kube::{User, cluster::Cluster},
     scrape,
     vm::{ConsoleLine, Initramfs, Kernel, KernelVersion, Vm, VmOptions, guest, static_agent},
+};
+use kube::{
+    Api,
+    api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams},
 };
 use serde_json::{Value, json};
 
@@ -38,9 +44,10 @@ const PODS: [&str; 3] = ["vm-0", "vm-1", "vm-2"];
 /// Debian's CA bundle (package ca-certificates), copied into the guest at the same path.
 const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
-fn seed(server: &ApiServer) {
-    put_node(server, NODE, "127.0.0.1");
-    put_node(server, "other", "127.0.0.9");
+async fn seed(cluster: &Cluster) {
+    cluster.namespace("team").await;
+    cluster.node(NODE, "127.0.0.1", None).await;
+    cluster.node("other", "127.0.0.9", None).await;
     for (pod, node) in [
         ("vm-0", NODE),
         ("vm-1", NODE),
@@ -48,14 +55,14 @@ fn seed(server: &ApiServer) {
         ("other-0", "other"),
         ("other-1", "other"),
     ] {
-        put_pod(server, "team", pod, node);
+        cluster.pod("team", pod, node).await;
     }
 }
 
 /// The controller with the Annotate policy, so marked pods stay readable.
-async fn start_controller(server: &ApiServer) -> Controller {
+async fn start_controller(cluster: &Cluster) -> Controller {
     let config = controller_config(Policy::Annotate, AuthKey::None);
-    Controller::start(server.client().await.unwrap(), config)
+    Controller::start(cluster.client_as("lastgasp-controller").await, config)
         .await
         .unwrap()
 }
@@ -136,34 +143,36 @@ fn assert_target_shown(vm: &Vm, port: u16) {
     }
 }
 
-fn pod(server: &ApiServer, name: &str) -> Value {
-    server
-        .get_json("pods", Some("team"), name)
-        .unwrap()
-        .unwrap()
+async fn pod(cluster: &Cluster, name: &str) -> Value {
+    cluster
+        .get("pods", Some("team"), name)
+        .await
+        .unwrap_or_else(|| panic!("pod {name} is gone"))
 }
 
-fn fully_marked(server: &ApiServer, name: &str) -> bool {
-    let pod = pod(server, name);
+async fn fully_marked(cluster: &Cluster, name: &str) -> bool {
+    let pod = pod(cluster, name).await;
     annotation(&pod, "lastgasp.io/termination-reason") == Some(REASON)
         && annotation(&pod, "lastgasp.io/termination-source")
             .is_some_and(|source| source.contains("netconsole"))
         && pod["status"]["conditions"]
             .as_array()
             .is_some_and(|conditions| conditions.iter().any(|c| c["type"] == "DisruptionTarget"))
-        && events_about(server, "Pod", name).len() == 1
+        && cluster.events_about("Pod", name).await.len() == 1
 }
 
 /// Waits until the node and its pods carry everything the controller writes, with netconsole
 /// among the sources; the failure message carries the guest's console.
-async fn wait_for_marks(server: &ApiServer, vm: &Vm, within: Duration) {
+async fn wait_for_marks(cluster: &Cluster, vm: &Vm, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
-        let node = server.get_json("nodes", None, NODE).unwrap().unwrap();
-        if annotation(&node, "lastgasp.io/termination-reason") == Some(REASON)
-            && events_about(server, "Node", NODE).len() == 1
-            && PODS.iter().all(|pod| fully_marked(server, pod))
-        {
+        let node = cluster.get("nodes", None, NODE).await.unwrap();
+        let mut done = annotation(&node, "lastgasp.io/termination-reason") == Some(REASON)
+            && cluster.events_about("Node", NODE).await.len() == 1;
+        for pod in PODS {
+            done &= fully_marked(cluster, pod).await;
+        }
+        if done {
             return;
         }
         assert!(
@@ -176,9 +185,10 @@ async fn wait_for_marks(server: &ApiServer, vm: &Vm, within: Duration) {
     }
 }
 
-/// When the controller last wrote to the API server.
-fn last_write(server: &ApiServer) -> Instant {
-    server
+/// When the controller (or the in-cluster agent) last wrote to the API server.
+fn last_write(cluster: &Cluster) -> Instant {
+    cluster
+        .proxy()
         .requests()
         .into_iter()
         .filter(|request| request.method != "GET")
@@ -197,10 +207,10 @@ fn millis_between(from: Instant, to: Instant) -> f64 {
 
 /// Checks what the controller wrote on the pods and returns their termination source
 /// (`netconsole`, or `agent,netconsole` when the agent's report made it too).
-fn assert_pods_marked(server: &ApiServer) -> String {
+async fn assert_pods_marked(cluster: &Cluster) -> String {
     let mut sources = Vec::new();
     for name in PODS {
-        let pod = pod(server, name);
+        let pod = pod(cluster, name).await;
         assert_eq!(
             annotation(&pod, "lastgasp.io/termination-reason"),
             Some(REASON)
@@ -223,12 +233,12 @@ fn assert_pods_marked(server: &ApiServer) -> String {
         assert_eq!(disruption["reason"], "NodeKernelPanic");
         assert!(conditions.iter().any(|c| c["type"] == "Ready"));
         assert_eq!(
-            events_about(server, "Pod", name).len(),
+            cluster.events_about("Pod", name).await.len(),
             1,
             "one Event on {name}"
         );
     }
-    let node = server.get_json("nodes", None, NODE).unwrap().unwrap();
+    let node = cluster.get("nodes", None, NODE).await.unwrap();
     let node_source = annotation(&node, "lastgasp.io/termination-source")
         .unwrap()
         .to_owned();
@@ -239,13 +249,13 @@ fn assert_pods_marked(server: &ApiServer) -> String {
     node_source
 }
 
-fn assert_other_untouched(server: &ApiServer) {
+async fn assert_other_untouched(cluster: &Cluster) {
     for name in ["other-0", "other-1"] {
-        let pod = pod(server, name);
+        let pod = pod(cluster, name).await;
         assert!(pod["metadata"]["annotations"].is_null(), "{pod}");
-        assert_eq!(events_about(server, "Pod", name).len(), 0);
+        assert_eq!(cluster.events_about("Pod", name).await.len(), 0);
     }
-    let other = server.get_json("nodes", None, "other").unwrap().unwrap();
+    let other = cluster.get("nodes", None, "other").await.unwrap();
     assert!(other["metadata"]["annotations"].is_null(), "{other}");
 }
 
@@ -275,9 +285,9 @@ async fn channels(controller: &Controller) -> Vec<String> {
 async fn agent_sysrq_crash(version: KernelVersion) {
     let started = Instant::now();
     let kernel = fetch(version);
-    let server = ApiServer::start().await.unwrap();
-    seed(&server);
-    let controller = start_controller(&server).await;
+    let cluster = Cluster::start().await;
+    seed(&cluster).await;
+    let controller = start_controller(&cluster).await;
     let report_port = controller.report_addr().port();
     let netconsole_port = controller.netconsole_addr().port();
 
@@ -330,18 +340,18 @@ echo c > /proc/sysrq-trigger
 
     let crash = console(&vm, CRASH_MARKER);
     let panic = console(&vm, PANIC);
-    wait_for_marks(&server, &vm, Duration::from_secs(60)).await;
+    wait_for_marks(&cluster, &vm, Duration::from_secs(60)).await;
     // Both channels' datagrams are in before the marks are complete; give the second one's
     // merge a moment to be counted.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let written = last_write(&server);
+    let written = last_write(&cluster);
     println!(
         "{version}: panic line on the console to the controller's last write: {:.1} ms \
          (crash marker to last write: {:.1} ms)",
         millis_between(panic.at, written),
         millis_between(crash.at, written)
     );
-    let source = assert_pods_marked(&server);
+    let source = assert_pods_marked(&cluster).await;
     let channels = channels(&controller).await;
     println!("{version}: termination source {source:?}; incidents by channel: {channels:?}");
     for channel in ["netconsole", "agent"] {
@@ -353,7 +363,7 @@ echo c > /proc/sysrq-trigger
             vm.console_log()
         );
     }
-    assert_other_untouched(&server);
+    assert_other_untouched(&cluster).await;
     println!("{version}: scenario took {:?}", started.elapsed());
     controller.shutdown();
 }
@@ -415,9 +425,9 @@ impl Collector {
 async fn netconsole_outlives_the_agent(version: KernelVersion) {
     let started = Instant::now();
     let kernel = fetch(version);
-    let server = ApiServer::start().await.unwrap();
-    seed(&server);
-    let controller = start_controller(&server).await;
+    let cluster = Cluster::start().await;
+    seed(&cluster).await;
+    let controller = start_controller(&cluster).await;
     let port = controller.netconsole_addr().port();
     let wrong = Collector::start();
     let wrong_port = wrong.port;
@@ -526,15 +536,15 @@ echo c > /proc/sysrq-trigger
     // The panic, with no agent running.
     let crash = console(&vm, CRASH_MARKER);
     let panic = console(&vm, PANIC);
-    wait_for_marks(&server, &vm, Duration::from_secs(60)).await;
-    let written = last_write(&server);
+    wait_for_marks(&cluster, &vm, Duration::from_secs(60)).await;
+    let written = last_write(&cluster);
     println!(
         "{version}: panic line on the console to the controller's last write: {:.1} ms \
          (crash marker to last write: {:.1} ms)",
         millis_between(panic.at, written),
         millis_between(crash.at, written)
     );
-    assert_eq!(assert_pods_marked(&server), "netconsole");
+    assert_eq!(assert_pods_marked(&cluster).await, "netconsole");
     println!(
         "{version}: incidents by channel: {:?}",
         channels(&controller).await
@@ -543,7 +553,7 @@ echo c > /proc/sysrq-trigger
         !wrong.contains("Kernel panic"),
         "the removed target still sent the panic to the wrong port"
     );
-    assert_other_untouched(&server);
+    assert_other_untouched(&cluster).await;
     println!("{version}: scenario took {:?}", started.elapsed());
     controller.shutdown();
 }
@@ -553,11 +563,19 @@ async fn netconsole_configured_by_the_agent_reports_a_panic_after_the_agent_is_k
     netconsole_outlives_the_agent(KernelVersion::Debian61).await;
 }
 
-/// The ingest Service's EndpointSlice as the EndpointSlice controller writes it for a leader
-/// reached at the host (as the guest sees it) on these ports.
-fn ingest_slice(netconsole_port: u16, report_port: u16) -> Value {
-    json!({
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+/// Writes the ingest Service's EndpointSlice as v1.20's EndpointSlice controller would
+/// (discovery.k8s.io/v1beta1) for a leader reached at the host (as the guest sees it) on these
+/// ports.
+async fn put_ingest_slice(cluster: &Cluster, netconsole_port: u16, report_port: u16) {
+    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "discovery.k8s.io",
+        "v1beta1",
+        "EndpointSlice",
+    ));
+    let slices: Api<DynamicObject> =
+        Api::namespaced_with(cluster.admin().clone(), "lastgasp-system", &resource);
+    let slice = json!({
+        "apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
         "metadata": {
             "name": "lastgasp-controller-ingest-x7k2p", "namespace": "lastgasp-system",
             "labels": {
@@ -571,12 +589,20 @@ fn ingest_slice(netconsole_port: u16, report_port: u16) -> Value {
             { "name": "reports", "port": report_port, "protocol": "UDP" },
         ],
         "endpoints": [{ "addresses": [guest::HOST], "conditions": { "ready": true } }],
-    })
+    });
+    slices
+        .patch(
+            "lastgasp-controller-ingest-x7k2p",
+            &PatchParams::apply("endpointslice-controller.k8s.io").force(),
+            &Patch::Apply(&slice),
+        )
+        .await
+        .expect("write the ingest EndpointSlice");
 }
 
-/// The agent in cluster mode, as the DaemonSet runs it: the guest's kubeconfig points at the
-/// API test server through qemu's network, and the agent finds the controller from the ingest
-/// Service's EndpointSlices. First they name an old leader (a host socket that receives a
+/// The agent in cluster mode, as the DaemonSet runs it, as its ServiceAccount: the guest's
+/// kubeconfig points at the real API server through the fault proxy and qemu's network, and the
+/// agent finds the controller from the ingest Service's EndpointSlices. First they name an old leader (a host socket that receives a
 /// /dev/kmsg marker through the netconsole target made for it); then the leader moves and the
 /// agent re-points netconsole while it runs: the new target is created, the old one removed.
 /// The crash reaches the controller through both channels, nothing of it the old leader, and
@@ -584,17 +610,19 @@ fn ingest_slice(netconsole_port: u16, report_port: u16) -> Value {
 async fn in_cluster_agent_follows_the_controller(version: KernelVersion) {
     let started = Instant::now();
     let kernel = fetch(version);
-    let server = ApiServer::start().await.unwrap();
-    seed(&server);
-    let controller = start_controller(&server).await;
+    let cluster = Cluster::start().await;
+    seed(&cluster).await;
+    let controller = start_controller(&cluster).await;
     let report_port = controller.report_addr().port();
     let netconsole_port = controller.netconsole_addr().port();
     let old_leader = Collector::start();
-    server
-        .put_json("endpointslices", ingest_slice(old_leader.port, report_port))
-        .unwrap();
+    put_ingest_slice(&cluster, old_leader.port, report_port).await;
 
-    let kubeconfig = server.kubeconfig_yaml().replace("127.0.0.1", guest::HOST);
+    let kubeconfig = cluster
+        .proxy()
+        .kubeconfig_yaml(&User::service_account("lastgasp-system", "lastgasp-agent"))
+        .unwrap()
+        .replace("127.0.0.1", guest::HOST);
     let script = format!(
         "cat > /tmp/kubeconfig <<'KUBECONFIG_END'
 {kubeconfig}KUBECONFIG_END
@@ -628,9 +656,7 @@ echo c > /proc/sysrq-trigger
 
     // The leader moves: the slice now lists the controller's ports.
     let moved = Instant::now();
-    server
-        .put_json("endpointslices", ingest_slice(netconsole_port, report_port))
-        .unwrap();
+    put_ingest_slice(&cluster, netconsole_port, report_port).await;
     let ready = console(&vm, "lastgasp-vm: agent ready");
     println!(
         "{version}: slice changed to netconsole re-pointed (and panic probe seen): {:?}",
@@ -638,13 +664,13 @@ echo c > /proc/sysrq-trigger
     );
     let crash = console(&vm, CRASH_MARKER);
     console(&vm, PANIC);
-    wait_for_marks(&server, &vm, Duration::from_secs(60)).await;
+    wait_for_marks(&cluster, &vm, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     println!(
         "{version}: crash marker to the controller's last write: {:.1} ms",
-        millis_between(crash.at, last_write(&server))
+        millis_between(crash.at, last_write(&cluster))
     );
-    assert_pods_marked(&server);
+    assert_pods_marked(&cluster).await;
     let channels = channels(&controller).await;
     for channel in ["netconsole", "agent"] {
         let line =
@@ -660,7 +686,8 @@ echo c > /proc/sysrq-trigger
         "the removed target still sent the panic"
     );
     // Deleted by the controller or not, the Node got the agent's conditions first.
-    let condition_writes = server
+    let condition_writes = cluster
+        .proxy()
         .requests()
         .into_iter()
         .filter(|request| request.resource.as_deref() == Some("nodes/status"))
@@ -669,7 +696,7 @@ echo c > /proc/sysrq-trigger
         condition_writes > 0,
         "the in-cluster agent wrote no node conditions"
     );
-    assert_other_untouched(&server);
+    assert_other_untouched(&cluster).await;
     println!("{version}: scenario took {:?}", started.elapsed());
     controller.shutdown();
 }

@@ -59,6 +59,8 @@ pub fn main(task: VmTask) -> anyhow::Result<()> {
         } => boot(kernel, agent, pstore, crash_module),
         VmTask::Test { args } => {
             fetch()?;
+            // The controller in these tests talks to the real API server.
+            crate::kube::ensure()?;
             crate::run(
                 Command::new("cargo")
                     .args([
@@ -67,7 +69,7 @@ pub fn main(task: VmTask) -> anyhow::Result<()> {
                         "--package",
                         "lastgasp-tests",
                         "--features",
-                        "vm",
+                        "vm,kube",
                         "--test",
                         "vm_scenarios",
                         "--test",
