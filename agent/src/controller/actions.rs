@@ -140,6 +140,7 @@ impl Actions {
                 .await
                 .is_some()
             {
+                self.cluster.forget_node(&record.node, node.uid().as_deref());
                 self.count(&self.metrics.deleted, "node");
                 tracing::info!(node = record.node, "node deleted");
             }
@@ -201,12 +202,15 @@ impl Actions {
         if annotated.is_none() {
             return;
         }
+        // The Event and the condition are independent: written at once.
         let key = format!("{namespace}/{name}");
-        if self.first_event(pod.incident.as_deref(), record, "Pod", &key) {
-            self.count(&self.metrics.marked, "pod");
-            self.publish(&pod.object_ref(), verdict, "Terminating")
-                .await;
-        }
+        let event = async {
+            if self.first_event(pod.incident.as_deref(), record, "Pod", &key) {
+                self.count(&self.metrics.marked, "pod");
+                self.publish(&pod.object_ref(), verdict, "Terminating")
+                    .await;
+            }
+        };
 
         let condition = json!({
             "apiVersion": "v1",
@@ -226,10 +230,10 @@ impl Actions {
         );
         // A refused condition is logged by `retry`; the pod may still be deleted: its reason
         // is already in its annotations.
-        self.retry("set pod condition", || {
+        let condition = self.retry("set pod condition", || {
             api.patch_status(name, &params, &condition)
-        })
-        .await;
+        });
+        futures::join!(event, condition);
     }
 
     async fn delete_pod(&self, pod: Arc<PodRecord>) {
@@ -240,6 +244,7 @@ impl Actions {
             .await
             .is_some()
         {
+            self.cluster.forget_pod(&pod);
             self.count(&self.metrics.deleted, "pod");
         }
     }
@@ -502,7 +507,7 @@ mod tests {
         }
     }
 
-    fn actions(pods: &[&str]) -> (Actions, ApiServer, Arc<ControllerMetrics>) {
+    fn actions(pods: &[&str]) -> (Arc<Actions>, ApiServer, Arc<ControllerMetrics>) {
         let (client, server) = kube_mock::client();
         let node = Node {
             metadata: meta("worker-3", None, "uid-node"),
@@ -515,7 +520,7 @@ mod tests {
             instance: Some("replica-0".into()),
         };
         let actions = Actions::new(client, reporter, cluster, metrics.clone(), 16, false);
-        (actions, server, metrics)
+        (Arc::new(actions), server, metrics)
     }
 
     fn expect(call: &Call, method: &str, path: &str) {
@@ -544,7 +549,10 @@ mod tests {
             delete_pods: true,
             delete_node: true,
         };
-        let run = tokio::spawn(async move { actions.execute(&incident, plan).await });
+        let run = tokio::spawn({
+            let (actions, incident) = (actions.clone(), incident.clone());
+            async move { actions.execute(&incident, plan).await }
+        });
 
         let annotate = server.next().await;
         expect(&annotate, "PATCH", "/api/v1/nodes/worker-3");
@@ -645,6 +653,12 @@ mod tests {
         assert_eq!(count(&metrics.deleted, "pod"), 1);
         assert_eq!(count(&metrics.deleted, "node"), 1);
         assert_eq!(metrics.write_retries.get(), 1);
+
+        // Run again (the incident got a better title) before the watches report the
+        // deletions: nothing deleted here is written to again.
+        actions.execute(&incident, plan).await;
+        let late = server.next_within(Duration::from_secs(5)).await;
+        assert!(late.is_none(), "{:?}", late.map(|call| call.path().to_owned()));
     }
 
     #[tokio::test(start_paused = true)]

@@ -122,6 +122,27 @@ impl State {
             .collect();
     }
 
+    /// Replaces a node and its addresses; a node's status changes often (its kubelet), so
+    /// only its own addresses are re-indexed.
+    fn upsert_node(&mut self, node: Node) {
+        let name = node.name_any();
+        self.remove_node(&name);
+        for ip in addresses(&node) {
+            self.by_address.insert(ip, name.clone());
+        }
+        self.nodes.insert(name, Arc::new(slim_node(node)));
+    }
+
+    fn remove_node(&mut self, name: &str) {
+        if let Some(node) = self.nodes.remove(name) {
+            for ip in addresses(&node) {
+                if self.by_address.get(&ip).is_some_and(|owner| owner == name) {
+                    self.by_address.remove(&ip);
+                }
+            }
+        }
+    }
+
     fn upsert_pod(&mut self, pod: Pod) {
         let (pod, node) = PodRecord::of(pod);
         self.insert_pod(pod, node);
@@ -239,8 +260,39 @@ impl ClusterCache {
             .unwrap_or_default()
     }
 
+    /// Drops a pod this process just deleted, before its watch event arrives: a rerun of the
+    /// incident (a better title, a merge) then writes nothing to it.
+    pub fn forget_pod(&self, pod: &PodRecord) {
+        let key = (pod.namespace.clone(), pod.name.clone());
+        let mut state = self.write();
+        let same = state
+            .pod_nodes
+            .get(&key)
+            .and_then(|node| state.pods_by_node.get(node)?.get(&key))
+            .is_some_and(|cached| cached.uid == pod.uid);
+        if same {
+            state.remove_pod(&key);
+        }
+    }
+
+    /// Drops a node this process just deleted, as [`Self::forget_pod`].
+    pub fn forget_node(&self, name: &str, uid: Option<&str>) {
+        let mut state = self.write();
+        if state
+            .nodes
+            .get(name)
+            .is_some_and(|node| node.metadata.uid.as_deref() == uid)
+        {
+            state.remove_node(name);
+        }
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
         self.state.read().expect("cluster cache lock")
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().expect("cluster cache lock")
     }
 }
 
@@ -267,18 +319,12 @@ async fn watch_nodes(
             }
             watcher::Event::InitDone => {
                 state.nodes = std::mem::take(&mut relist);
+                state.reindex_addresses();
                 synced.send_modify(|(nodes, _)| *nodes = true);
             }
-            watcher::Event::Apply(node) => {
-                state
-                    .nodes
-                    .insert(node.name_any(), Arc::new(slim_node(node)));
-            }
-            watcher::Event::Delete(node) => {
-                state.nodes.remove(&node.name_any());
-            }
+            watcher::Event::Apply(node) => state.upsert_node(node),
+            watcher::Event::Delete(node) => state.remove_node(&node.name_any()),
         }
-        state.reindex_addresses();
     }
 }
 
