@@ -81,8 +81,9 @@ impl Cluster {
     }
 
     pub async fn namespace(&self, name: &str) {
-        let namespace = serde_json::from_value::<Namespace>(json!({ "metadata": { "name": name } }))
-            .expect("a Namespace");
+        let namespace =
+            serde_json::from_value::<Namespace>(json!({ "metadata": { "name": name } }))
+                .expect("a Namespace");
         Api::<Namespace>::all(self.admin.clone())
             .create(&PostParams::default(), &namespace)
             .await
