@@ -1,11 +1,14 @@
-//! The agent in a cluster (against the Kubernetes API test server): a thread hung in netlink
+//! The agent in a cluster, against the real kube-apiserver v1.20.2 as its own ServiceAccount
+//! under `deploy/`'s RBAC, through a fault-injecting proxy: a thread hung in netlink
 //! `recvfrom` inside a container's cgroup is named by namespace, pod and container, in its
 //! event and its metric series; the cgroup is a real one, named as a container runtime names
 //! it. The hang, and a stuck CNI plugin call, become conditions on the agent's Node and Events
 //! on the Node and the Pod. The last gasp of a panic line in /dev/kmsg goes to the controller's
-//! endpoints as its Service's EndpointSlices give them, following them when they change.
+//! endpoints as its Service's EndpointSlices give them (discovery.k8s.io/v1beta1, all v1.20
+//! serves), following them when they change.
 //!
 //! Every agent sees every hang on the machine, so the tests that make hangs run one at a time.
+//! Needs root and the binaries of `cargo xtask kube`.
 
 use std::{
     fs,
@@ -17,6 +20,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api,
+    api::{
+        ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+    },
+};
 use lastgasp::{
     agent::{
         Agent, AgentConfig,
@@ -26,9 +36,10 @@ use lastgasp::{
     wire::{self, AuthKey, Report, ReportKind},
 };
 use lastgasp_tests::{
-    apiserver::{ApiServer, Matcher},
     container::{ContainerCgroup, pod_with_container},
-    fixtures::{agent_config, events_about, wait_for},
+    faults::Matcher,
+    fixtures::agent_config,
+    kube::cluster::{Cluster, eventually},
     scrape,
 };
 use serde_json::{Value, json};
@@ -36,20 +47,35 @@ use tokio::sync::Mutex;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
-fn put_pod(server: &ApiServer, name: &str, node: &str, container_id: &str) {
-    server
-        .put_json(
-            "pods",
-            pod_with_container("shop", name, node, "app", container_id),
+/// A Pod in `shop` on `node` with one container, `app`, running as `container_id`: created,
+/// then its status written as kubelet would. Its UID.
+async fn put_pod(cluster: &Cluster, name: &str, node: &str, container_id: &str) -> String {
+    let pod = pod_with_container("shop", name, node, "app", container_id);
+    let pods: Api<Pod> = Api::namespaced(cluster.admin().clone(), "shop");
+    let created = pods
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(pod.clone()).unwrap(),
         )
-        .unwrap();
+        .await
+        .expect("create a pod");
+    let mut status = pod["status"].clone();
+    status["phase"] = json!("Running");
+    pods.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": status })),
+    )
+    .await
+    .expect("write a pod's status");
+    created.metadata.uid.expect("a UID")
 }
 
-async fn start_agent(server: &ApiServer, node: &str, cni_bin_dirs: Vec<PathBuf>) -> Agent {
+async fn start_agent(cluster: &Cluster, node: &str, cni_bin_dirs: Vec<PathBuf>) -> Agent {
     Agent::start(AgentConfig {
         cni_bin_dirs,
         cni_stuck_threshold: Duration::from_millis(500),
-        cluster: Some(server.client().await.unwrap()),
+        cluster: Some(cluster.client_as("lastgasp-agent").await),
         ..agent_config(node)
     })
     .await
@@ -60,9 +86,13 @@ async fn start_agent(server: &ApiServer, node: &str, cni_bin_dirs: Vec<PathBuf>)
 async fn a_hung_thread_is_named_by_its_pod_and_container() {
     let _one = ONE_AT_A_TIME.lock().await;
     let container_id = format!("{:064x}", 0x1a57_9a59_u64 + u64::from(std::process::id()));
-    let server = ApiServer::start().await.unwrap();
-    put_pod(&server, "web-0", "attribution-node", &container_id);
-    let agent = start_agent(&server, "attribution-node", Vec::new()).await;
+    let cluster = Cluster::start().await;
+    cluster.namespace("shop").await;
+    cluster
+        .node("attribution-node", "10.0.0.1", Some("boot-1"))
+        .await;
+    put_pod(&cluster, "web-0", "attribution-node", &container_id).await;
+    let agent = start_agent(&cluster, "attribution-node", Vec::new()).await;
     let mut events = agent.subscribe();
     let cgroup = ContainerCgroup::create(&container_id);
 
@@ -124,15 +154,16 @@ const NAMESPACE: &str = "lastgasp-system";
 const SERVICE: &str = "lastgasp-controller-ingest";
 const NETCONSOLE_PORT: u16 = 6666;
 
-/// One EndpointSlice of the ingest Service, as the EndpointSlice controller writes it: the
-/// Service's named UDP ports, the selected pods' addresses with their readiness.
+/// One EndpointSlice of the ingest Service, as v1.20's EndpointSlice controller writes it
+/// (discovery.k8s.io/v1beta1): the Service's named UDP ports, the selected pods' addresses
+/// with their readiness.
 fn endpoint_slice(name: &str, reports_port: u16, endpoints: &[(&str, bool)]) -> Value {
     let endpoints: Vec<Value> = endpoints
         .iter()
         .map(|(ip, ready)| json!({ "addresses": [ip], "conditions": { "ready": ready } }))
         .collect();
     json!({
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
         "metadata": {
             "name": name, "namespace": NAMESPACE,
             "labels": {
@@ -147,6 +178,25 @@ fn endpoint_slice(name: &str, reports_port: u16, endpoints: &[(&str, bool)]) -> 
         ],
         "endpoints": endpoints,
     })
+}
+
+fn endpoint_slices(cluster: &Cluster) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("discovery.k8s.io", "v1beta1", "EndpointSlice");
+    let resource = ApiResource::from_gvk_with_plural(&gvk, "endpointslices");
+    Api::namespaced_with(cluster.admin().clone(), NAMESPACE, &resource)
+}
+
+/// Creates or replaces a slice, as the admin.
+async fn put_slice(cluster: &Cluster, slice: Value) {
+    let name = slice["metadata"]["name"].as_str().unwrap().to_owned();
+    endpoint_slices(cluster)
+        .patch(
+            &name,
+            &PatchParams::apply("test-endpointslice-controller").force(),
+            &Patch::Apply(&slice),
+        )
+        .await
+        .unwrap_or_else(|error| panic!("write EndpointSlice {name}: {error}"));
 }
 
 /// Two controller pods on loopback, 127.0.0.1 and 127.0.0.2, listening on the same UDP port,
@@ -216,21 +266,20 @@ async fn endpoints_become(agent: &Agent, want: &ControllerEndpoints) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_last_gasp_follows_the_controller_endpoints() {
-    let server = ApiServer::start().await.unwrap();
+    let cluster = Cluster::start().await;
     let (a, b) = two_controller_sockets();
     let port = a.local_addr().unwrap().port();
     // The leader on 127.0.0.1; the other replica's slice is not there yet.
-    server
-        .put_json(
-            "endpointslices",
-            endpoint_slice("ingest-a", port, &[("127.0.0.1", true)]),
-        )
-        .unwrap();
+    put_slice(
+        &cluster,
+        endpoint_slice("ingest-a", port, &[("127.0.0.1", true)]),
+    )
+    .await;
     // Another Service's slice in the same namespace is not the controller's.
     let mut other = endpoint_slice("metrics-x", port, &[("127.0.0.9", true)]);
     other["metadata"]["labels"]["kubernetes.io/service-name"] =
         json!("lastgasp-controller-metrics");
-    server.put_json("endpointslices", other).unwrap();
+    put_slice(&cluster, other).await;
 
     let key = AuthKey::HmacSha256(b"discovery-test-key".to_vec());
     let agent = Agent::start(AgentConfig {
@@ -240,7 +289,7 @@ async fn the_last_gasp_follows_the_controller_endpoints() {
         }),
         auth_key: key.clone(),
         netlink_hang_threshold: Duration::from_secs(30),
-        cluster: Some(server.client().await.unwrap()),
+        cluster: Some(cluster.client_as("lastgasp-agent").await),
         ..agent_config("discovery-node")
     })
     .await
@@ -266,18 +315,16 @@ async fn the_last_gasp_follows_the_controller_endpoints() {
 
     // Leadership moves: the old leader's endpoint is not ready any more, the new leader's
     // endpoint comes in a second slice.
-    server
-        .put_json(
-            "endpointslices",
-            endpoint_slice("ingest-a", port, &[("127.0.0.1", false)]),
-        )
-        .unwrap();
-    server
-        .put_json(
-            "endpointslices",
-            endpoint_slice("ingest-b", port, &[("127.0.0.2", true)]),
-        )
-        .unwrap();
+    put_slice(
+        &cluster,
+        endpoint_slice("ingest-a", port, &[("127.0.0.1", false)]),
+    )
+    .await;
+    put_slice(
+        &cluster,
+        endpoint_slice("ingest-b", port, &[("127.0.0.2", true)]),
+    )
+    .await;
     endpoints_become(
         &agent,
         &ControllerEndpoints {
@@ -297,18 +344,40 @@ async fn the_last_gasp_follows_the_controller_endpoints() {
     );
 
     // No ready endpoint at all: the channel says so.
-    server
-        .delete_json("endpointslices", Some(NAMESPACE), "ingest-b")
-        .unwrap();
+    endpoint_slices(&cluster)
+        .delete("ingest-b", &DeleteParams::default())
+        .await
+        .expect("delete ingest-b");
     endpoints_become(&agent, &ControllerEndpoints::default()).await;
     agent.shutdown().await;
+    // The agent's watch, as its ServiceAccount: v1beta1, the only version served, allowed.
+    let slice_calls: Vec<_> = cluster
+        .proxy()
+        .requests()
+        .into_iter()
+        .filter(|request| request.resource.as_deref() == Some("endpointslices"))
+        .collect();
+    assert!(
+        slice_calls
+            .iter()
+            .any(|request| request.verb.as_deref() == Some("watch")),
+        "{slice_calls:#?}"
+    );
+    for request in &slice_calls {
+        assert!(
+            request.uri.starts_with(
+                "/apis/discovery.k8s.io/v1beta1/namespaces/lastgasp-system/endpointslices?"
+            ) && request.status == 200,
+            "{request:#?}"
+        );
+    }
 }
 
 // ---- Node conditions and Events ----
 
 /// The Node's condition of `type_`.
-fn condition(server: &ApiServer, node: &str, type_: &str) -> Option<Value> {
-    server.get_json("nodes", None, node).unwrap()?["status"]["conditions"]
+async fn condition(cluster: &Cluster, node: &str, type_: &str) -> Option<Value> {
+    cluster.get("nodes", None, node).await?["status"]["conditions"]
         .as_array()?
         .iter()
         .find(|condition| condition["type"] == type_)
@@ -327,16 +396,27 @@ fn timestamp(text: &str) -> jiff::Timestamp {
         .unwrap_or_else(|error| panic!("{text:?} is not a time: {error}"))
 }
 
+/// Every Event (events.k8s.io/v1) about `kind`/`name`, as JSON.
+async fn events_about(cluster: &Cluster, kind: &str, name: &str) -> Vec<Value> {
+    cluster
+        .list("events", None)
+        .await
+        .into_iter()
+        .filter(|event| event["regarding"]["kind"] == kind && event["regarding"]["name"] == name)
+        .collect()
+}
+
 /// The Events about `kind`/`name` of `type_` and `reason` that mention `needle`.
-fn events_with(
-    server: &ApiServer,
+async fn events_with(
+    cluster: &Cluster,
     kind: &str,
     name: &str,
     type_: &str,
     reason: &str,
     needle: &str,
 ) -> Vec<Value> {
-    events_about(server, kind, name)
+    events_about(cluster, kind, name)
+        .await
         .into_iter()
         .filter(|event| {
             event["type"] == type_
@@ -365,45 +445,41 @@ async fn a_hang_is_a_node_condition_and_events_on_node_and_pod_until_it_ends() {
     let node = "signals-node";
     let test_start = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(1);
     let container_id = format!("{:064x}", 0x5194_a150_u64 + u64::from(std::process::id()));
-    let server = ApiServer::start().await.unwrap();
+    let cluster = Cluster::start().await;
+    let cluster = &cluster;
+    cluster.namespace("shop").await;
+    cluster.node(node, "10.0.0.2", Some("boot-1")).await;
     // The Node as kubelet and an earlier agent left it: Ready; no hang since 2020 (a status
     // that does not change keeps its transition time); CNI calls stuck (the new agent sees
     // none, so that changes now).
-    server
-        .put_json(
-            "nodes",
-            json!({
-                "apiVersion": "v1", "kind": "Node",
-                "metadata": { "name": node },
-                "status": { "conditions": [
-                    { "type": "Ready", "status": "True", "reason": "KubeletReady" },
-                    { "type": "NetlinkRecvHung", "status": "False", "reason": "NoNetlinkRecvHang",
-                      "lastTransitionTime": "2020-01-01T00:00:00Z", "lastHeartbeatTime": "2020-01-01T00:00:00Z" },
-                    { "type": "CNICallsStuck", "status": "True", "reason": "CNIPluginCallsStuck",
-                      "lastTransitionTime": "2020-01-01T00:00:00Z", "lastHeartbeatTime": "2020-01-01T00:00:00Z" },
-                ]}
-            }),
+    Api::<k8s_openapi::api::core::v1::Node>::all(cluster.admin().clone())
+        .patch_status(
+            node,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": { "conditions": [
+                { "type": "Ready", "status": "True", "reason": "KubeletReady" },
+                { "type": "NetlinkRecvHung", "status": "False", "reason": "NoNetlinkRecvHang",
+                  "lastTransitionTime": "2020-01-01T00:00:00Z", "lastHeartbeatTime": "2020-01-01T00:00:00Z" },
+                { "type": "CNICallsStuck", "status": "True", "reason": "CNIPluginCallsStuck",
+                  "lastTransitionTime": "2020-01-01T00:00:00Z", "lastHeartbeatTime": "2020-01-01T00:00:00Z" },
+            ]}})),
         )
-        .unwrap();
-    put_pod(&server, "web-0", node, &container_id);
-    let pod_uid = server
-        .get_json("pods", Some("shop"), "web-0")
-        .unwrap()
-        .unwrap()["metadata"]["uid"]
-        .clone();
-    let agent = start_agent(&server, node, Vec::new()).await;
+        .await
+        .expect("write the Node's conditions");
+    let pod_uid = put_pod(cluster, "web-0", node, &container_id).await;
+    let agent = start_agent(cluster, node, Vec::new()).await;
 
     // Both conditions False from the start: the agent is watching.
-    wait_for("both conditions False", Duration::from_secs(10), || {
-        let cni = condition(&server, node, "CNICallsStuck");
+    eventually("both conditions False", Duration::from_secs(10), || async {
+        let cni = condition(cluster, node, "CNICallsStuck").await;
         field(
-            &condition(&server, node, "NetlinkRecvHung"),
+            &condition(cluster, node, "NetlinkRecvHung").await,
             "lastHeartbeatTime",
         ) != "2020-01-01T00:00:00Z"
             && field(&cni, "status") == "False"
     })
     .await;
-    let netlink = condition(&server, node, "NetlinkRecvHung");
+    let netlink = condition(cluster, node, "NetlinkRecvHung").await;
     assert_eq!(field(&netlink, "status"), "False");
     assert_eq!(field(&netlink, "reason"), "NoNetlinkRecvHang");
     assert_eq!(
@@ -415,52 +491,61 @@ async fn a_hang_is_a_node_condition_and_events_on_node_and_pod_until_it_ends() {
         "2020-01-01T00:00:00Z"
     );
     assert!(timestamp(field(&netlink, "lastHeartbeatTime")) >= test_start);
-    let cni = condition(&server, node, "CNICallsStuck");
+    let cni = condition(cluster, node, "CNICallsStuck").await;
     assert_eq!(field(&cni, "reason"), "NoCNICallsStuck");
     assert!(timestamp(field(&cni, "lastTransitionTime")) >= test_start);
     assert_eq!(
-        field(&condition(&server, node, "Ready"), "reason"),
+        field(&condition(cluster, node, "Ready").await, "reason"),
         "KubeletReady",
         "kubelet's condition is untouched"
     );
     let managed =
-        server.get_json("nodes", None, node).unwrap().unwrap()["metadata"]["managedFields"].clone();
+        cluster.get("nodes", None, node).await.unwrap()["metadata"]["managedFields"].clone();
     assert!(
         managed.as_array().unwrap().iter().any(|entry| {
             entry["manager"] == "lastgasp-agent"
                 && entry["operation"] == "Apply"
-                && entry["subresource"] == "status"
                 && entry["fieldsV1"]["f:status"]["f:conditions"]["k:{\"type\":\"NetlinkRecvHung\"}"]
                     .is_object()
         }),
         "server-side apply by lastgasp-agent: {managed:#}"
     );
+    // v1.20 does not name the subresource in managedFields: the proxy saw where it went.
+    let writes = cluster.writes_to(&format!("/nodes/{node}"));
+    assert!(
+        !writes.is_empty()
+            && writes.iter().all(|write| {
+                write.starts_with(&format!("PATCH /api/v1/nodes/{node}/status?"))
+                    && write.contains("fieldManager=lastgasp-agent")
+            }),
+        "{writes:#?}"
+    );
 
     // The API server fails the next two status writes and the next Event (with 500: kube's
     // client retries a 503 itself): both are retried, and neither holds up the other.
-    server.faults().fail_next(
+    let faults = cluster.proxy().faults();
+    faults.fail_next(
         Matcher::any().verb("patch").resource("nodes/status"),
         2,
         500,
     );
-    server
-        .faults()
-        .fail_next(Matcher::any().verb("create").resource("events"), 1, 500);
+    faults.fail_next(Matcher::any().verb("create").resource("events"), 1, 500);
 
     let cgroup = ContainerCgroup::create(&container_id);
     let mut child = cgroup.hang_in_netlink_recv(60);
     let pid = child.id();
     let thread = format!("python3 (pid {pid}, tid {pid}) in pod shop/web-0 container app");
-    wait_for(
+    let thread = thread.as_str();
+    eventually(
         "NetlinkRecvHung=True naming the thread",
         Duration::from_secs(20),
-        || {
-            let netlink = condition(&server, node, "NetlinkRecvHung");
-            field(&netlink, "status") == "True" && field(&netlink, "message").contains(&thread)
+        || async {
+            let netlink = condition(cluster, node, "NetlinkRecvHung").await;
+            field(&netlink, "status") == "True" && field(&netlink, "message").contains(thread)
         },
     )
     .await;
-    let hung = condition(&server, node, "NetlinkRecvHung");
+    let hung = condition(cluster, node, "NetlinkRecvHung").await;
     assert_eq!(field(&hung, "reason"), "ThreadBlockedInNetlinkRecv");
     let message = field(&hung, "message");
     assert!(
@@ -471,34 +556,33 @@ async fn a_hang_is_a_node_condition_and_events_on_node_and_pod_until_it_ends() {
     );
     let hung_since = timestamp(field(&hung, "lastTransitionTime"));
     assert!(hung_since >= test_start, "{hung:#?}");
-    assert_eq!(
-        server.faults().injected(),
-        3,
-        "the failed writes were retried"
-    );
+    assert_eq!(faults.injected(), 3, "the failed writes were retried");
 
     let pid_text = format!("pid {pid},");
-    wait_for(
+    let pid_text = pid_text.as_str();
+    eventually(
         "Warnings on the Node and the Pod",
         Duration::from_secs(10),
-        || {
+        || async {
             !events_with(
-                &server,
+                cluster,
                 "Node",
                 node,
                 "Warning",
                 "NetlinkRecvHung",
-                &pid_text,
+                pid_text,
             )
+            .await
             .is_empty()
                 && !events_with(
-                    &server,
+                    cluster,
                     "Pod",
                     "web-0",
                     "Warning",
                     "NetlinkRecvHung",
-                    &pid_text,
+                    pid_text,
                 )
+                .await
                 .is_empty()
         },
     )
@@ -506,21 +590,23 @@ async fn a_hang_is_a_node_condition_and_events_on_node_and_pod_until_it_ends() {
     // Many scans later, still one Warning per object for this hang.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let on_node = events_with(
-        &server,
+        cluster,
         "Node",
         node,
         "Warning",
         "NetlinkRecvHung",
-        &pid_text,
-    );
+        pid_text,
+    )
+    .await;
     let on_pod = events_with(
-        &server,
+        cluster,
         "Pod",
         "web-0",
         "Warning",
         "NetlinkRecvHung",
-        &pid_text,
-    );
+        pid_text,
+    )
+    .await;
     assert_eq!(
         (on_node.len(), on_pod.len()),
         (1, 1),
@@ -538,46 +624,48 @@ async fn a_hang_is_a_node_condition_and_events_on_node_and_pod_until_it_ends() {
         "kubectl describe pod finds it"
     );
     assert!(
-        on_pod["note"].as_str().unwrap().contains(&thread),
+        on_pod["note"].as_str().unwrap().contains(thread),
         "{on_pod:#}"
     );
 
     // The process ends: the condition clears, each object gets a Normal Event.
     child.kill().unwrap();
     child.wait().unwrap();
-    wait_for("NetlinkRecvHung=False", Duration::from_secs(10), || {
-        field(&condition(&server, node, "NetlinkRecvHung"), "status") == "False"
+    eventually("NetlinkRecvHung=False", Duration::from_secs(10), || async {
+        field(&condition(cluster, node, "NetlinkRecvHung").await, "status") == "False"
     })
     .await;
-    let cleared = condition(&server, node, "NetlinkRecvHung");
+    let cleared = condition(cluster, node, "NetlinkRecvHung").await;
     assert_eq!(field(&cleared, "reason"), "NetlinkRecvHangCleared");
     assert!(
         field(&cleared, "message").contains(&format!("The last hang: {thread}")),
         "{cleared:#?}"
     );
     assert!(timestamp(field(&cleared, "lastTransitionTime")) >= hung_since);
-    wait_for(
+    eventually(
         "Normal Events on the Node and the Pod",
         Duration::from_secs(10),
-        || {
+        || async {
             events_with(
-                &server,
+                cluster,
                 "Node",
                 node,
                 "Normal",
                 "NetlinkRecvHangCleared",
-                &pid_text,
+                pid_text,
             )
+            .await
             .len()
                 == 1
                 && events_with(
-                    &server,
+                    cluster,
                     "Pod",
                     "web-0",
                     "Normal",
                     "NetlinkRecvHangCleared",
-                    &pid_text,
+                    pid_text,
                 )
+                .await
                 .len()
                     == 1
         },
@@ -592,6 +680,14 @@ async fn a_hang_is_a_node_condition_and_events_on_node_and_pod_until_it_ends() {
         assert!(metrics.contains(line), "{line} not in\n{metrics}");
     }
     agent.shutdown().await;
+    // Every call the agent made was allowed by deploy/'s RBAC.
+    let refused: Vec<_> = cluster
+        .proxy()
+        .requests()
+        .into_iter()
+        .filter(|request| request.status == 403)
+        .collect();
+    assert!(refused.is_empty(), "{refused:#?}");
 }
 
 /// A temporary CNI directory with one plugin that runs until killed.
@@ -639,25 +735,19 @@ impl Drop for StuckPlugin {
 async fn stuck_cni_calls_are_a_node_condition_and_events_until_they_end() {
     let _one = ONE_AT_A_TIME.lock().await;
     let node = "cni-signals-node";
-    let server = ApiServer::start().await.unwrap();
-    server
-        .put_json(
-            "nodes",
-            json!({ "apiVersion": "v1", "kind": "Node", "metadata": { "name": node } }),
-        )
-        .unwrap();
-    put_pod(&server, "web-1", node, &format!("{:064x}", 1));
-    let pod_uid = server
-        .get_json("pods", Some("shop"), "web-1")
-        .unwrap()
-        .unwrap()["metadata"]["uid"]
-        .clone();
+    let cluster = Cluster::start().await;
+    let cluster = &cluster;
+    cluster.namespace("shop").await;
+    cluster.node(node, "10.0.0.3", Some("boot-1")).await;
+    let pod_uid = put_pod(cluster, "web-1", node, &format!("{:064x}", 1)).await;
     let plugins = StuckPlugin::new();
-    let agent = start_agent(&server, node, vec![plugins.path().to_owned()]).await;
-    wait_for(
+    let agent = start_agent(cluster, node, vec![plugins.path().to_owned()]).await;
+    eventually(
         "CNICallsStuck=False at start",
         Duration::from_secs(10),
-        || field(&condition(&server, node, "CNICallsStuck"), "reason") == "NoCNICallsStuck",
+        || async {
+            field(&condition(cluster, node, "CNICallsStuck").await, "reason") == "NoCNICallsStuck"
+        },
     )
     .await;
 
@@ -666,12 +756,12 @@ async fn stuck_cni_calls_are_a_node_condition_and_events_until_they_end() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let mut calls = [first, plugins.invoke("ghost")];
     let pids = calls.each_ref().map(Child::id);
-    wait_for("CNICallsStuck=True", Duration::from_secs(15), || {
-        field(&condition(&server, node, "CNICallsStuck"), "message")
+    eventually("CNICallsStuck=True", Duration::from_secs(15), || async {
+        field(&condition(cluster, node, "CNICallsStuck").await, "message")
             .starts_with("2 CNI plugin calls")
     })
     .await;
-    let stuck = condition(&server, node, "CNICallsStuck");
+    let stuck = condition(cluster, node, "CNICallsStuck").await;
     assert_eq!(field(&stuck, "status"), "True");
     assert_eq!(field(&stuck, "reason"), "CNIPluginCallsStuck");
     let message = field(&stuck, "message");
@@ -682,59 +772,64 @@ async fn stuck_cni_calls_are_a_node_condition_and_events_until_they_end() {
         )),
         "{message}"
     );
-    wait_for(
+    eventually(
         "Warnings on the Node and on web-1",
         Duration::from_secs(10),
-        || {
+        || async {
             !events_with(
-                &server,
+                cluster,
                 "Node",
                 node,
                 "Warning",
                 "CNICallsStuck",
                 "stuck-plugin ADD",
             )
+            .await
             .is_empty()
                 && !events_with(
-                    &server,
+                    cluster,
                     "Pod",
                     "web-1",
                     "Warning",
                     "CNICallStuck",
                     "stuck-plugin ADD",
                 )
+                .await
                 .is_empty()
         },
     )
     .await;
     let on_pod = events_with(
-        &server,
+        cluster,
         "Pod",
         "web-1",
         "Warning",
         "CNICallStuck",
         "stuck-plugin ADD",
-    );
+    )
+    .await;
     assert_eq!(on_pod.len(), 1, "{on_pod:#?}");
     assert_from_agent(&on_pod[0], node);
     assert_eq!(on_pod[0]["regarding"]["uid"], pod_uid);
     // One Node Event for the episode, however many calls pile up; the unknown pod gets none
     // of its own (its Event would have no uid to be found by).
     assert_eq!(
-        events_with(&server, "Node", node, "Warning", "CNICallsStuck", "").len(),
+        events_with(cluster, "Node", node, "Warning", "CNICallsStuck", "")
+            .await
+            .len(),
         1
     );
-    assert!(events_about(&server, "Pod", "ghost").is_empty());
+    assert!(events_about(cluster, "Pod", "ghost").await.is_empty());
 
     for call in &mut calls {
         call.kill().unwrap();
         call.wait().unwrap();
     }
-    wait_for("CNICallsStuck=False", Duration::from_secs(10), || {
-        field(&condition(&server, node, "CNICallsStuck"), "status") == "False"
+    eventually("CNICallsStuck=False", Duration::from_secs(10), || async {
+        field(&condition(cluster, node, "CNICallsStuck").await, "status") == "False"
     })
     .await;
-    let cleared = condition(&server, node, "CNICallsStuck");
+    let cleared = condition(cluster, node, "CNICallsStuck").await;
     assert_eq!(field(&cleared, "reason"), "CNICallsCleared");
     assert!(
         field(&cleared, "message").contains("The last stuck call: stuck-plugin ADD"),
@@ -744,23 +839,34 @@ async fn stuck_cni_calls_are_a_node_condition_and_events_until_they_end() {
         timestamp(field(&cleared, "lastTransitionTime"))
             >= timestamp(field(&stuck, "lastTransitionTime"))
     );
-    wait_for(
+    eventually(
         "Normal Events on the Node and on web-1",
         Duration::from_secs(10),
-        || {
-            events_with(&server, "Node", node, "Normal", "CNICallsCleared", "").len() == 1
+        || async {
+            events_with(cluster, "Node", node, "Normal", "CNICallsCleared", "")
+                .await
+                .len()
+                == 1
                 && events_with(
-                    &server,
+                    cluster,
                     "Pod",
                     "web-1",
                     "Normal",
                     "CNICallCleared",
                     "stuck-plugin ADD",
                 )
+                .await
                 .len()
                     == 1
         },
     )
     .await;
     agent.shutdown().await;
+    let refused: Vec<_> = cluster
+        .proxy()
+        .requests()
+        .into_iter()
+        .filter(|request| request.status == 403)
+        .collect();
+    assert!(refused.is_empty(), "{refused:#?}");
 }

@@ -1,10 +1,13 @@
 //! The deployment material in `deploy/`: the kustomizations render and validate against
-//! Kubernetes' schemas, the controller's RBAC allows every API call a real controller makes
-//! (and nothing it does not make), the alert rules pass promtool and its unit tests, and every
-//! metric the dashboard and the alerts use is exported by the real agent and controller.
+//! Kubernetes' schemas, the controller's and the agent's RBAC, applied to the real
+//! kube-apiserver v1.20.2, allow every API call the real controller and agent make as their
+//! ServiceAccounts (and nothing they do not make), the alert rules pass promtool and its unit
+//! tests, and every metric the dashboard and the alerts use is exported by the real agent and
+//! controller.
 //!
 //! Needs, besides root (the agent loads eBPF): `kubectl` (for `kubectl kustomize`),
-//! `kubernetes-validate` (PyPI) and `promtool` (Debian package `prometheus`).
+//! `kubernetes-validate` (PyPI), `promtool` (Debian package `prometheus`) and the binaries of
+//! `cargo xtask kube`.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -16,6 +19,14 @@ use std::{
     time::Duration,
 };
 
+use k8s_openapi::api::{
+    coordination::v1::Lease,
+    core::v1::{Pod, Secret},
+};
+use kube::{
+    Api,
+    api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, PostParams},
+};
 use lastgasp::{
     agent::{
         Agent, AgentConfig,
@@ -31,11 +42,9 @@ use lastgasp::{
     wire::{self, AuthKey, Report, ReportKind, ReportSource},
 };
 use lastgasp_tests::{
-    apiserver::ApiServer,
     blocking::{block_in_recvfrom, netlink_route_socket},
-    fixtures::{
-        agent_config, controller_config, now_ms, put_booted_node, replay_sysrq_capture, wait_for,
-    },
+    fixtures::{agent_config, controller_config, now_ms, replay_sysrq_capture},
+    kube::cluster::{Cluster, eventually},
     scrape,
 };
 use prometheus_client::registry::Registry;
@@ -376,35 +385,58 @@ fn agent_drops_exposition() -> String {
     body
 }
 
-fn seed(server: &ApiServer) {
-    put_booted_node(server, "node-b", "127.0.0.2", "boot-1");
-    // Two pods on node-b, and this controller replica's own pod (on another node).
+/// A real server with `deploy/`'s RBAC, node-b (127.0.0.2, booted as `boot-1`), two pods on
+/// node-b, and this controller replica's own pod (on another node).
+async fn seeded_cluster() -> Cluster {
+    let cluster = Cluster::start().await;
+    cluster.namespace("team").await;
+    cluster.node("node-b", "127.0.0.2", Some("boot-1")).await;
     for (name, namespace, node) in [
         ("b-0", "team", "node-b"),
         ("b-1", "team", "node-b"),
         ("lastgasp-controller-0", NAMESPACE, "node-c"),
     ] {
-        server
-            .put_json(
-                "pods",
-                json!({
-                    "apiVersion": "v1", "kind": "Pod",
-                    "metadata": { "name": name, "namespace": namespace },
-                    "spec": { "nodeName": node, "containers": [{ "name": "app", "image": "app" }] },
-                    "status": { "phase": "Running" }
-                }),
-            )
-            .unwrap();
+        cluster.pod(namespace, name, node).await;
+    }
+    cluster
+}
+
+/// The requests that reached the proxy that RBAC authorizes (resource requests), as RBAC
+/// sees them; panics if any was refused (403) or failed otherwise.
+fn accesses(cluster: &Cluster) -> BTreeSet<Access> {
+    let requests = cluster.proxy().requests();
+    let failed: Vec<_> = requests
+        .iter()
+        .filter(|request| request.status == 403 || request.status >= 500)
+        .collect();
+    assert!(failed.is_empty(), "calls refused or failed: {failed:#?}");
+    requests
+        .into_iter()
+        .filter_map(|request| {
+            Some(access(
+                request.verb.as_deref()?,
+                request.resource.as_deref()?,
+                &request.uri,
+            ))
+        })
+        .collect()
+}
+
+/// The status of a call that failed; panics on success.
+fn api_error_code<T: std::fmt::Debug>(result: kube::Result<T>) -> u16 {
+    match result {
+        Err(kube::Error::Api(status)) => status.code,
+        other => panic!("expected an API error, got {other:?}"),
     }
 }
 
 /// The controller, with one authenticated last-gasp report that it acts on (marking and
 /// deleting pods) and one malformed datagram that it drops.
 async fn controller_exposition() -> String {
-    let server = ApiServer::start().await.unwrap();
-    seed(&server);
+    let cluster = seeded_cluster().await;
+    let cluster = &cluster;
     let controller = Controller::start(
-        server.client().await.unwrap(),
+        cluster.client_as(CONTROLLER_SA).await,
         controller_config_with_key(Policy::DeletePods),
     )
     .await
@@ -437,13 +469,9 @@ async fn controller_exposition() -> String {
         .send_to(b"not a report", controller.report_addr())
         .unwrap();
     sender.send_to(&datagram, controller.report_addr()).unwrap();
-    wait_for("node-b's pods deleted", Duration::from_secs(10), || {
-        ["b-0", "b-1"].iter().all(|pod| {
-            server
-                .get_json("pods", Some("team"), pod)
-                .unwrap()
-                .is_none()
-        })
+    eventually("node-b's pods deleted", Duration::from_secs(10), || async {
+        cluster.get("pods", Some("team"), "b-0").await.is_none()
+            && cluster.get("pods", Some("team"), "b-1").await.is_none()
     })
     .await;
     scrape(controller.metrics_addr()).await
@@ -597,30 +625,30 @@ fn allowed(rules: &[(Option<String>, Value)], access: &Access) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn controller_rbac_allows_every_call_and_nothing_unused() {
-    let server = ApiServer::start().await.unwrap();
-    seed(&server);
+    let cluster = seeded_cluster().await;
+    let cluster = &cluster;
     // node-b's heartbeat Lease, never renewed again: netconsole evidence marks, the controller
     // reads the Lease until it has seen it unchanged for --node-dead-after, then deletes.
     let renewed = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(600);
-    server
-        .put_json(
-            "leases",
-            json!({
-                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                "metadata": { "name": "node-b", "namespace": "kube-node-lease" },
-                "spec": {
-                    "holderIdentity": "node-b",
-                    "leaseDurationSeconds": 40,
-                    "renewTime": renewed.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
-                }
-            }),
-        )
-        .unwrap();
+    let lease: Lease = serde_json::from_value(json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": { "name": "node-b", "namespace": "kube-node-lease" },
+        "spec": {
+            "holderIdentity": "node-b",
+            "leaseDurationSeconds": 40,
+            "renewTime": renewed.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+        }
+    }))
+    .unwrap();
+    Api::<Lease>::namespaced(cluster.admin().clone(), "kube-node-lease")
+        .create(&PostParams::default(), &lease)
+        .await
+        .expect("node-b's Lease");
 
     // What `lastgasp controller --leader-election --node-dead-after 1s` runs, with the
-    // default lease name and this replica's pod.
+    // default lease name and this replica's pod, as the controller's ServiceAccount.
     let election = LeaderElection::start(
-        server.client().await.unwrap(),
+        cluster.client_as(CONTROLLER_SA).await,
         LeaderConfig {
             namespace: NAMESPACE.into(),
             lease_name: "lastgasp-controller".into(),
@@ -631,7 +659,7 @@ async fn controller_rbac_allows_every_call_and_nothing_unused() {
         },
     );
     let labeller = tokio::spawn(leader::label_own_pod(
-        server.client().await.unwrap(),
+        cluster.client_as(CONTROLLER_SA).await,
         NAMESPACE.into(),
         "lastgasp-controller-0".into(),
         election.is_leader(),
@@ -639,30 +667,31 @@ async fn controller_rbac_allows_every_call_and_nothing_unused() {
     let mut config = controller_config_with_key(Policy::DeletePodsAndNode);
     config.node_dead_after = Duration::from_secs(1);
     config.leader = Some(election.is_leader());
-    let controller = Controller::start(server.client().await.unwrap(), config)
+    let controller_client = cluster.client_as(CONTROLLER_SA).await;
+    let controller = Controller::start(controller_client.clone(), config)
         .await
         .unwrap();
-    wait_for("own pod labelled leader", Duration::from_secs(10), || {
-        server
-            .get_json("pods", Some(NAMESPACE), "lastgasp-controller-0")
-            .unwrap()
-            .unwrap()["metadata"]["labels"][leader::LEADER_LABEL]
-            == "true"
-    })
+    eventually(
+        "own pod labelled leader",
+        Duration::from_secs(10),
+        || async {
+            cluster
+                .get("pods", Some(NAMESPACE), "lastgasp-controller-0")
+                .await
+                .unwrap()["metadata"]["labels"][leader::LEADER_LABEL]
+                == "true"
+        },
+    )
     .await;
 
     replay_sysrq_capture("127.0.0.2", controller.netconsole_addr());
-    wait_for(
+    eventually(
         "node-b and its pods deleted",
         Duration::from_secs(15),
-        || {
-            server.get_json("nodes", None, "node-b").unwrap().is_none()
-                && ["b-0", "b-1"].iter().all(|pod| {
-                    server
-                        .get_json("pods", Some("team"), pod)
-                        .unwrap()
-                        .is_none()
-                })
+        || async {
+            cluster.get("nodes", None, "node-b").await.is_none()
+                && cluster.get("pods", Some("team"), "b-0").await.is_none()
+                && cluster.get("pods", Some("team"), "b-1").await.is_none()
         },
     )
     .await;
@@ -672,17 +701,7 @@ async fn controller_rbac_allows_every_call_and_nothing_unused() {
     labeller.abort();
     drop(controller);
 
-    let made: BTreeSet<Access> = server
-        .requests()
-        .into_iter()
-        .filter_map(|request| {
-            Some(access(
-                request.verb.as_deref()?,
-                request.resource.as_deref()?,
-                &request.uri,
-            ))
-        })
-        .collect();
+    let made = accesses(cluster);
     let (_, documents) = kustomize("deploy/base");
     let rules = rules_of(&documents, CONTROLLER_SA);
     let refused: Vec<&Access> = made
@@ -715,6 +734,13 @@ async fn controller_rbac_allows_every_call_and_nothing_unused() {
             }
         }
     }
+
+    // What the grants leave out, the real authorizer refuses.
+    let secrets: Api<Secret> = Api::namespaced(controller_client, NAMESPACE);
+    assert_eq!(
+        api_error_code(secrets.list(&ListParams::default()).await),
+        403
+    );
 }
 
 #[test]
@@ -776,8 +802,8 @@ fn metric_names_are_read_from_promql() {
 }
 
 /// The status of node-b's condition `type_`.
-fn node_b_condition(server: &ApiServer, type_: &str) -> Option<String> {
-    let node = server.get_json("nodes", None, "node-b").unwrap()?;
+async fn node_b_condition(cluster: &Cluster, type_: &str) -> Option<String> {
+    let node = cluster.get("nodes", None, "node-b").await?;
     node["status"]["conditions"]
         .as_array()?
         .iter()
@@ -835,63 +861,84 @@ async fn agent_rbac_allows_exactly_its_calls() {
         BTreeSet::from([(NETCONSOLE_PORT, "UDP"), (REPORTS_PORT, "UDP")])
     );
 
-    let server = ApiServer::start().await.unwrap();
-    seed(&server);
-    server
-        .put_json(
-            "endpointslices",
-            json!({
-                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                "metadata": {
-                    "name": format!("{}-x7k2p", service.name), "namespace": service.namespace,
-                    "labels": {
-                        "kubernetes.io/service-name": service.name,
-                        "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
-                    },
-                },
-                "addressType": "IPv4",
-                "ports": [{ "name": REPORTS_PORT, "port": 6667, "protocol": "UDP" }],
-                "endpoints": [{ "addresses": ["127.0.0.1"], "conditions": { "ready": true } }],
-            }),
-        )
-        .unwrap();
-    // What the DaemonSet runs: the in-cluster agent, watching its own node's pods and the
-    // controller Service's EndpointSlices, writing its node's conditions and Events, through
-    // a netlink hang that comes and goes.
+    let cluster = seeded_cluster().await;
+    let cluster = &cluster;
+    // The Service's slice as v1.20's EndpointSlice controller writes it: v1beta1, the only
+    // version that server has.
+    let gvk = GroupVersionKind::gvk("discovery.k8s.io", "v1beta1", "EndpointSlice");
+    let slices = ApiResource::from_gvk_with_plural(&gvk, "endpointslices");
+    let slice: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
+        "metadata": {
+            "name": format!("{}-x7k2p", service.name), "namespace": service.namespace,
+            "labels": {
+                "kubernetes.io/service-name": service.name,
+                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+            },
+        },
+        "addressType": "IPv4",
+        "ports": [{ "name": REPORTS_PORT, "port": 6667, "protocol": "UDP" }],
+        "endpoints": [{ "addresses": ["127.0.0.1"], "conditions": { "ready": true } }],
+    }))
+    .unwrap();
+    Api::<DynamicObject>::namespaced_with(cluster.admin().clone(), &service.namespace, &slices)
+        .create(&PostParams::default(), &slice)
+        .await
+        .expect("the ingest Service's EndpointSlice");
+    // What the DaemonSet runs: the in-cluster agent as its ServiceAccount, watching its own
+    // node's pods and the controller Service's EndpointSlices, writing its node's conditions
+    // and Events, through a netlink hang that comes and goes.
+    let agent_client = cluster.client_as(AGENT_SA).await;
     let agent = Agent::start(AgentConfig {
         controller_service: Some(service.clone()),
         netlink_hang_threshold: Duration::from_millis(300),
-        cluster: Some(server.client().await.unwrap()),
+        cluster: Some(agent_client.clone()),
         ..agent_config("node-b")
     })
     .await
     .expect("agent starts (the tests must run as root)");
-    wait_for("the agent's two watches", Duration::from_secs(10), || {
-        let requests = server.requests();
-        ["pods", "endpointslices"].iter().all(|resource| {
-            requests.iter().any(|request| {
-                request.verb.as_deref() == Some("watch")
-                    && request.resource.as_deref() == Some(*resource)
+    eventually(
+        "the agent's two watches",
+        Duration::from_secs(10),
+        || async {
+            let requests = cluster.proxy().requests();
+            ["pods", "endpointslices"].iter().all(|resource| {
+                requests.iter().any(|request| {
+                    request.verb.as_deref() == Some("watch")
+                        && request.resource.as_deref() == Some(*resource)
+                })
             })
-        })
-    })
+        },
+    )
     .await;
-    assert_eq!(
-        agent.controller_endpoints().borrow().reports,
-        ["127.0.0.1:6667".parse::<SocketAddr>().unwrap()]
-    );
+    let mut endpoints = agent.controller_endpoints();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        endpoints.wait_for(|endpoints| {
+            endpoints.reports == ["127.0.0.1:6667".parse::<SocketAddr>().unwrap()]
+        }),
+    )
+    .await
+    .expect("the slice's endpoint")
+    .unwrap();
     let (_, hang) = block_in_recvfrom("lg-nl-rbac", netlink_route_socket, Duration::from_secs(2));
-    wait_for("NetlinkRecvHung=True", Duration::from_secs(10), || {
-        node_b_condition(&server, "NetlinkRecvHung").as_deref() == Some("True")
+    eventually("NetlinkRecvHung=True", Duration::from_secs(10), || async {
+        node_b_condition(cluster, "NetlinkRecvHung")
+            .await
+            .as_deref()
+            == Some("True")
     })
     .await;
     hang.join().unwrap();
-    wait_for("NetlinkRecvHung=False", Duration::from_secs(10), || {
-        node_b_condition(&server, "NetlinkRecvHung").as_deref() == Some("False")
+    eventually("NetlinkRecvHung=False", Duration::from_secs(10), || async {
+        node_b_condition(cluster, "NetlinkRecvHung")
+            .await
+            .as_deref()
+            == Some("False")
     })
     .await;
-    wait_for("the hang's Events", Duration::from_secs(10), || {
-        let events = server.list_json("events", Some("kube-system")).unwrap();
+    eventually("the hang's Events", Duration::from_secs(10), || async {
+        let events = cluster.list("events", Some("kube-system")).await;
         ["Warning", "Normal"].iter().all(|type_| {
             events
                 .iter()
@@ -901,17 +948,7 @@ async fn agent_rbac_allows_exactly_its_calls() {
     .await;
     agent.shutdown().await;
 
-    let made: BTreeSet<Access> = server
-        .requests()
-        .into_iter()
-        .filter_map(|request| {
-            Some(access(
-                request.verb.as_deref()?,
-                request.resource.as_deref()?,
-                &request.uri,
-            ))
-        })
-        .collect();
+    let made = accesses(cluster);
     let rules = rules_of(&documents, AGENT_SA);
     let refused: Vec<&Access> = made.iter().filter(|a| !allowed(&rules, a)).collect();
     assert!(refused.is_empty(), "RBAC refuses the agent: {refused:#?}");
@@ -953,6 +990,13 @@ async fn agent_rbac_allows_exactly_its_calls() {
     assert_eq!(
         granted, used,
         "the agent is granted exactly what it uses, where it uses it"
+    );
+
+    // What the grants leave out, the real authorizer refuses.
+    let pods: Api<Pod> = Api::namespaced(agent_client, "team");
+    assert_eq!(
+        api_error_code(pods.delete("b-0", &DeleteParams::default()).await),
+        403
     );
 }
 

@@ -1,6 +1,7 @@
 //! Where the controller is: the ready endpoints of its ingest Service, read from the Service's
-//! EndpointSlices (discovery.k8s.io/v1, label `kubernetes.io/service-name`) and kept current
-//! by a watch.
+//! EndpointSlices (label `kubernetes.io/service-name`) and kept current by a watch. The slices
+//! are read as discovery.k8s.io/v1 where the API server serves that version, else as v1beta1
+//! (Kubernetes 1.20 and older), chosen by API discovery.
 //!
 //! Pod addresses, not the Service's ClusterIP: the kernel's netconsole sends through netpoll,
 //! below netfilter, so kube-proxy's Service NAT never rewrites its packets and a ClusterIP
@@ -14,15 +15,21 @@ use std::{
     str::FromStr,
 };
 
-use futures::StreamExt as _;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use futures::{StreamExt as _, stream::BoxStream};
+use k8s_openapi::{
+    api::discovery::v1::EndpointSlice, apimachinery::pkg::apis::meta::v1::APIGroupList,
+};
 use kube::{
     Api, Client, ResourceExt as _,
+    api::{ApiResource, DynamicObject, GroupVersionKind},
     runtime::{WatchStreamExt as _, watcher},
 };
 use tokio::sync::watch;
 
-use crate::supervise::{Lifetime, Supervisor};
+use crate::{
+    kube_retry::{self, Backoff, OnConflict},
+    supervise::{Lifetime, Supervisor},
+};
 
 /// The label the EndpointSlice controller puts on every slice of a Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -142,21 +149,137 @@ impl ControllerEndpoints {
     }
 }
 
+const GROUP: &str = "discovery.k8s.io";
+
+/// The versions of discovery.k8s.io's EndpointSlice the agent reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SliceVersion {
+    V1,
+    /// Served from Kubernetes 1.17 to 1.24; the only version up to 1.20.
+    V1Beta1,
+}
+
+impl SliceVersion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::V1 => "v1",
+            Self::V1Beta1 => "v1beta1",
+        }
+    }
+
+    /// The version the server serves, by its API groups (`GET /apis`, which every
+    /// authenticated user may read): v1 if it serves it, else v1beta1, else none.
+    pub fn served(groups: &APIGroupList) -> Option<Self> {
+        let versions: Vec<&str> = groups
+            .groups
+            .iter()
+            .filter(|group| group.name == GROUP)
+            .flat_map(|group| &group.versions)
+            .map(|version| version.version.as_str())
+            .collect();
+        [Self::V1, Self::V1Beta1]
+            .into_iter()
+            .find(|wanted| versions.contains(&wanted.as_str()))
+    }
+}
+
+/// How often API discovery is tried again after a transient failure.
+const DISCOVERY_RETRIES: Backoff = Backoff {
+    first: std::time::Duration::from_millis(500),
+    max: std::time::Duration::from_secs(30),
+};
+
+type SliceEvents = BoxStream<'static, Result<watcher::Event<EndpointSlice>, watcher::Error>>;
+
+/// The watch of `service`'s slices in `version`, as v1 objects.
+fn slice_events(client: Client, service: &ServiceRef, version: SliceVersion) -> SliceEvents {
+    let config =
+        watcher::Config::default().labels(&format!("{SERVICE_NAME_LABEL}={}", service.name));
+    match version {
+        SliceVersion::V1 => {
+            let api = Api::<EndpointSlice>::namespaced(client, &service.namespace);
+            watcher(api, config).default_backoff().boxed()
+        }
+        SliceVersion::V1Beta1 => {
+            let gvk = GroupVersionKind::gvk(GROUP, "v1beta1", "EndpointSlice");
+            let resource = ApiResource::from_gvk_with_plural(&gvk, "endpointslices");
+            let api = Api::<DynamicObject>::namespaced_with(client, &service.namespace, &resource);
+            watcher(api, config)
+                .default_backoff()
+                .filter_map(|event| {
+                    std::future::ready(match event {
+                        Ok(event) => from_v1beta1(event).map(Ok),
+                        Err(error) => Some(Err(error)),
+                    })
+                })
+                .boxed()
+        }
+    }
+}
+
+/// A v1beta1 watch event as v1. What the agent reads of a slice (its labels, `addressType`,
+/// `ports`, the endpoints' `addresses` and `conditions.ready`) has the same name and meaning in
+/// both versions; the rest (v1beta1's `topology`) is dropped. A slice that does not read as v1
+/// is logged and left out.
+fn from_v1beta1(event: watcher::Event<DynamicObject>) -> Option<watcher::Event<EndpointSlice>> {
+    let convert = |object: DynamicObject| {
+        let name = object.name_any();
+        let mut value = serde_json::to_value(object).ok()?;
+        value["apiVersion"] = format!("{GROUP}/v1").into();
+        serde_json::from_value(value)
+            .inspect_err(|error| {
+                tracing::warn!(%error, slice = %name, "a v1beta1 EndpointSlice that is not a v1 one; ignored");
+            })
+            .ok()
+    };
+    Some(match event {
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitDone => watcher::Event::InitDone,
+        watcher::Event::InitApply(object) => watcher::Event::InitApply(convert(object)?),
+        watcher::Event::Apply(object) => watcher::Event::Apply(convert(object)?),
+        watcher::Event::Delete(object) => watcher::Event::Delete(convert(object)?),
+    })
+}
+
 /// Watches `service`'s EndpointSlices in a task of `tasks` and publishes its endpoints whenever
-/// they change. The channel starts empty; a relist publishes once, when complete.
+/// they change. The channel starts empty; a relist publishes once, when complete. The task
+/// first asks the server which EndpointSlice version it serves (retrying transient failures);
+/// it ends, failing the agent, if it serves none.
 pub fn watch_endpoints(
     client: Client,
     service: &ServiceRef,
     tasks: &mut Supervisor,
 ) -> watch::Receiver<ControllerEndpoints> {
     let (sender, receiver) = watch::channel(ControllerEndpoints::default());
-    let api = Api::<EndpointSlice>::namespaced(client, &service.namespace);
-    let config =
-        watcher::Config::default().labels(&format!("{SERVICE_NAME_LABEL}={}", service.name));
-    let events = watcher(api, config).default_backoff();
     let service = service.clone();
     tasks.spawn("controller-endpoints", Lifetime::Required, async move {
-        let mut events = std::pin::pin!(events);
+        let groups = kube_retry::call(
+            DISCOVERY_RETRIES,
+            OnConflict::Reread,
+            || client.list_api_groups(),
+            |error, delay| tracing::warn!(%error, ?delay, "API discovery failed; retrying"),
+        )
+        .await;
+        let version = match groups.as_ref().map(SliceVersion::served) {
+            Ok(Some(version)) => version,
+            Ok(None) => {
+                tracing::error!(
+                    %service,
+                    "the API server serves no discovery.k8s.io/v1 or v1beta1 EndpointSlices"
+                );
+                return;
+            }
+            Err(error) => {
+                tracing::error!(%error, %service, "API discovery failed");
+                return;
+            }
+        };
+        tracing::info!(
+            %service,
+            version = %format!("{GROUP}/{}", version.as_str()),
+            "watching the controller's EndpointSlices"
+        );
+        let mut events = slice_events(client, &service, version);
         let mut slices: BTreeMap<String, EndpointSlice> = BTreeMap::new();
         let mut relist = BTreeMap::new();
         while let Some(event) = events.next().await {
@@ -198,7 +321,134 @@ pub fn watch_endpoints(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::{health::Health, kube_mock};
+
+    /// `GET /apis` of a server whose discovery.k8s.io serves `versions`.
+    fn api_groups(versions: &[&str]) -> serde_json::Value {
+        let versions: Vec<serde_json::Value> = versions
+            .iter()
+            .map(|version| {
+                serde_json::json!({ "groupVersion": format!("{GROUP}/{version}"), "version": version })
+            })
+            .collect();
+        serde_json::json!({
+            "kind": "APIGroupList", "apiVersion": "v1",
+            "groups": [
+                { "name": "apps", "versions": [{ "groupVersion": "apps/v1", "version": "v1" }] },
+                { "name": GROUP, "versions": versions, "preferredVersion": versions[0] },
+            ],
+        })
+    }
+
+    /// The agent's watch of `ingest` against a mocked server, after its `GET /apis`.
+    async fn watching(
+        versions: &[&str],
+    ) -> (
+        watch::Receiver<ControllerEndpoints>,
+        kube_mock::ApiServer,
+        Supervisor,
+    ) {
+        let (client, mut server) = kube_mock::client();
+        let mut tasks = Supervisor::new(Health::default());
+        let endpoints = watch_endpoints(client, &ingest(), &mut tasks);
+        let discovery = server.next().await;
+        assert_eq!(
+            (discovery.method.as_str(), discovery.path()),
+            ("GET", "/apis")
+        );
+        discovery.respond(200, api_groups(versions));
+        (endpoints, server, tasks)
+    }
+
+    #[tokio::test]
+    async fn v1_slices_are_listed_and_watched_where_v1_is_served() {
+        let (mut endpoints, mut server, _tasks) = watching(&["v1", "v1beta1"]).await;
+        let selector = "kubernetes.io%2Fservice-name%3Dingest";
+        let list = server.next().await;
+        assert_eq!(
+            (list.method.as_str(), list.path()),
+            (
+                "GET",
+                "/apis/discovery.k8s.io/v1/namespaces/lastgasp-system/endpointslices"
+            )
+        );
+        assert_eq!(list.query("labelSelector"), Some(selector));
+        assert_eq!(list.query("watch"), None);
+        let mut first = serde_json::to_value(slice(serde_json::json!({
+            "metadata": { "name": "ingest-abcde" },
+            "addressType": "IPv4",
+            "ports": [{ "name": "reports", "port": 6667, "protocol": "UDP" }],
+            "endpoints": [{ "addresses": ["10.0.1.7"], "conditions": { "ready": true } }]
+        })))
+        .unwrap();
+        first["metadata"]["resourceVersion"] = "10".into();
+        list.respond(
+            200,
+            serde_json::json!({
+                "kind": "EndpointSliceList", "apiVersion": "discovery.k8s.io/v1",
+                "metadata": { "resourceVersion": "10" }, "items": [first],
+            }),
+        );
+        endpoints.changed().await.unwrap();
+        assert_eq!(
+            endpoints.borrow_and_update().reports,
+            ["10.0.1.7:6667".parse::<SocketAddr>().unwrap()]
+        );
+
+        // The watch, from the list's resourceVersion: the endpoint stops being ready.
+        let watch = server.next().await;
+        assert_eq!(
+            watch.path(),
+            "/apis/discovery.k8s.io/v1/namespaces/lastgasp-system/endpointslices"
+        );
+        assert_eq!(
+            (watch.query("watch"), watch.query("labelSelector")),
+            (Some("true"), Some(selector))
+        );
+        assert_eq!(watch.query("resourceVersion"), Some("10"));
+        let mut changed = first.clone();
+        changed["metadata"]["resourceVersion"] = "11".into();
+        changed["endpoints"][0]["conditions"]["ready"] = false.into();
+        watch.respond(
+            200,
+            serde_json::json!({ "type": "MODIFIED", "object": changed }),
+        );
+        endpoints.changed().await.unwrap();
+        assert_eq!(*endpoints.borrow(), ControllerEndpoints::default());
+    }
+
+    #[tokio::test]
+    async fn v1beta1_slices_are_watched_where_v1_is_not_served() {
+        let (_endpoints, mut server, _tasks) = watching(&["v1beta1"]).await;
+        let list = server.next().await;
+        assert_eq!(
+            list.path(),
+            "/apis/discovery.k8s.io/v1beta1/namespaces/lastgasp-system/endpointslices"
+        );
+        assert_eq!(
+            list.query("labelSelector"),
+            Some("kubernetes.io%2Fservice-name%3Dingest")
+        );
+    }
+
+    #[tokio::test]
+    async fn no_watch_where_no_endpointslice_version_is_served() {
+        let (_endpoints, mut server, mut tasks) = watching(&["v1alpha1"]).await;
+        let failure = tokio::time::timeout(Duration::from_secs(5), tasks.failed())
+            .await
+            .expect("the watch task ends, failing the agent");
+        assert_eq!(failure.task, "controller-endpoints");
+        assert!(
+            server
+                .next_within(Duration::from_millis(100))
+                .await
+                .is_none(),
+            "a request after discovery"
+        );
+    }
 
     fn ingest() -> ServiceRef {
         "lastgasp-system/ingest".parse().unwrap()
