@@ -81,8 +81,9 @@ impl Cluster {
     }
 
     pub async fn namespace(&self, name: &str) {
-        let namespace = serde_json::from_value::<Namespace>(json!({ "metadata": { "name": name } }))
-            .expect("a Namespace");
+        let namespace =
+            serde_json::from_value::<Namespace>(json!({ "metadata": { "name": name } }))
+                .expect("a Namespace");
         Api::<Namespace>::all(self.admin.clone())
             .create(&PostParams::default(), &namespace)
             .await
@@ -191,6 +192,17 @@ impl Cluster {
             .requests()
             .into_iter()
             .filter(|request| request.method != "GET" && request.uri.contains(fragment))
+            .map(|request| format!("{} {} {}", request.method, request.uri, request.status))
+            .collect()
+    }
+
+    /// Requests through the proxy that the server refused (401, 403) or found invalid (400,
+    /// 422), as `METHOD URI STATUS`: what the real authorizer or validation turned down.
+    pub fn refused(&self) -> Vec<String> {
+        self.proxy
+            .requests()
+            .into_iter()
+            .filter(|request| matches!(request.status, 400 | 401 | 403 | 422))
             .map(|request| format!("{} {} {}", request.method, request.uri, request.status))
             .collect()
     }
