@@ -1,6 +1,9 @@
-//! The controller's netconsole input under attack, for real: a controller against the in-repo
-//! Kubernetes API test server, datagrams over UDP on loopback. Node B's InternalIP is 127.0.0.2
-//! and node A's 127.0.0.3; node A plays the attacker, node B the victim.
+//! The controller's netconsole input under attack, for real: a controller against the real
+//! kube-apiserver, as its ServiceAccount under `deploy/`'s RBAC through the fault proxy,
+//! datagrams over UDP on loopback. Node B's InternalIP is 127.0.0.2 and node A's 127.0.0.3;
+//! node A plays the attacker, node B the victim.
+//!
+//! Needs the binaries of `cargo xtask kube`.
 
 use std::{
     net::{SocketAddr, UdpSocket},
@@ -12,8 +15,8 @@ use lastgasp::{
     wire::AuthKey,
 };
 use lastgasp_tests::{
-    apiserver::ApiServer,
-    fixtures::{annotation, controller_config, put_node, put_pod, sysrq_capture, wait_for},
+    fixtures::{annotation, controller_config, sysrq_capture},
+    kube::cluster::{Cluster, eventually},
     scrape,
 };
 
@@ -22,21 +25,33 @@ const ATTACKER: &str = "127.0.0.3";
 /// What the genuine panic's reason says, in its crash title or as its panic wrapper.
 const GENUINE: &str = "sysrq triggered crash";
 
-fn seed(server: &ApiServer) {
-    put_node(server, "node-a", ATTACKER);
-    put_node(server, "node-b", VICTIM);
+/// The real server with the two nodes (no boot id reported yet) and their pods in `team`.
+async fn seeded() -> Cluster {
+    let cluster = Cluster::start().await;
+    cluster.namespace("team").await;
+    cluster.node("node-a", ATTACKER, None).await;
+    cluster.node("node-b", VICTIM, None).await;
     for (pod, node) in [("b-0", "node-b"), ("b-1", "node-b"), ("a-0", "node-a")] {
-        put_pod(server, "team", pod, node);
+        cluster.pod("team", pod, node).await;
     }
+    cluster
 }
 
-async fn start(server: &ApiServer, policy: Policy) -> Controller {
+async fn start(cluster: &Cluster, policy: Policy) -> Controller {
     Controller::start(
-        server.client().await.unwrap(),
+        cluster.client_as("lastgasp-controller").await,
         controller_config(policy, AuthKey::HmacSha256(b"key".to_vec())),
     )
     .await
     .unwrap()
+}
+
+async fn termination_reason(cluster: &Cluster, pod: &str) -> Option<String> {
+    let pod = cluster
+        .get("pods", Some("team"), pod)
+        .await
+        .expect("the pod");
+    annotation(&pod, "lastgasp.io/termination-reason").map(str::to_owned)
 }
 
 /// Sends the capture's datagrams of the given formats from `ip`, one port per format.
@@ -80,15 +95,6 @@ async fn wait_for_metric(controller: &Controller, series: &str, at_least: u64, w
     }
 }
 
-fn writes(server: &ApiServer) -> Vec<String> {
-    server
-        .requests()
-        .into_iter()
-        .filter(|request| request.method != "GET")
-        .map(|request| format!("{} {}", request.method, request.uri))
-        .collect()
-}
-
 fn dropped(reason: &str) -> String {
     format!(
         r#"lastgasp_controller_datagrams_dropped_total{{channel="netconsole",reason="{reason}"}}"#
@@ -107,9 +113,8 @@ fn kind_incidents(kind: &str, framing: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn injected_panic_lines_open_no_incident_and_a_plain_one_says_so() {
-    let server = ApiServer::start().await.unwrap();
-    seed(&server);
-    let controller = start(&server, Policy::Annotate).await;
+    let cluster = seeded().await;
+    let controller = start(&cluster, Policy::Annotate).await;
     let to = controller.netconsole_addr();
     let extended = UdpSocket::bind((VICTIM, 0)).unwrap();
     let plain = UdpSocket::bind((VICTIM, 0)).unwrap();
@@ -143,7 +148,11 @@ async fn injected_panic_lines_open_no_incident_and_a_plain_one_says_so() {
     .await;
     // Longer than an incident's first report takes (it is sent on the triggering line).
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(writes(&server), Vec::<String>::new(), "nothing written");
+    assert_eq!(
+        cluster.writes_to("/"),
+        Vec::<String>::new(),
+        "nothing written"
+    );
     let metrics = scrape(controller.metrics_addr()).await;
     assert!(
         !metrics.contains("lastgasp_controller_netconsole_incidents_total{"),
@@ -175,20 +184,12 @@ async fn injected_panic_lines_open_no_incident_and_a_plain_one_says_so() {
     let metrics = scrape(controller.metrics_addr()).await;
     assert_eq!(value(&metrics, &netconsole_incidents("plain_line")), 1);
     assert_eq!(value(&metrics, &netconsole_incidents("extended_record")), 1);
-    let pod = server
-        .get_json("pods", Some("team"), "b-0")
-        .unwrap()
-        .unwrap();
     println!(
         "b-0 termination reason after both: {:?}",
-        annotation(&pod, "lastgasp.io/termination-reason")
+        termination_reason(&cluster, "b-0").await
     );
-    assert!(
-        server
-            .get_json("pods", Some("team"), "a-0")
-            .unwrap()
-            .is_some_and(|pod| annotation(&pod, "lastgasp.io/termination-reason").is_none())
-    );
+    assert_eq!(termination_reason(&cluster, "a-0").await, None);
+    assert_eq!(cluster.refused(), Vec::<String>::new());
 }
 
 /// The review's attack: one node floods extended datagrams of 64 KiB of short escaped lines
@@ -216,9 +217,8 @@ async fn storm(size: usize, reason: &str) {
     const STORM_DATAGRAMS: u64 = 100_000;
     const STORM_TIME: Duration = Duration::from_secs(6);
     const STORM_RATE: f64 = 10_000.0;
-    let server = ApiServer::start().await.unwrap();
-    seed(&server);
-    let controller = start(&server, Policy::Annotate).await;
+    let cluster = seeded().await;
+    let controller = start(&cluster, Policy::Annotate).await;
     let to = controller.netconsole_addr();
     let received = r#"lastgasp_controller_datagrams_received_total{channel="netconsole"}"#;
     let before = metric(&controller, received).await;
@@ -248,8 +248,7 @@ async fn storm(size: usize, reason: &str) {
     let panicked = Instant::now();
     replay(VICTIM, &["plain", "extended"], to);
     let victim_datagrams = sysrq_capture().len() as u64;
-    let mut marked = annotation_waiter(&server);
-    while !marked() && panicked.elapsed() < Duration::from_secs(10) {
+    while !victim_marked(&cluster).await && panicked.elapsed() < Duration::from_secs(10) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let latency = panicked.elapsed();
@@ -271,33 +270,26 @@ async fn storm(size: usize, reason: &str) {
     assert!(sent > 1000, "the storm ran ({sent} datagrams)");
     assert!(read > 0);
     assert!(latency < Duration::from_secs(5), "{latency:?}");
-    let a0 = server
-        .get_json("pods", Some("team"), "a-0")
-        .unwrap()
-        .unwrap();
-    assert!(annotation(&a0, "lastgasp.io/termination-reason").is_none());
+    assert_eq!(termination_reason(&cluster, "a-0").await, None);
+    assert_eq!(cluster.refused(), Vec::<String>::new());
 }
 
-fn annotation_waiter(server: &ApiServer) -> impl FnMut() -> bool + '_ {
-    move || {
-        ["b-0", "b-1"].iter().all(|pod| {
-            server
-                .get_json("pods", Some("team"), pod)
-                .unwrap()
-                .is_some_and(|pod| {
-                    annotation(&pod, "lastgasp.io/termination-reason")
-                        .is_some_and(|reason| reason.contains(GENUINE))
-                })
-        })
+/// Both of node B's pods carry the genuine panic's reason.
+async fn victim_marked(cluster: &Cluster) -> bool {
+    for pod in ["b-0", "b-1"] {
+        let reason = termination_reason(cluster, pod).await;
+        if !reason.is_some_and(|reason| reason.contains(GENUINE)) {
+            return false;
+        }
     }
+    true
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn many_ports_of_one_address_cannot_evict_another_nodes_partial_line() {
     const PORTS: usize = 6000;
-    let server = ApiServer::start().await.unwrap();
-    seed(&server);
-    let controller = start(&server, Policy::Annotate).await;
+    let cluster = seeded().await;
+    let controller = start(&cluster, Policy::Annotate).await;
     let to = controller.netconsole_addr();
 
     // The victim's plain target has sent half a line when the attack starts, its extended
@@ -361,6 +353,10 @@ async fn many_ports_of_one_address_cannot_evict_another_nodes_partial_line() {
         Duration::from_secs(5),
     )
     .await;
-    let reason = annotation_waiter(&server);
-    wait_for("node-b's pods marked", Duration::from_secs(10), reason).await;
+    eventually("node-b's pods marked", Duration::from_secs(10), || {
+        victim_marked(&cluster)
+    })
+    .await;
+    assert_eq!(termination_reason(&cluster, "a-0").await, None);
+    assert_eq!(cluster.refused(), Vec::<String>::new());
 }

@@ -1,5 +1,8 @@
-//! The `lastgasp controller` process against the API test server: a supervised task that
-//! panics makes `/healthz` answer 503 while the process stops, and the process exit with 1.
+//! The `lastgasp controller` process against the real kube-apiserver, as its ServiceAccount
+//! under `deploy/`'s RBAC through the fault proxy: a supervised task that panics makes
+//! `/healthz` answer 503 while the process stops, and the process exit with 1.
+//!
+//! Needs the binaries of `cargo xtask kube`.
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -9,8 +12,8 @@ use std::{
 };
 
 use lastgasp_tests::{
-    apiserver::ApiServer,
-    fixtures::{lastgasp_binary, put_node, put_pod},
+    fixtures::lastgasp_binary,
+    kube::{User, cluster::Cluster},
 };
 use serde_json::Value;
 
@@ -49,16 +52,28 @@ fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
 /// task and the panic; then the process exits with 1, the Lease released.
 #[test]
 fn a_task_that_panics_makes_the_controller_unhealthy_then_exit() {
+    // Its worker threads serve the proxy while the test waits on the process.
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let server = runtime.block_on(ApiServer::start()).unwrap();
-    put_node(&server, "node-a", "127.0.0.3");
-    put_pod(&server, "lastgasp-system", "controller-0", "node-a");
-    server.faults().set_latency(Duration::from_millis(200));
+    let cluster = runtime.block_on(async {
+        let cluster = Cluster::start().await;
+        cluster.node("node-a", "127.0.0.3", None).await;
+        cluster
+            .pod("lastgasp-system", "controller-0", "node-a")
+            .await;
+        cluster
+    });
+    let proxy = cluster.proxy();
+    proxy.faults().set_latency(Duration::from_millis(200));
     let kubeconfig = std::env::temp_dir().join(format!(
         "lastgasp-process-{}.kubeconfig",
         std::process::id()
     ));
-    std::fs::write(&kubeconfig, server.kubeconfig_yaml()).unwrap();
+    let controller_account = User::service_account("lastgasp-system", "lastgasp-controller");
+    std::fs::write(
+        &kubeconfig,
+        proxy.kubeconfig_yaml(&controller_account).unwrap(),
+    )
+    .unwrap();
 
     let mut controller = Running(
         Command::new(lastgasp_binary())
@@ -161,13 +176,13 @@ fn a_task_that_panics_makes_the_controller_unhealthy_then_exit() {
         .read_to_string(&mut stderr)
         .unwrap();
     assert!(stderr.contains(&format!("Error: {failure}")), "{stderr}");
-    let lease = server
-        .get_json("leases", Some("lastgasp-system"), "lastgasp-controller")
-        .unwrap()
+    let lease = runtime
+        .block_on(cluster.get("leases", Some("lastgasp-system"), "lastgasp-controller"))
         .expect("the leader Lease");
     assert!(
         lease["spec"]["holderIdentity"].is_null(),
         "released on the way out: {lease}"
     );
+    assert_eq!(cluster.refused(), Vec::<String>::new());
     std::fs::remove_file(&kubeconfig).unwrap();
 }

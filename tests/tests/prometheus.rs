@@ -1,7 +1,10 @@
 //! A real Prometheus server (Debian's `prometheus`) scrapes an in-cluster agent on loopback
 //! and answers, over its HTTP API, which threads are hung in a netlink `recvfrom`: one in a
 //! pod's container, named by the pod's labels, and one of the host, with none; and that a
-//! cleared hang's series goes away.
+//! cleared hang's series goes away. The agent watches its node's pods on the real
+//! kube-apiserver, as its ServiceAccount under `deploy/`'s RBAC through the fault proxy.
+//!
+//! Needs the binaries of `cargo xtask kube`.
 
 use std::{
     net::{SocketAddr, TcpListener},
@@ -10,14 +13,19 @@ use std::{
     time::{Duration, Instant},
 };
 
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api,
+    api::{Patch, PatchParams, PostParams},
+};
 use lastgasp::agent::{Agent, AgentConfig};
 use lastgasp_tests::{
-    apiserver::ApiServer,
     blocking::{block_in_recvfrom, netlink_route_socket},
     container::{ContainerCgroup, pod_with_container},
     fixtures::agent_config,
+    kube::cluster::Cluster,
 };
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// Stops Prometheus and removes its data when the test ends, passed or not.
@@ -95,6 +103,25 @@ async fn query(web: SocketAddr, promql: &str) -> Option<Vec<Value>> {
 
 const AGENT_NAMESPACE: &str = "lastgasp-system";
 const AGENT_POD: &str = "lastgasp-agent-x7k2p";
+const NODE: &str = "prometheus-node";
+
+/// The pod `shop/web-0` on [`NODE`], its container `app` running as `container_id`: created,
+/// then given the container's status through the status subresource, as kubelet would (a
+/// create resets a pod's status).
+async fn create_pod_with_container(cluster: &Cluster, container_id: &str) {
+    let pod = pod_with_container("shop", "web-0", NODE, "app", container_id);
+    let pods: Api<Pod> = Api::namespaced(cluster.admin().clone(), "shop");
+    pods.create(
+        &PostParams::default(),
+        &serde_json::from_value(pod.clone()).unwrap(),
+    )
+    .await
+    .expect("create the pod");
+    let status = json!({ "status": pod["status"] });
+    pods.patch_status("web-0", &PatchParams::default(), &Patch::Merge(status))
+        .await
+        .expect("write the pod's container status");
+}
 
 /// Polls an instant query until its result satisfies `done`, for at most `within`.
 async fn query_until(
@@ -118,16 +145,14 @@ async fn query_until(
 #[tokio::test(flavor = "multi_thread")]
 async fn prometheus_finds_the_hung_netlink_threads_and_their_pods() {
     let container_id = format!("{:064x}", 0x9e0_u64 + u64::from(std::process::id()));
-    let server = ApiServer::start().await.unwrap();
-    server
-        .put_json(
-            "pods",
-            pod_with_container("shop", "web-0", "prometheus-node", "app", &container_id),
-        )
-        .unwrap();
+    let cluster = Cluster::start().await;
+    // As kubelet registers it: the agent writes its hang conditions on it.
+    cluster.node(NODE, "127.0.0.4", Some("boot-1")).await;
+    cluster.namespace("shop").await;
+    create_pod_with_container(&cluster, &container_id).await;
     let agent = Agent::start(AgentConfig {
-        cluster: Some(server.client().await.unwrap()),
-        ..agent_config("prometheus-node")
+        cluster: Some(cluster.client_as("lastgasp-agent").await),
+        ..agent_config(NODE)
     })
     .await
     .expect("agent starts (the tests must run as root)");
@@ -191,4 +216,5 @@ async fn prometheus_finds_the_hung_netlink_threads_and_their_pods() {
     .expect("the cleared hang's series is gone from Prometheus");
     on_host.join().unwrap();
     agent.shutdown().await;
+    assert_eq!(cluster.refused(), Vec::<String>::new());
 }

@@ -195,6 +195,17 @@ impl Cluster {
             .map(|request| format!("{} {} {}", request.method, request.uri, request.status))
             .collect()
     }
+
+    /// Requests through the proxy that the server refused (401, 403) or found invalid (400,
+    /// 422), as `METHOD URI STATUS`: what the real authorizer or validation turned down.
+    pub fn refused(&self) -> Vec<String> {
+        self.proxy
+            .requests()
+            .into_iter()
+            .filter(|request| matches!(request.status, 400 | 401 | 403 | 422))
+            .map(|request| format!("{} {} {}", request.method, request.uri, request.status))
+            .collect()
+    }
 }
 
 /// The API path of a collection: `/api/v1/...` for the core group, `/apis/<group>/v1/...`.
