@@ -1,5 +1,5 @@
 //! A process "in a container" without a container runtime: a real cgroup named as kubelet and
-//! containerd name it, its Pod in the API test server, and a process in it that hangs in
+//! containerd name it, its Pod in the API server, and a process in it that hangs in
 //! netlink `recvfrom`, for the tests of the agent's pod attribution.
 
 use std::{

@@ -1,5 +1,4 @@
-//! Fault and latency injection, one implementation for both test servers: the in-repo
-//! [`crate::apiserver::ApiServer::faults`] and the proxy in front of the real kube-apiserver,
+//! Fault and latency injection for the proxy in front of the real kube-apiserver,
 //! [`crate::kube::proxy::FaultProxy::faults`].
 
 use std::sync::Mutex;

@@ -1,6 +1,6 @@
 //! Fixtures shared by the agent, controller, deploy and VM tests: an agent configuration for
-//! tests, seeded Nodes and Pods, a controller configuration on loopback, readers of what the
-//! controller wrote, and the `lastgasp` binary.
+//! tests, a controller configuration on loopback, the real sysrq netconsole capture, and the
+//! `lastgasp` binary.
 
 use std::{
     path::{Path, PathBuf},
@@ -13,9 +13,7 @@ use lastgasp::{
     health::Health,
     wire::AuthKey,
 };
-use serde_json::{Value, json};
-
-use crate::apiserver::ApiServer;
+use serde_json::Value;
 
 /// An agent for tests on this host, named `node`: standalone, metrics on an ephemeral loopback
 /// port, no controller, no netconsole or pstore, a 500 ms netlink hang threshold, the best
@@ -58,75 +56,9 @@ pub fn lastgasp_binary() -> PathBuf {
     target_dir.join(profile).join("lastgasp")
 }
 
-/// A Node whose InternalIP is `ip`: datagrams sent from that address come "from" it. It
-/// publishes no boot id, as a Node whose kubelet has not reported yet: the controller then
-/// cannot verify a report's boot, and no report from it deletes at once.
-pub fn put_node(server: &ApiServer, name: &str, ip: &str) {
-    server
-        .put_json("nodes", node_json(name, ip))
-        .expect("seed a node");
-}
-
-/// A Node as [`put_node`], whose kubelet reported `boot_id` in `status.nodeInfo.bootID`.
-pub fn put_booted_node(server: &ApiServer, name: &str, ip: &str, boot_id: &str) {
-    let mut node = node_json(name, ip);
-    node["status"]["nodeInfo"] = json!({
-        "architecture": "amd64", "bootID": boot_id, "containerRuntimeVersion": "containerd://1.6.20",
-        "kernelVersion": "6.1.0-57-cloud-amd64", "kubeProxyVersion": "v1.20.2",
-        "kubeletVersion": "v1.20.2", "machineID": name, "operatingSystem": "linux",
-        "osImage": "Debian GNU/Linux 12 (bookworm)", "systemUUID": name,
-    });
-    server.put_json("nodes", node).expect("seed a node");
-}
-
-fn node_json(name: &str, ip: &str) -> Value {
-    json!({
-        "apiVersion": "v1", "kind": "Node",
-        "metadata": { "name": name },
-        "status": { "addresses": [
-            { "type": "InternalIP", "address": ip },
-            { "type": "Hostname", "address": name },
-        ]}
-    })
-}
-
-/// The heartbeat Lease of `node` in `kube-node-lease`, renewed now.
-pub fn renew_node_lease(server: &ApiServer, node: &str) {
-    let now = k8s_openapi::jiff::Timestamp::now();
-    server
-        .put_json(
-            "leases",
-            json!({
-                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                "metadata": { "name": node, "namespace": "kube-node-lease" },
-                "spec": {
-                    "holderIdentity": node,
-                    "leaseDurationSeconds": 40,
-                    "renewTime": now.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
-                }
-            }),
-        )
-        .expect("renew a node lease");
-}
-
 /// Unix time now in milliseconds, as reports carry it.
 pub fn now_ms() -> u64 {
     k8s_openapi::jiff::Timestamp::now().as_millisecond() as u64
-}
-
-/// A running Pod bound to `node`, with the Ready condition kubelet would have written.
-pub fn put_pod(server: &ApiServer, namespace: &str, name: &str, node: &str) {
-    server
-        .put_json(
-            "pods",
-            json!({
-                "apiVersion": "v1", "kind": "Pod",
-                "metadata": { "name": name, "namespace": namespace },
-                "spec": { "nodeName": node, "containers": [{ "name": "app", "image": "app" }] },
-                "status": { "phase": "Running", "conditions": [{ "type": "Ready", "status": "True" }] }
-            }),
-        )
-        .expect("seed a pod");
 }
 
 /// A controller on loopback ports chosen by the kernel, with the shipped trust defaults: only a
@@ -154,16 +86,6 @@ pub fn controller_config(policy: Policy, auth_key: AuthKey) -> ControllerConfig 
 
 pub fn annotation<'a>(object: &'a Value, key: &str) -> Option<&'a str> {
     object["metadata"]["annotations"][key].as_str()
-}
-
-/// Every Event published about an object, from the API test server's store.
-pub fn events_about(server: &ApiServer, kind: &str, name: &str) -> Vec<Value> {
-    server
-        .list_json("events", None)
-        .expect("list events")
-        .into_iter()
-        .filter(|event| event["regarding"]["kind"] == kind && event["regarding"]["name"] == name)
-        .collect()
 }
 
 /// Polls `done` every 20 ms; fails the test after `within`.

@@ -1,7 +1,6 @@
-//! Shared test support: the Kubernetes API test server, the real kube-apiserver fixture and
+//! Shared test support: the real kube-apiserver fixture, its fault proxy, the VM harness and
 //! helpers used by tests/tests/.
 
-pub mod apiserver;
 pub mod blocking;
 pub mod container;
 pub mod faults;

@@ -710,8 +710,7 @@ async fn controller_rbac_allows_every_call_and_nothing_unused() {
         .collect();
     assert!(refused.is_empty(), "RBAC refuses: {refused:#?}");
 
-    // Least privilege: every granted verb is used, but the Event series patch, which
-    // kube's Recorder sends only for an Event repeated within its cache window.
+    // Least privilege: every granted verb is used.
     let mut used: HashMap<(String, String), BTreeSet<String>> = HashMap::new();
     for access in &made {
         used.entry((access.group.clone(), access.resource.clone()))
@@ -722,12 +721,9 @@ async fn controller_rbac_allows_every_call_and_nothing_unused() {
         for group in strings(&rule["apiGroups"]) {
             for resource in strings(&rule["resources"]) {
                 for verb in strings(&rule["verbs"]) {
-                    let exempt = (group, resource, verb) == ("events.k8s.io", "events", "patch");
                     assert!(
-                        exempt
-                            || used
-                                .get(&(group.to_owned(), resource.to_owned()))
-                                .is_some_and(|verbs| verbs.contains(verb)),
+                        used.get(&(group.to_owned(), resource.to_owned()))
+                            .is_some_and(|verbs| verbs.contains(verb)),
                         "RBAC grants `{verb}` on {group}/{resource}, which the controller never used"
                     );
                 }

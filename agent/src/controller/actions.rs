@@ -140,7 +140,8 @@ impl Actions {
                 .await
                 .is_some()
             {
-                self.cluster.forget_node(&record.node, node.uid().as_deref());
+                self.cluster
+                    .forget_node(&record.node, node.uid().as_deref());
                 self.count(&self.metrics.deleted, "node");
                 tracing::info!(node = record.node, "node deleted");
             }
@@ -658,7 +659,11 @@ mod tests {
         // deletions: nothing deleted here is written to again.
         actions.execute(&incident, plan).await;
         let late = server.next_within(Duration::from_secs(5)).await;
-        assert!(late.is_none(), "{:?}", late.map(|call| call.path().to_owned()));
+        assert!(
+            late.is_none(),
+            "{:?}",
+            late.map(|call| call.path().to_owned())
+        );
     }
 
     #[tokio::test(start_paused = true)]

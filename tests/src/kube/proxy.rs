@@ -1,7 +1,7 @@
 //! A fault-injecting proxy in front of a [`RealApiServer`]: plain HTTP on a loopback port,
 //! every request forwarded (method, path, query, headers with the caller's bearer token, body)
 //! to the real server over HTTPS, responses streamed back (watches included). The same
-//! [`Faults`] as the in-repo server's apply: the next N requests of a verb and resource fail
+//! [`Faults`] apply: the next N requests of a verb and resource fail
 //! with a `Status` of a given code before reaching the server, every request can be delayed,
 //! and open watch responses can be ended.
 //!
@@ -26,13 +26,13 @@ use axum::{
     Router,
     body::Body,
     extract::{Request, State},
-    response::{IntoResponse as _, Response},
+    response::Response,
 };
 use futures::StreamExt as _;
 use tokio::task::JoinHandle;
 
 use super::{RealApiServer, User};
-use crate::{apiserver::ApiError, faults::Faults};
+use crate::faults::Faults;
 
 /// One request that reached the proxy, in arrival order.
 #[derive(Clone, Debug)]
@@ -232,7 +232,11 @@ async fn forward(State(shared): State<Arc<Shared>>, request: Request) -> Respons
         .as_ref()
         .and_then(|(verb, resource)| shared.faults.take(verb, resource));
     let response = match injected {
-        Some(code) => ApiError::injected(code).into_response(),
+        Some(code) => status_response(
+            code,
+            injected_reason(code),
+            format!("injected fault ({code})"),
+        ),
         None => {
             let watching = classified.as_ref().is_some_and(|(verb, _)| verb == "watch");
             pass(&shared, parts, body, &uri, watching).await
@@ -301,5 +305,35 @@ async fn pass(
 
 fn bad_gateway(message: String) -> Response {
     tracing::warn!(%message, "proxy");
-    ApiError::new(502, "InternalError", message).into_response()
+    status_response(502, "InternalError", message)
+}
+
+/// The `Status.reason` the real server sends with `code`.
+fn injected_reason(code: u16) -> &'static str {
+    match code {
+        400 => "BadRequest",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "NotFound",
+        409 => "Conflict",
+        410 => "Expired",
+        429 => "TooManyRequests",
+        500 => "InternalError",
+        503 => "ServiceUnavailable",
+        504 => "Timeout",
+        _ => "Unknown",
+    }
+}
+
+/// An error as the real server sends it: a `Status` object with the HTTP code.
+fn status_response(code: u16, reason: &str, message: String) -> Response {
+    let status = serde_json::json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": message, "reason": reason, "code": code,
+    });
+    Response::builder()
+        .status(code)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Body::from(status.to_string()))
+        .expect("a valid response")
 }
