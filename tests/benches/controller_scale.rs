@@ -15,7 +15,9 @@
 //! `LASTGASP_SCALE_PODS` and `LASTGASP_SCALE_PANICS` shrink it for a quick run.
 
 use std::{
+    collections::HashMap,
     io::{BufRead as _, BufReader},
+    sync::{Arc, Mutex},
     net::{Ipv4Addr, SocketAddr, UdpSocket},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -134,9 +136,20 @@ where
     );
 }
 
+/// Where one pass over an incident spent its time, in ms from its first datagram, from the
+/// controller's `incident written` log line.
+#[derive(Clone, Copy, Debug)]
+struct Pass {
+    started: u64,
+    marked: u64,
+    done: u64,
+}
+
 /// The controller process; killed on drop.
 struct Controller {
     child: Child,
+    /// Every pass the controller logged, by node, in order.
+    passes: Arc<Mutex<HashMap<String, Vec<Pass>>>>,
     netconsole: SocketAddr,
     metrics: SocketAddr,
     synced_after: Duration,
@@ -180,13 +193,25 @@ impl Controller {
             .expect("the controller starts");
         let stdout = child.stdout.take().expect("its stdout");
         let (tx, rx) = std::sync::mpsc::channel();
+        let passes = Arc::new(Mutex::new(HashMap::<String, Vec<Pass>>::new()));
+        let logged = passes.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { return };
-                if let Ok(json) = serde_json::from_str::<Value>(&line)
-                    && json["message"] == "cluster cache synced; listening"
-                {
+                let Ok(json) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                if json["message"] == "cluster cache synced; listening" {
                     let _ = tx.send(json);
+                } else if json["message"] == "incident written" {
+                    let ms = |key: &str| json[key].as_u64().unwrap_or_default();
+                    let pass = Pass {
+                        started: ms("started_ms"),
+                        marked: ms("marked_ms"),
+                        done: ms("done_ms"),
+                    };
+                    let node = json["node"].as_str().unwrap_or_default().to_owned();
+                    logged.lock().unwrap().entry(node).or_default().push(pass);
                 }
             }
         });
@@ -195,6 +220,7 @@ impl Controller {
             .expect("the controller synced its cache");
         let address = |key: &str| synced[key].as_str().unwrap().parse().unwrap();
         Self {
+            passes,
             netconsole: address("netconsole_addr"),
             metrics: address("metrics_addr"),
             synced_after: started.elapsed(),
@@ -410,6 +436,7 @@ async fn main() -> anyhow::Result<()> {
 
     let pods_api: Api<Pod> = Api::namespaced(admin.clone(), "default");
     let mut times = Vec::new();
+    let mut phases = Vec::new();
     for victim in 0..panics {
         let took = panic_and_wait(&admin, &controller, victim).await;
         let left = pods_api
@@ -418,9 +445,31 @@ async fn main() -> anyhow::Result<()> {
             .items
             .len();
         assert_eq!(left, 0, "pods of {} left", node_name(victim));
-        println!("panic {victim}: first datagram → node deleted {took:?}");
+        let first_pass = controller
+            .passes
+            .lock()
+            .unwrap()
+            .get(&node_name(victim))
+            .and_then(|passes| passes.first().copied());
+        println!(
+            "panic {victim}: first datagram → node deleted {took:?}; the controller's first pass \
+             (ms from the datagram it received): {first_pass:?}"
+        );
         times.push(took);
+        phases.extend(first_pass);
     }
+    let median = |phase: fn(&Pass) -> u64| {
+        let mut values: Vec<u64> = phases.iter().map(phase).collect();
+        values.sort();
+        values.get(values.len() / 2).copied().unwrap_or_default()
+    };
+    println!(
+        "where the time goes (medians, ms from the first datagram received): executor started \
+         {}, node and pods marked {}, pods and node deleted {}",
+        median(|pass| pass.started),
+        median(|pass| pass.marked),
+        median(|pass| pass.done)
+    );
     times.sort();
     println!(
         "first datagram → last write over {panics} panics: p50 {:?}, p99 {:?}, max {:?}",

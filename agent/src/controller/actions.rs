@@ -12,7 +12,7 @@ use std::{
     collections::HashSet,
     future::Future,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures::StreamExt as _;
@@ -75,9 +75,21 @@ impl Actions {
     /// Carries out an incident's plan: [`Actions::mark`], then [`Actions::delete`]. Returns once
     /// every write has succeeded or is moot.
     pub async fn execute(&self, incident: &Incident, plan: Plan) {
+        let since = |at: Instant| at.duration_since(incident.first_datagram).as_millis() as u64;
+        let started = Instant::now();
         self.write_marks(incident, plan).await;
+        let marked = Instant::now();
         self.write_deletions(incident, plan).await;
         self.observe_last_write(incident);
+        // Where an incident's time goes, from its first datagram.
+        tracing::info!(
+            node = incident.record.node,
+            id = incident.record.id,
+            started_ms = since(started),
+            marked_ms = since(marked),
+            done_ms = since(Instant::now()),
+            "incident written"
+        );
     }
 
     /// Writes the reason on the node (with the plan, to resume from) and on every pod that was
