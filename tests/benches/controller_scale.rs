@@ -17,9 +17,9 @@
 use std::{
     collections::HashMap,
     io::{BufRead as _, BufReader},
-    sync::{Arc, Mutex},
     net::{Ipv4Addr, SocketAddr, UdpSocket},
     process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
