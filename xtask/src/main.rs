@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | run | test | lint | vm`.
+//! Project tasks: `cargo xtask setup | run | test | lint | kube | image | cluster | vm`.
 //!
 //! `setup` installs what building the eBPF programs needs (the nightly pinned in
 //! `agent-ebpf/rust-toolchain.toml` with rust-src, bpf-linker 0.10.3) and, for the tests,
@@ -6,6 +6,7 @@
 //! once into a cache outside `target/`), and the VM harness's qemu, busybox-static and kernels;
 //! `run`, `test` and `lint` call it first, so a fresh machine needs nothing else.
 
+mod image;
 mod kube;
 #[path = "../../agent-ebpf/toolchain.rs"]
 mod toolchain;
@@ -49,6 +50,10 @@ enum Task {
     /// they are cached outside `target/` (`$XDG_CACHE_HOME/lastgasp/kubernetes-1.20.2/`, else
     /// `~/.cache/lastgasp/...`, or `$LASTGASP_KUBE_BIN_DIR`). Prints the binaries' paths.
     Kube,
+    /// Build the container image from `Dockerfile` with podman and no registry (the binary
+    /// cargo builds here, a debootstrap base cached outside `target/`); prints its size and
+    /// writes an OCI archive.
+    Image(image::ImageArgs),
     /// The VM end-to-end harness: Debian kernels under QEMU.
     #[command(subcommand)]
     Vm(vm::VmTask),
@@ -101,6 +106,7 @@ fn main() -> anyhow::Result<()> {
             ]))
         }
         Task::Kube => kube::main(),
+        Task::Image(args) => image::main(args),
         Task::Vm(task) => vm::main(task),
     }
 }
@@ -185,4 +191,35 @@ fn run(command: &mut Command) -> anyhow::Result<()> {
         bail!("{command:?} failed: {status}");
     }
     Ok(())
+}
+
+/// Installs with apt-get the Debian packages of the `(program, package)` pairs whose program is
+/// not on `PATH`.
+fn install_programs(tools: &[(&str, &str)]) -> anyhow::Result<()> {
+    let mut missing: Vec<&str> = tools
+        .iter()
+        .filter(|(program, _)| find_program(program).is_none())
+        .map(|(_, package)| *package)
+        .collect();
+    missing.dedup();
+    apt_install(&missing)
+}
+
+/// `apt-get install` of `packages` (none: nothing is run).
+fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    if packages.is_empty() {
+        return Ok(());
+    }
+    println!("installing {}", packages.join(" "));
+    run(Command::new("apt-get").args(["update", "-qq"])).context("apt-get update")?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(packages))
+    .with_context(|| format!("installing {}", packages.join(" ")))
+}
+
+fn find_program(program: &str) -> Option<std::path::PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(program))
+        .find(|path| path.is_file())
 }
