@@ -59,7 +59,9 @@ pub fn build(workspace: &Path, output: &Path) -> anyhow::Result<()> {
     let build_started = Instant::now();
     crate::run(
         podman()
-            .args(["build", "--pull=never", "--build-arg", "BINARY=prebuilt"])
+            // The host's network for apt-get: no CNI bridge, netns or firewall rules of podman's.
+            .args(["build", "--pull=never", "--network", "host"])
+            .args(["--build-arg", "BINARY=prebuilt"])
             .args(["--tag", IMAGE, "--file", "Dockerfile", "."])
             .current_dir(workspace),
     )
@@ -188,3 +190,78 @@ pub fn workspace_root() -> anyhow::Result<PathBuf> {
     }
     Ok(root.to_owned())
 }
+
+/// The sandbox ("pause") image of the test cluster's containerd, tagged [`PAUSE_IMAGE`]: a
+/// static C program that sleeps in `pause()`, reaps children and exits on SIGINT or SIGTERM,
+/// in an image `FROM scratch`. Its OCI archive is cached beside the Kubernetes binaries.
+pub fn pause_image() -> anyhow::Result<PathBuf> {
+    let archive = crate::kube::bin_dir::cache_root()
+        .context("no cache directory: set $HOME or $XDG_CACHE_HOME")?
+        .join(crate::kube::bin_dir::PAUSE_ARCHIVE);
+    if archive.is_file() {
+        return Ok(archive);
+    }
+    crate::install_programs(&[("gcc", "gcc")])?;
+    if !Path::new("/usr/include/signal.h").is_file() {
+        crate::apt_install(&["libc6-dev"])?;
+    }
+    crate::install_programs(TOOLS)?;
+    let dir = archive.with_extension("build");
+    if dir.exists() {
+        fs::remove_dir_all(&dir)?;
+    }
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    fs::write(dir.join("pause.c"), PAUSE_C)?;
+    fs::write(
+        dir.join("Dockerfile"),
+        "FROM scratch\nCOPY pause /pause\nENTRYPOINT [\"/pause\"]\n",
+    )?;
+    crate::run(
+        Command::new("gcc")
+            .args(["-static", "-O2", "-o", "pause", "pause.c"])
+            .current_dir(&dir),
+    )
+    .context("compiling pause")?;
+    crate::run(
+        podman()
+            .args(["build", "--pull=never", "--tag", PAUSE_IMAGE, "."])
+            .current_dir(&dir),
+    )
+    .context("podman build of the pause image")?;
+    let partial = archive.with_extension("partial");
+    let _ = fs::remove_file(&partial);
+    crate::run(
+        podman()
+            .args(["save", "--format", "oci-archive", "--output"])
+            .arg(&partial)
+            .arg(PAUSE_IMAGE),
+    )
+    .context("podman save of the pause image")?;
+    fs::rename(&partial, &archive)?;
+    fs::remove_dir_all(&dir)?;
+    Ok(archive)
+}
+
+/// The name containerd's CRI plugin runs sandboxes with (`sandbox_image`).
+const PAUSE_IMAGE: &str = "localhost/lastgasp-pause:1";
+
+const PAUSE_C: &str = r#"#include <signal.h>
+#include <stddef.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static void stop(int sig) { (void)sig; _exit(0); }
+
+static void reap(int sig) {
+    (void)sig;
+    while (waitpid(-1, NULL, WNOHANG) > 0) {
+    }
+}
+
+int main(void) {
+    signal(SIGINT, stop);
+    signal(SIGTERM, stop);
+    signal(SIGCHLD, reap);
+    for (;;) pause();
+}
+"#;

@@ -6,6 +6,7 @@
 //! once into a cache outside `target/`), and the VM harness's qemu, busybox-static and kernels;
 //! `run`, `test` and `lint` call it first, so a fresh machine needs nothing else.
 
+mod cluster;
 mod image;
 mod kube;
 #[path = "../../agent-ebpf/toolchain.rs"]
@@ -54,6 +55,11 @@ enum Task {
     /// cargo builds here, a debootstrap base cached outside `target/`); prints its size and
     /// writes an OCI archive.
     Image(image::ImageArgs),
+    /// The single-node test cluster (kubelet, containerd, control plane as plain processes) in
+    /// the background: `up` starts it and prints its KUBECONFIG, `down` stops it and restores
+    /// the host.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterTask),
     /// The VM end-to-end harness: Debian kernels under QEMU.
     #[command(subcommand)]
     Vm(vm::VmTask),
@@ -107,6 +113,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Kube => kube::main(),
         Task::Image(args) => image::main(args),
+        Task::Cluster(task) => cluster::main(task),
         Task::Vm(task) => vm::main(task),
     }
 }
