@@ -2,8 +2,11 @@
 //!
 //! `setup` installs what building the eBPF programs needs (the nightly pinned in
 //! `agent-ebpf/rust-toolchain.toml` with rust-src, bpf-linker 0.10.3) and, for the tests,
-//! promtool, kubernetes-validate, the real kube-apiserver and etcd (`cargo xtask kube`, built
-//! once into a cache outside `target/`), and the VM harness's qemu, busybox-static and kernels;
+//! promtool, kubernetes-validate, the real kube-apiserver, etcd, kubelet, kube-scheduler and
+//! kube-controller-manager (`cargo xtask kube`, built once into a cache outside `target/`), the
+//! single-node cluster's Debian packages (containerd, runc, CNI plugins, podman, debootstrap)
+//! and images (`cargo xtask image`, the pause image), and the VM harness's qemu,
+//! busybox-static and kernels;
 //! `run`, `test` and `lint` call it first, so a fresh machine needs nothing else.
 
 mod cluster;
@@ -47,7 +50,8 @@ enum Task {
     /// `cargo fmt --check`, and clippy with `-D warnings` on the host crates and, with the pinned
     /// nightly, on the eBPF programs.
     Lint,
-    /// Build kube-apiserver v1.20.2 and fetch etcd for the tests of `tests/src/kube/`, once:
+    /// Build kube-apiserver, kubelet, kube-scheduler, kube-controller-manager v1.20.2 and fetch
+    /// etcd for the tests of `tests/src/kube/`, once:
     /// they are cached outside `target/` (`$XDG_CACHE_HOME/lastgasp/kubernetes-1.20.2/`, else
     /// `~/.cache/lastgasp/...`, or `$LASTGASP_KUBE_BIN_DIR`). Prints the binaries' paths.
     Kube,
@@ -169,6 +173,10 @@ fn setup(for_tests: bool) -> anyhow::Result<()> {
     if for_tests {
         kube::ensure()
             .context("building the real API server for the tests (`cargo xtask kube`)")?;
+        cluster::ensure().context(
+            "preparing the single-node cluster's packages and images for the tests \
+             (`cargo xtask cluster up` does the same)",
+        )?;
     }
     if for_tests && output("promtool", &["--version"]).is_none() {
         run(Command::new("apt-get").arg("update")).context("apt-get update")?;
