@@ -52,7 +52,7 @@ pub fn ensure() -> anyhow::Result<Vec<PathBuf>> {
 }
 
 /// containerd, runc, `ip` and the CNI plugins, from Debian.
-pub fn install() -> anyhow::Result<()> {
+fn install() -> anyhow::Result<()> {
     crate::install_programs(TOOLS)?;
     if !Path::new("/usr/lib/cni/bridge").is_file() {
         crate::apt_install(&["containernetworking-plugins"])?;
