@@ -46,6 +46,7 @@ pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
 /// The sandbox image, imported from [`bin_dir::PAUSE_ARCHIVE`].
 const PAUSE_IMAGE: &str = "localhost/lastgasp-pause:1";
 const BRIDGE: &str = "lg-cni0";
+const CNI_CONFLIST: &str = "cni/10-lastgasp.conflist";
 const CNI_RESULTS: &str = "/var/lib/cni/results";
 const LOCK: &str = "/run/lastgasp-cluster.lock";
 /// How long the node may take to be Ready (about 20 s here).
@@ -141,10 +142,7 @@ impl LocalCluster {
 
         let socket = self.dir.join("containerd.sock");
         let config = self.write("containerd.toml", &self.containerd_config(&socket))?;
-        self.write(
-            "cni/10-lastgasp.conflist",
-            &cni_config(&self.dir.join("cni-ipam")),
-        )?;
+        self.write(CNI_CONFLIST, &cni_config(&self.dir.join("cni-ipam")))?;
         let mut containerd = Command::new("containerd");
         containerd.arg("--config").arg(&config);
         self.spawn("containerd", containerd)?;
@@ -238,6 +236,36 @@ impl LocalCluster {
         })
         .await?;
         tracing::info!(took = ?started.elapsed(), "single-node cluster ready");
+        Ok(())
+    }
+
+    /// Installs `binary` as the CNI plugin `name` in [`CNI_BIN_DIR`] (removed on drop) and
+    /// appends it to the chain containerd runs for new sandboxes.
+    pub fn add_cni_plugin(&mut self, binary: &Path, name: &str) -> anyhow::Result<()> {
+        let installed = Path::new(CNI_BIN_DIR).join(name);
+        if installed.exists() {
+            bail!("{} exists already", installed.display());
+        }
+        self.host.installed.push(installed.clone());
+        fs::copy(binary, &installed)
+            .with_context(|| format!("installing {}", installed.display()))?;
+        self.edit_cni_chain(|plugins| plugins.push(serde_json::json!({ "type": name })))
+    }
+
+    /// Takes the CNI plugin `name` out of the chain (new sandboxes only).
+    pub fn remove_cni_plugin(&mut self, name: &str) -> anyhow::Result<()> {
+        self.edit_cni_chain(|plugins| plugins.retain(|plugin| plugin["type"] != name))
+    }
+
+    fn edit_cni_chain(&self, edit: impl FnOnce(&mut Vec<serde_json::Value>)) -> anyhow::Result<()> {
+        let path = self.dir.join(CNI_CONFLIST);
+        let mut config: serde_json::Value = serde_json::from_str(&fs::read_to_string(&path)?)?;
+        let mut plugins: Vec<serde_json::Value> =
+            serde_json::from_value(config["plugins"].take()).context("the conflist's plugins")?;
+        edit(&mut plugins);
+        config["plugins"] = plugins.into();
+        // containerd watches the directory: the new chain applies to the next sandbox.
+        self.write(CNI_CONFLIST, &config.to_string())?;
         Ok(())
     }
 
@@ -431,6 +459,8 @@ struct HostState {
     /// cgroup v1 hierarchies (or the v2 root) without a `kubepods` cgroup.
     cgroup_roots: Vec<PathBuf>,
     links: Vec<String>,
+    /// Files the cluster put outside its directory (test CNI plugins).
+    installed: Vec<PathBuf>,
 }
 
 impl HostState {
@@ -456,6 +486,7 @@ impl HostState {
             cni_results: list_dir(Path::new(CNI_RESULTS)),
             cgroup_roots,
             links: Vec::new(),
+            installed: Vec::new(),
         })
     }
 
@@ -509,6 +540,13 @@ impl HostState {
                 && let Err(error) = fs::remove_dir_all(dir)
             {
                 failures.push(format!("removing {dir}: {error}"));
+            }
+        }
+        for file in &self.installed {
+            // A plugin still running (one that hangs) is containerd's child, not in a pod.
+            kill_processes_mentioning(file);
+            if let Err(error) = fs::remove_file(file) {
+                failures.push(format!("removing {}: {error}", file.display()));
             }
         }
         for (name, value) in &self.sysctls {
