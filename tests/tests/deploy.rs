@@ -126,7 +126,11 @@ fn controller_args(documents: &[Value]) -> Vec<String> {
 
 #[test]
 fn kustomizations_render_and_validate() {
-    for dir in ["deploy/base", "deploy/overlays/annotate-only"] {
+    for dir in [
+        "deploy/base",
+        "deploy/overlays/annotate-only",
+        "deploy/overlays/test-cluster",
+    ] {
         let (yaml, documents) = kustomize(dir);
         assert!(documents.len() > 10, "{dir} renders only {documents:?}");
         let file = std::env::temp_dir().join(format!(

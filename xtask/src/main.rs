@@ -1,11 +1,16 @@
-//! Project tasks: `cargo xtask setup | run | test | lint | vm`.
+//! Project tasks: `cargo xtask setup | run | test | lint | kube | image | cluster | vm`.
 //!
 //! `setup` installs what building the eBPF programs needs (the nightly pinned in
 //! `agent-ebpf/rust-toolchain.toml` with rust-src, bpf-linker 0.10.3) and, for the tests,
-//! promtool, kubernetes-validate, the real kube-apiserver and etcd (`cargo xtask kube`, built
-//! once into a cache outside `target/`), and the VM harness's qemu, busybox-static and kernels;
+//! promtool, kubernetes-validate, the real kube-apiserver, etcd, kubelet, kube-scheduler and
+//! kube-controller-manager (`cargo xtask kube`, built once into a cache outside `target/`), the
+//! single-node cluster's Debian packages (containerd, runc, CNI plugins, podman, debootstrap)
+//! and images (`cargo xtask image`, the pause image), and the VM harness's qemu,
+//! busybox-static and kernels;
 //! `run`, `test` and `lint` call it first, so a fresh machine needs nothing else.
 
+mod cluster;
+mod image;
 mod kube;
 #[path = "../../agent-ebpf/toolchain.rs"]
 mod toolchain;
@@ -45,10 +50,20 @@ enum Task {
     /// `cargo fmt --check`, and clippy with `-D warnings` on the host crates and, with the pinned
     /// nightly, on the eBPF programs.
     Lint,
-    /// Build kube-apiserver v1.20.2 and fetch etcd for the tests of `tests/src/kube/`, once:
+    /// Build kube-apiserver, kubelet, kube-scheduler, kube-controller-manager v1.20.2 and fetch
+    /// etcd for the tests of `tests/src/kube/`, once:
     /// they are cached outside `target/` (`$XDG_CACHE_HOME/lastgasp/kubernetes-1.20.2/`, else
     /// `~/.cache/lastgasp/...`, or `$LASTGASP_KUBE_BIN_DIR`). Prints the binaries' paths.
     Kube,
+    /// Build the container image from `Dockerfile` with podman and no registry (the binary
+    /// cargo builds here, a debootstrap base cached outside `target/`); prints its size and
+    /// writes an OCI archive.
+    Image(image::ImageArgs),
+    /// The single-node test cluster (kubelet, containerd, control plane as plain processes) in
+    /// the background: `up` starts it and prints its KUBECONFIG, `down` stops it and restores
+    /// the host.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterTask),
     /// The VM end-to-end harness: Debian kernels under QEMU.
     #[command(subcommand)]
     Vm(vm::VmTask),
@@ -101,6 +116,8 @@ fn main() -> anyhow::Result<()> {
             ]))
         }
         Task::Kube => kube::main(),
+        Task::Image(args) => image::main(args),
+        Task::Cluster(task) => cluster::main(task),
         Task::Vm(task) => vm::main(task),
     }
 }
@@ -156,6 +173,10 @@ fn setup(for_tests: bool) -> anyhow::Result<()> {
     if for_tests {
         kube::ensure()
             .context("building the real API server for the tests (`cargo xtask kube`)")?;
+        cluster::ensure().context(
+            "preparing the single-node cluster's packages and images for the tests \
+             (`cargo xtask cluster up` does the same)",
+        )?;
     }
     if for_tests && output("promtool", &["--version"]).is_none() {
         run(Command::new("apt-get").arg("update")).context("apt-get update")?;
@@ -185,4 +206,35 @@ fn run(command: &mut Command) -> anyhow::Result<()> {
         bail!("{command:?} failed: {status}");
     }
     Ok(())
+}
+
+/// Installs with apt-get the Debian packages of the `(program, package)` pairs whose program is
+/// not on `PATH`.
+fn install_programs(tools: &[(&str, &str)]) -> anyhow::Result<()> {
+    let mut missing: Vec<&str> = tools
+        .iter()
+        .filter(|(program, _)| find_program(program).is_none())
+        .map(|(_, package)| *package)
+        .collect();
+    missing.dedup();
+    apt_install(&missing)
+}
+
+/// `apt-get install` of `packages` (none: nothing is run).
+fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    if packages.is_empty() {
+        return Ok(());
+    }
+    println!("installing {}", packages.join(" "));
+    run(Command::new("apt-get").args(["update", "-qq"])).context("apt-get update")?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(packages))
+    .with_context(|| format!("installing {}", packages.join(" ")))
+}
+
+fn find_program(program: &str) -> Option<std::path::PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(program))
+        .find(|path| path.is_file())
 }

@@ -16,6 +16,16 @@ pub const KUBE_APISERVER: &str = "kube-apiserver";
 /// The etcd binary's name in [`bin_dir`] (Debian bookworm's `etcd-server`, 3.4).
 pub const ETCD: &str = "etcd";
 
+/// The node and control-plane binaries of the single-node cluster (`cargo xtask cluster`),
+/// built from the same tree as [`KUBE_APISERVER`].
+pub const KUBELET: &str = "kubelet";
+pub const KUBE_SCHEDULER: &str = "kube-scheduler";
+pub const KUBE_CONTROLLER_MANAGER: &str = "kube-controller-manager";
+
+/// The test cluster's sandbox image (`cargo xtask cluster`), an OCI archive in
+/// [`cache_root`]; containerd's CRI plugin names it `localhost/lastgasp-pause:1`.
+pub const PAUSE_ARCHIVE: &str = "pause.oci.tar";
+
 /// `$LASTGASP_KUBE_BIN_DIR` if set, else `kubernetes-<version>` in the per-user cache:
 /// `$XDG_CACHE_HOME/lastgasp/`, else `$HOME/.cache/lastgasp/`. Outside `target/`, so
 /// `cargo clean` and fresh clones keep using one build. `None` without a usable `$HOME`.

@@ -30,6 +30,7 @@
 
 pub mod bin_dir;
 pub mod cluster;
+pub mod node;
 mod pki;
 mod process;
 pub mod proxy;
@@ -37,7 +38,7 @@ pub mod seed;
 
 use std::{
     fs,
-    net::{SocketAddr, TcpListener},
+    net::{SocketAddr, SocketAddrV4, TcpListener},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -110,6 +111,10 @@ pub struct Options {
     /// once, at start. The default: `deploy/`'s `lastgasp-system/lastgasp-agent` and
     /// `lastgasp-system/lastgasp-controller`.
     pub service_accounts: Vec<(String, String)>,
+    /// For a cluster with a kubelet ([`node::LocalCluster`]): serve at this address and port
+    /// instead of a random loopback port, with the `ServiceAccount` admission plugin on and a
+    /// client certificate for kubelets (reached at their InternalIP).
+    pub node: Option<SocketAddrV4>,
 }
 
 impl Default for Options {
@@ -118,6 +123,7 @@ impl Default for Options {
             service_accounts: ["lastgasp-agent", "lastgasp-controller"]
                 .map(|name| ("lastgasp-system".to_owned(), name.to_owned()))
                 .to_vec(),
+            node: None,
         }
     }
 }
@@ -152,9 +158,13 @@ impl RealApiServer {
             processes: Supervisor::new(),
         };
         let [etcd_client, etcd_peer, secure] = free_ports()?;
-        server.url = format!("https://127.0.0.1:{secure}");
+        let (address, secure) = match options.node {
+            Some(node) => (node.ip().to_string(), node.port()),
+            None => ("127.0.0.1".to_owned(), secure),
+        };
+        server.url = format!("https://{address}:{secure}");
 
-        let pki = Pki::generate()?;
+        let pki = Pki::generate(options.node.map(|node| *node.ip()))?;
         server.ca_pem = pki.ca_pem.clone();
         server.tokens.push((User::Admin, token()?));
         for (namespace, name) in &options.service_accounts {
@@ -172,6 +182,7 @@ impl RealApiServer {
         let sa_key = file("service-account.key", &pki.service_account_key_pem)?;
         let sa_public = file("service-account.pub", &pki.service_account_public_pem)?;
         let token_file = file("tokens.csv", &token_file(&server.tokens))?;
+        file("ca.crt", &pki.ca_pem)?;
 
         let etcd_url = |port: u16| format!("http://127.0.0.1:{port}");
         let mut command = Command::new(&etcd);
@@ -196,7 +207,8 @@ impl RealApiServer {
         let path_arg = |flag: &str, path: &Path| format!("--{flag}={}", path.display());
         command
             .arg(format!("--etcd-servers={}", etcd_url(etcd_client)))
-            .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
+            .arg(format!("--bind-address={address}"))
+            .arg(format!("--advertise-address={address}"))
             .arg(format!("--secure-port={secure}"))
             .arg("--insecure-port=0")
             .arg(path_arg("cert-dir", &server.dir.join("certs")))
@@ -207,12 +219,23 @@ impl RealApiServer {
             .arg(path_arg("service-account-key-file", &sa_public))
             .arg(path_arg("service-account-signing-key-file", &sa_key))
             .arg("--authorization-mode=RBAC")
-            // No controller-manager: no Endpoints for the `kubernetes` Service (a loopback
-            // address may not be one anyway), and no token controller for the admission
-            // plugin to wait for.
+            // No Endpoints for the `kubernetes` Service: a loopback address may not be one, and
+            // without kube-proxy its ClusterIP leads nowhere anyway.
             .arg("--endpoint-reconciler-type=none")
-            .arg("--disable-admission-plugins=ServiceAccount")
             .arg("--profiling=false");
+        if options.node.is_some() {
+            let cert = file("kubelet-client.crt", &pki.kubelet_client_cert_pem)?;
+            let key = file("kubelet-client.key", &pki.kubelet_client_key_pem)?;
+            command
+                .arg(path_arg("kubelet-client-certificate", &cert))
+                .arg(path_arg("kubelet-client-key", &key))
+                .arg("--kubelet-preferred-address-types=InternalIP")
+                // The agent's DaemonSet is privileged.
+                .arg("--allow-privileged=true");
+        } else {
+            // No token controller for the admission plugin to wait for.
+            command.arg("--disable-admission-plugins=ServiceAccount");
+        }
         server.spawn("kube-apiserver", command)?;
         let admin = server.admin_client().await?;
         // The client logs every refused connection and 500 of a server still starting as an
@@ -258,7 +281,8 @@ impl RealApiServer {
             })
     }
 
-    /// The directory of the processes' files and logs (`etcd.log`, `kube-apiserver.log`).
+    /// The directory of the processes' files and logs (`etcd.log`, `kube-apiserver.log`), the
+    /// CA (`ca.crt`) and the ServiceAccount signing key (`service-account.key`).
     pub fn dir(&self) -> &Path {
         &self.dir
     }
