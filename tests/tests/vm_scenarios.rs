@@ -17,6 +17,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use kube::{
+    Api,
+    api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams},
+};
 use lastgasp::{
     controller::{Controller, policy::Policy},
     wire::AuthKey,
@@ -26,10 +30,6 @@ use lastgasp_tests::{
     kube::{User, cluster::Cluster},
     scrape,
     vm::{ConsoleLine, Initramfs, Kernel, KernelVersion, Vm, VmOptions, guest, static_agent},
-};
-use kube::{
-    Api,
-    api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams},
 };
 use serde_json::{Value, json};
 
