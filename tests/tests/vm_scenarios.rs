@@ -23,7 +23,7 @@ use kube::{
 };
 use lastgasp::{
     controller::{Controller, policy::Policy},
-    wire::AuthKey,
+    wire::{self, AuthKey, ReportKind},
 };
 use lastgasp_tests::{
     fixtures::{annotation, controller_config},
@@ -385,6 +385,63 @@ echo c > /proc/sysrq-trigger
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn agent_configured_netconsole_reports_a_sysrq_crash() {
     agent_sysrq_crash(KernelVersion::Debian61).await;
+}
+
+/// Not a test but a count: `LASTGASP_SYSRQ_BOOTS` (20) boots of `LASTGASP_SYSRQ_KERNEL` (5.10),
+/// each crashed with sysrq while the agent runs with a controller address, counting the boots
+/// whose last-gasp datagram reached the host before the guest died. Nothing is asserted: the
+/// outcome is a race, and the numbers are what the README reports.
+///
+/// `cargo test -p lastgasp-tests --features vm,kube --test vm_scenarios -- --ignored
+/// last_gasp_over_sysrq_boots --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement over many boots; run by hand"]
+async fn last_gasp_over_sysrq_boots() {
+    let env = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.into());
+    let version: KernelVersion = env("LASTGASP_SYSRQ_KERNEL", "5.10").parse().unwrap();
+    let boots: u32 = env("LASTGASP_SYSRQ_BOOTS", "20").parse().unwrap();
+    let kernel = fetch(version);
+    let mut arrived = 0;
+    for run in 1..=boots {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let port = socket.local_addr().unwrap().port();
+        let script = format!(
+            "run_agent agent --node-name {NODE} --controller {host}:{port}
+await_log 'panic: (attached|unavailable)'
+sleep 1
+echo \"{CRASH_MARKER}\"
+echo c > /proc/sysrq-trigger
+",
+            host = guest::HOST,
+        );
+        let vm = boot(&kernel, "sysrq-count", 0, &script);
+        let probe = console(&vm, "panic: ");
+        console(&vm, PANIC);
+        // The guest is dead or dying; give a datagram in flight through qemu a moment.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut source = None;
+        let mut buf = [0u8; 65536];
+        while let Ok(len) = socket.recv(&mut buf) {
+            if let Ok(report) = wire::decode(&buf[..len], &AuthKey::None)
+                && report.kind == ReportKind::KernelPanic
+            {
+                source.get_or_insert(report.source);
+            }
+        }
+        drop(vm);
+        arrived += u32::from(source.is_some());
+        println!(
+            "{version}: boot {run}/{boots}: last gasp {} ({})",
+            source.map_or("lost".to_owned(), |source| format!(
+                "arrived via {source:?}"
+            )),
+            probe.text.trim()
+        );
+    }
+    println!("{version}: the last gasp arrived in {arrived} of {boots} sysrq boots");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -36,7 +36,7 @@ const MAX_HOLD_ITERATIONS: u32 = 1 << 23;
 
 /// Checks of the hold without `bpf_loop`. The verifier walks every iteration, within its
 /// budget of a million instructions and 8192 pending branches per program.
-pub const BOUNDED_HOLD_ITERATIONS: u32 = 4096;
+const BOUNDED_HOLD_ITERATIONS: u32 = 4096;
 
 /// How the probe holds the dying CPU.
 #[derive(Clone, Copy)]
