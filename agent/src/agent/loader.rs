@@ -413,6 +413,46 @@ impl KernelBtf {
     }
 }
 
+/// Verifier output lines kept in a refusal; a longer log keeps its first and last lines.
+const REFUSAL_LINES: usize = 6;
+
+/// An attach error with its causes, on one line, for the probe's status: the verifier's
+/// output, which aya includes in a refused load, comes one line each, and its statistics
+/// (`processed ... insns`, `verification time`, `stack depth`) say nothing about the cause.
+fn one_line(error: &anyhow::Error) -> String {
+    let text = format!("{error:#}");
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|line| {
+            !line.is_empty()
+                && !line.starts_with("verification time ")
+                && !line.starts_with("stack depth ")
+                && !line.starts_with("processed ")
+        })
+        .collect();
+    let join = |lines: &[&str]| {
+        lines.iter().fold(String::new(), |mut joined, line| {
+            // The next cause in the chain, after a log that ended in a newline.
+            if !joined.is_empty() && !line.starts_with(':') {
+                joined.push(' ');
+            }
+            joined.push_str(line);
+            joined
+        })
+    };
+    if lines.len() <= REFUSAL_LINES {
+        return join(&lines);
+    }
+    let tail = REFUSAL_LINES - 2;
+    format!(
+        "{} [{} verifier lines left out] {}",
+        join(&lines[..2]),
+        lines.len() - REFUSAL_LINES,
+        join(&lines[lines.len() - tail..])
+    )
+}
+
 /// Loads and attaches every program of a probe; the probe is unavailable if any fails.
 fn tracepoints(
     ebpf: &mut Ebpf,
@@ -429,7 +469,7 @@ fn tracepoints(
         Err(error) => ProbeStatus {
             probe,
             mode: None,
-            detail: Some(format!("{error:#}")),
+            detail: Some(one_line(&error)),
             degraded: Vec::new(),
         },
     }
@@ -479,7 +519,11 @@ fn attach_netlink_recv(
                     degraded: netlink_degraded(candidate, helpers),
                 };
             }
-            Err(error) => refused.push(format!("{} refused: {error:#}", candidate.as_str())),
+            Err(error) => refused.push(format!(
+                "{} refused: {}",
+                candidate.as_str(),
+                one_line(&error)
+            )),
         }
     }
     if mode != NetlinkProbeMode::Auto {
@@ -621,15 +665,17 @@ fn attach_panic(ebpf: &mut Ebpf, btf: &mut KernelBtf, helpers: &Helpers) -> Prob
         Ok(()) => ProbeStatus {
             probe: "panic",
             mode: Some(AttachMode::Kprobe),
-            detail: Some(format!("fentry refused: {fentry_error:#}")),
+            detail: Some(format!("fentry refused: {}", one_line(&fentry_error))),
             degraded,
         },
         Err(kprobe_error) => ProbeStatus {
             probe: "panic",
             mode: None,
             detail: Some(format!(
-                "fentry refused: {fentry_error:#}; kprobe refused: {kprobe_error:#}; \
-                 panics are still seen on the console tracepoint"
+                "fentry refused: {}; kprobe refused: {}; \
+                 panics are still seen on the console tracepoint",
+                one_line(&fentry_error),
+                one_line(&kprobe_error)
             )),
             degraded: Vec::new(),
         },
@@ -697,6 +743,33 @@ mod tests {
         assert_eq!(
             missing.to_string(),
             "panic: unavailable: kprobe refused: ENOENT"
+        );
+    }
+
+    #[test]
+    fn refusals_fit_on_one_line() {
+        let error = anyhow::Error::new(std::io::Error::from_raw_os_error(libc::EINVAL)).context(
+            "the BPF_PROG_LOAD syscall returned Invalid argument (os error 22). Verifier output: \
+             The function panic with variable args is unsupported.\nverification time 139 \
+             usec\nstack depth 0\nprocessed 0 insns (limit 1000000) max_states_per_insn 0 \
+             total_states 0 peak_states 0 mark_read 0\n",
+        );
+        assert_eq!(
+            one_line(&error),
+            "the BPF_PROG_LOAD syscall returned Invalid argument (os error 22). Verifier output: \
+             The function panic with variable args is unsupported.: Invalid argument (os error \
+             22)"
+        );
+        let long = anyhow::anyhow!(
+            "{}",
+            (1..=10)
+                .map(|line| format!("line {line}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        assert_eq!(
+            one_line(&long),
+            "line 1 line 2 [4 verifier lines left out] line 7 line 8 line 9 line 10"
         );
     }
 
