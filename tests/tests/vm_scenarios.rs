@@ -402,6 +402,7 @@ async fn last_gasp_over_sysrq_boots() {
     let boots: u32 = env("LASTGASP_SYSRQ_BOOTS", "20").parse().unwrap();
     let kernel = fetch(version);
     let mut arrived = 0;
+    let mut not_rebooting = 0;
     for run in 1..=boots {
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         socket
@@ -431,17 +432,68 @@ echo c > /proc/sysrq-trigger
                 source.get_or_insert(report.source);
             }
         }
+        // The panic's last line: a guest without it died (or stalled) while panicking.
+        let rebooting = vm.console_log().contains("Rebooting in");
         drop(vm);
         arrived += u32::from(source.is_some());
+        not_rebooting += u32::from(!rebooting);
         println!(
-            "{version}: boot {run}/{boots}: last gasp {} ({})",
+            "{version}: boot {run}/{boots}: last gasp {}{} ({})",
             source.map_or("lost".to_owned(), |source| format!(
                 "arrived via {source:?}"
             )),
+            if rebooting { "" } else { "; no `Rebooting in`" },
             probe.text.trim()
         );
     }
-    println!("{version}: the last gasp arrived in {arrived} of {boots} sysrq boots");
+    println!(
+        "{version}: the last gasp arrived in {arrived} of {boots} sysrq boots; \
+         {not_rebooting} did not reach `Rebooting in`"
+    );
+}
+
+/// Not a test but a measurement: how long the panic probe holds the dying CPU when nothing
+/// acknowledges, on `LASTGASP_SYSRQ_KERNEL` (5.10, where the hold is the bounded loop). The
+/// agent is stopped before the crash, with `--panic-hold 10s`, so the hold ends when its
+/// checks run out; the kernel's own timestamps on `sysrq: Trigger a crash` and the panic line
+/// bracket it.
+///
+/// `cargo test -p lastgasp-tests --features vm,kube --test vm_scenarios -- --ignored
+/// unacknowledged_panic_hold --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run by hand"]
+async fn unacknowledged_panic_hold() {
+    let version: KernelVersion = std::env::var("LASTGASP_SYSRQ_KERNEL")
+        .unwrap_or_else(|_| "5.10".into())
+        .parse()
+        .unwrap();
+    let kernel = fetch(version);
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = socket.local_addr().unwrap().port();
+    let script = format!(
+        "run_agent agent --node-name {NODE} --controller {host}:{port} --panic-hold 10s
+await_log 'panic: (attached|unavailable)'
+kill -STOP $agent_pid
+echo \"{CRASH_MARKER}\"
+echo c > /proc/sysrq-trigger
+",
+        host = guest::HOST,
+    );
+    let vm = boot(&kernel, "panic-hold", 0, &script);
+    println!("{version}: {}", console(&vm, "panic: ").text.trim());
+    let sysrq = console(&vm, "sysrq: Trigger a crash");
+    let panic = console(&vm, PANIC);
+    let stamp = |line: &ConsoleLine| -> f64 {
+        let text = line.text.trim_start();
+        let inner = &text[text.find('[').unwrap() + 1..text.find(']').unwrap()];
+        inner.trim().parse().unwrap()
+    };
+    println!(
+        "{version}: unacknowledged hold: {:.1} ms from the sysrq line to the panic line \
+         (kernel clock), {:.1} ms on the host's",
+        (stamp(&panic) - stamp(&sysrq)) * 1000.0,
+        millis_between(sysrq.at, panic.at)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
