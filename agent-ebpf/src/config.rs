@@ -23,7 +23,7 @@ static CONFIG: ProbeConfig = ProbeConfig {
         pt_regs_syscall_nr: 0,
         pt_regs_arg0: 0,
     },
-    _pad: 0,
+    helpers: 0,
     slow_recv_ns: u64::MAX,
     panic_hold_ns: 0,
     cni_dirs: [CniDir {

@@ -36,6 +36,16 @@ pub static KERNEL_LOG: RingBuf = RingBuf::with_byte_size(2 << 20, 0);
 #[map]
 pub static PANIC_ACK: Array<u64> = Array::with_max_entries(1, 0);
 
+/// Size of each of the two entries of [`PANIC_HOLD_PACE`].
+pub const PANIC_HOLD_PACE_BYTES: usize = 128 << 10;
+
+/// Scratch memory that paces the panic hold on kernels without `bpf_loop`: each of its
+/// bounded number of checks is followed by copies of entry 0 over entry 1 (a map update, a
+/// `memcpy` in the kernel), so that the checks last long enough to cover the agent's poll
+/// interval. Its contents mean nothing.
+#[map]
+pub static PANIC_HOLD_PACE: Array<[u8; PANIC_HOLD_PACE_BYTES]> = Array::with_max_entries(2, 0);
+
 /// Events lost inside the kernel, indexed by [`Drop`].
 #[map]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_KINDS as u32, 0);

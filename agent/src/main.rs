@@ -11,7 +11,10 @@ use clap::{Args, Parser, Subcommand};
 use kube::runtime::events::Reporter;
 use lastgasp::{
     agent::{
-        self, AgentConfig, discovery::ServiceRef, events::EventLog, loader::NetlinkProbeMode,
+        self, AgentConfig,
+        discovery::ServiceRef,
+        events::EventLog,
+        loader::{NetlinkProbeMode, OptionalHelper},
         pstore::PstoreConfig,
     },
     controller::{
@@ -161,6 +164,11 @@ struct AgentArgs {
     /// value forces that mode, and the probe is unavailable if the kernel refuses it.
     #[arg(long, value_enum, default_value_t = NetlinkProbeMode::Auto)]
     netlink_probe: NetlinkProbeMode,
+    /// Treat this BPF helper as missing although the kernel has it, to run the fallback that
+    /// older kernels get (repeat for several). The start-up log and `lastgasp_probe_info`
+    /// name what each missing helper degrades.
+    #[arg(long = "ignore-bpf-helper", value_enum, value_name = "HELPER")]
+    ignore_helpers: Vec<OptionalHelper>,
     /// Directory of CNI plugin binaries whose execs are traced; repeat for several (at most 8).
     #[arg(long = "cni-bin-dir", default_value = "/opt/cni/bin")]
     cni_bin_dirs: Vec<PathBuf>,
@@ -335,6 +343,7 @@ async fn run_agent(args: AgentArgs, log_format: LogFormat) -> anyhow::Result<()>
             auth_key,
             netlink_hang_threshold: args.netlink_hang_threshold,
             netlink_probe: args.netlink_probe,
+            ignore_helpers: args.ignore_helpers,
             cni_bin_dirs: args.cni_bin_dirs,
             cni_stuck_threshold: args.cni_stuck_threshold,
             panic_hold: args.panic_hold,

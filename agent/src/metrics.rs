@@ -75,6 +75,8 @@ pub struct ProbeLabels {
     pub probe: String,
     pub mode: String,
     pub attached: String,
+    /// `feature:missing_helper` pairs, comma-separated; empty when nothing is degraded.
+    pub degraded: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -167,7 +169,8 @@ impl AgentMetrics {
         );
         registry.register(
             "probe_info",
-            "Each probe, how it is attached (tracepoint, kprobe, fentry) and whether it attached",
+            "Each probe, how it is attached (tracepoint, kprobe, fentry), whether it attached, \
+             and which of its features are degraded for want of a BPF helper (feature:helper)",
             metrics.probe_info.clone(),
         );
         registry.register(

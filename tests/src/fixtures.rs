@@ -28,6 +28,7 @@ pub fn agent_config(node: &str) -> AgentConfig {
         auth_key: AuthKey::None,
         netlink_hang_threshold: Duration::from_millis(500),
         netlink_probe: NetlinkProbeMode::Auto,
+        ignore_helpers: Vec::new(),
         cni_bin_dirs: Vec::new(),
         cni_stuck_threshold: Duration::from_secs(60),
         panic_hold: Duration::ZERO,

@@ -64,6 +64,87 @@ async fn collect_until(
 #[tokio::test(flavor = "multi_thread")]
 async fn netlink_recv_hang_is_reported_and_cleared_but_udp_is_not() {
     let agent = start_agent(None, None).await;
+    netlink_hang_is_reported_and_cleared(&agent).await;
+    agent.shutdown().await;
+}
+
+/// As on a kernel older than every optional helper (Linux 5.10): the recv tracepoints walk
+/// the file table with helper reads, find the same hang, and the metrics say what is degraded.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_optional_helpers_hangs_are_found_and_the_degradation_is_reported() {
+    use lastgasp::agent::loader::{NetlinkProbeMode, OptionalHelper};
+
+    let agent = Agent::start(AgentConfig {
+        netlink_hang_threshold: HANG_THRESHOLD,
+        netlink_probe: NetlinkProbeMode::Tracepoint,
+        ignore_helpers: OptionalHelper::ALL.to_vec(),
+        ..agent_config("old-kernel-node")
+    })
+    .await
+    .expect("agent starts (the tests must run as root)");
+    netlink_hang_is_reported_and_cleared(&agent).await;
+    let body = scrape(agent.metrics_addr()).await;
+    let info = |probe: &str| {
+        body.lines()
+            .find(|line| line.starts_with(&format!("lastgasp_probe_info{{probe=\"{probe}\"")))
+            .unwrap_or_else(|| panic!("no probe_info for {probe} in:\n{body}"))
+            .to_owned()
+    };
+    assert_eq!(
+        info("netlink_recv"),
+        "lastgasp_probe_info{probe=\"netlink_recv\",mode=\"tracepoint\",attached=\"true\",\
+         degraded=\"fd_lookup:bpf_get_current_task_btf\"} 1"
+    );
+    for probe in ["cni_exec", "process_exit", "console"] {
+        assert!(
+            info(probe).ends_with(",attached=\"true\",degraded=\"\"} 1"),
+            "{}",
+            info(probe)
+        );
+    }
+    agent.shutdown().await;
+}
+
+/// The panic program without `bpf_loop`, whose hold is a loop the verifier unrolls, passes
+/// this kernel's verifier (and attaches, where this kernel lets `panic()` be probed).
+#[test]
+fn the_bounded_panic_hold_passes_the_verifier() {
+    use aya::programs::KProbe;
+    use lastgasp::agent::loader::{self, NetlinkProbeMode, OptionalHelper, ProbeSettings};
+
+    let mut loaded = loader::load(&ProbeSettings {
+        slow_recv: HANG_THRESHOLD,
+        cni_bin_dirs: &[],
+        panic_hold: Duration::from_millis(200),
+        netlink_probe: NetlinkProbeMode::Tracepoint,
+        ignore_helpers: &OptionalHelper::ALL,
+    })
+    .expect("the probes load (the tests must run as root)");
+    let panic = loaded.status.iter().find(|status| status.probe == "panic");
+    if let Some(mode) = panic.and_then(|status| status.mode) {
+        assert_eq!(
+            panic.unwrap().degraded_label(),
+            "panic_hold:bpf_loop",
+            "{mode:?}"
+        );
+        return;
+    }
+    // The loader loaded it before this kernel refused the attach; else load it here.
+    let program: &mut KProbe = loaded
+        .ebpf
+        .program_mut("panic_kprobe_bounded")
+        .unwrap()
+        .try_into()
+        .unwrap();
+    if program.fd().is_err() {
+        program
+            .load()
+            .expect("the verifier accepts the bounded hold");
+    }
+    assert!(program.fd().is_ok());
+}
+
+async fn netlink_hang_is_reported_and_cleared(agent: &Agent) {
     let mut events = agent.subscribe();
     let blocked_for = Duration::from_millis(2500);
     let (netlink_tid, netlink) = block_in_recvfrom("lg-nl-hang", netlink_route_socket, blocked_for);
@@ -125,7 +206,6 @@ async fn netlink_recv_hang_is_reported_and_cleared_but_udp_is_not() {
         )),
         "a thread blocked on UDP is not a netlink hang"
     );
-    agent.shutdown().await;
 }
 
 struct CniBin {
@@ -438,6 +518,7 @@ async fn a_lost_probe_makes_healthz_unhealthy() {
         cni_bin_dirs: &[],
         panic_hold: Duration::ZERO,
         netlink_probe: NetlinkProbeMode::Fentry,
+        ignore_helpers: &[],
     })
     .expect("the probes load (the tests must run as root)");
     let recv: &mut TracePoint = loaded

@@ -275,7 +275,9 @@ fn field<'a>(pairs: &'a [(String, String)], key: &str) -> &'a str {
 }
 
 /// Scenario 4's checks for the run with `--netlink-probe <tag>`, attached in `mode`.
-fn check_netlink_run(console: &str, tag: &str, mode: &str) {
+/// One `netlink_run`: the probe attached in `mode`, with `degraded` as its `degraded` label
+/// (empty when the kernel has every helper it uses).
+fn check_netlink_run(console: &str, tag: &str, mode: &str, degraded: &str) {
     let lines = section(console, tag);
     let log = agent_log(&lines, tag);
     let context = || format!("run {tag}:\n{}", lines.join("\n"));
@@ -316,8 +318,13 @@ fn check_netlink_run(console: &str, tag: &str, mode: &str) {
     assert_eq!(hang["comm"], "nl-blocker");
     assert_eq!(hang["protocol"], "route");
     assert_eq!(hang["protocol_number"], 0);
-    assert_eq!(hang["syscall"], "recvfrom");
-    assert_eq!(hang["fd"], field(route, "fd").parse::<i64>().unwrap());
+    if degraded.contains("recv_syscall_fd:") {
+        assert_eq!(hang["syscall"], "unknown");
+        assert_eq!(hang["fd"], -1);
+    } else {
+        assert_eq!(hang["syscall"], "recvfrom");
+        assert_eq!(hang["fd"], field(route, "fd").parse::<i64>().unwrap());
+    }
     assert!(
         hang["cmdline"]
             .as_str()
@@ -346,7 +353,11 @@ fn check_netlink_run(console: &str, tag: &str, mode: &str) {
         .unwrap_or_else(|| panic!("the hang clears when the call returns; {}", context()));
     assert_eq!(cleared["exact"], true, "{cleared}");
     assert_eq!(cleared["ret"], -(libc::EAGAIN as i64));
-    assert_eq!(cleared["syscall"], "recvfrom");
+    let syscall_known = !degraded.contains("recv_syscall_fd:");
+    assert_eq!(
+        cleared["syscall"],
+        if syscall_known { "recvfrom" } else { "unknown" }
+    );
     assert!(
         cleared["duration_seconds"].as_f64().unwrap() >= 2.95,
         "{cleared}"
@@ -362,6 +373,7 @@ fn check_netlink_run(console: &str, tag: &str, mode: &str) {
         ("probe", "netlink_recv"),
         ("mode", mode),
         ("attached", "true"),
+        ("degraded", degraded),
     ];
     let hung = [("comm", "nl-blocker"), ("protocol", "route")];
     let during = format!("{tag}-hung");
@@ -452,27 +464,55 @@ fn check_kprobe_pile(console: &str) {
     );
 }
 
-fn netlink_hang(version: KernelVersion, pile: bool) {
-    let mut script = format!("{NETLINK_RUN}netlink_run auto\nnetlink_run kprobe\n");
+/// `netlink_run` of each `(--netlink-probe, attached mode, degraded label)`.
+fn netlink_hang(version: KernelVersion, runs: &[(&str, &str, &str)], pile: bool) {
+    let mut script = NETLINK_RUN.to_owned();
+    for (probe, _, _) in runs {
+        script += &format!("netlink_run {probe}\n");
+    }
     if pile {
         script += KPROBE_PILE;
     }
     let console = run_guest(version, "netlink-hang", &script);
-    check_netlink_run(&console, "auto", "fentry");
-    check_netlink_run(&console, "kprobe", "kprobe");
+    for (probe, mode, degraded) in runs {
+        check_netlink_run(&console, probe, mode, degraded);
+    }
     if pile {
         check_kprobe_pile(&console);
     }
 }
 
+/// The fentry and kprobe runs on a kernel with every helper.
+const FENTRY_AND_KPROBE: &[(&str, &str, &str)] =
+    &[("auto", "fentry", ""), ("kprobe", "kprobe", "")];
+
+/// Without `bpf_task_pt_regs` the fentry and kprobe modes lose the syscall and fd; without
+/// `bpf_get_current_task_btf` the tracepoints walk the file table with helper reads.
+#[test]
+fn netlink_hang_in_every_mode_5_10() {
+    netlink_hang(
+        KernelVersion::Debian510,
+        &[
+            ("auto", "fentry", "recv_syscall_fd:bpf_task_pt_regs"),
+            ("kprobe", "kprobe", "recv_syscall_fd:bpf_task_pt_regs"),
+            (
+                "tracepoint",
+                "tracepoint",
+                "fd_lookup:bpf_get_current_task_btf",
+            ),
+        ],
+        true,
+    );
+}
+
 #[test]
 fn netlink_hang_in_fentry_and_kprobe_modes() {
-    netlink_hang(KernelVersion::Debian61, true);
+    netlink_hang(KernelVersion::Debian61, FENTRY_AND_KPROBE, true);
 }
 
 #[test]
 fn netlink_hang_in_fentry_and_kprobe_modes_6_12() {
-    netlink_hang(KernelVersion::Debian612, false);
+    netlink_hang(KernelVersion::Debian612, FENTRY_AND_KPROBE, false);
 }
 
 #[test]

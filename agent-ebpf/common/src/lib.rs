@@ -81,8 +81,11 @@ pub struct CniDir {
 #[derive(Clone, Copy, Debug)]
 pub struct ProbeConfig {
     pub offsets: KernelOffsets,
-    /// Explicit, so the struct has no implicit padding (`offsets` is 60 bytes, then a u64).
-    pub _pad: u32,
+    /// The optional helpers this kernel has, as [`helpers`] bits. The programs call one only
+    /// behind its bit: the verifier reads this read-only global as a constant and never
+    /// visits the call when the bit is clear. (Also keeps the struct free of implicit
+    /// padding: `offsets` is 60 bytes, then a u64.)
+    pub helpers: u32,
     /// A netlink recv call lasting at least this long is sent to userspace when it returns.
     pub slow_recv_ns: u64,
     /// How long the panic probe holds the dying CPU for the agent's acknowledgement
@@ -90,6 +93,14 @@ pub struct ProbeConfig {
     pub panic_hold_ns: u64,
     pub cni_dirs: [CniDir; CNI_DIRS],
     pub recv_syscalls: RecvSyscallNumbers,
+}
+
+/// Bits of [`ProbeConfig::helpers`]: helpers newer than the oldest kernel lastgasp supports.
+pub mod helpers {
+    /// `bpf_get_current_task_btf` (Linux 5.11): the current task as a BTF-typed pointer.
+    pub const CURRENT_TASK_BTF: u32 = 1 << 0;
+    /// `bpf_task_pt_regs` (Linux 5.15): a task's saved user registers.
+    pub const TASK_PT_REGS: u32 = 1 << 1;
 }
 
 // The fields' sizes add up to the struct's: it has no padding (its `aya::Pod` needs none).

@@ -24,10 +24,10 @@ use aya_ebpf::{
 };
 use lastgasp_common::{
     Drop, EventHeader, EventKind, LATENCY_BUCKETS, NETLINK_PROTOCOLS, NOT_NETLINK, RECV_SLOTS,
-    RecvSyscall, RecvThread, SlowRecv,
+    RecvSyscall, RecvThread, SlowRecv, helpers,
 };
 
-use super::kernel::{current_file, load, read};
+use super::kernel::{current_file, has_helper, load, read};
 use crate::{
     config::{config, offsets},
     maps::{EVENTS, RECV_LATENCY, RECV_THREADS, count_drop},
@@ -110,8 +110,13 @@ fn enter_netlink(protocol: u16) -> Option<()> {
 }
 
 /// The [`RecvSyscall`] the current task is in (0 if another) and its fd argument (-1 then).
+/// Both stay unknown without `bpf_task_pt_regs` (before Linux 5.15), which finds the task's
+/// saved user registers.
 #[inline(always)]
 fn current_syscall() -> (u32, i32) {
+    if !(has_helper(helpers::TASK_PT_REGS) && has_helper(helpers::CURRENT_TASK_BTF)) {
+        return (0, -1);
+    }
     let c = config();
     // SAFETY: helpers without preconditions; both return trusted BTF pointers, read with
     // inlined loads at offsets from BTF.

@@ -5,10 +5,11 @@ use std::{fmt, path::PathBuf, time::Duration};
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{FEntry, FExit, KProbe, TracePoint},
+    programs::{FEntry, FExit, KProbe, ProgramType, TracePoint},
+    sys::{BpfHelper, is_helper_supported},
 };
 use clap::ValueEnum;
-use lastgasp_common::{CNI_DIR_LEN, CNI_DIRS, CniDir, ProbeConfig, RecvSyscallNumbers};
+use lastgasp_common::{CNI_DIR_LEN, CNI_DIRS, CniDir, ProbeConfig, RecvSyscallNumbers, helpers};
 use serde::Serialize;
 use thiserror::Error;
 
@@ -86,6 +87,117 @@ impl NetlinkProbeMode {
     }
 }
 
+/// A BPF helper newer than the oldest kernel lastgasp supports (Linux 5.10). The loader
+/// probes the kernel for each; one missing degrades one feature of one probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum OptionalHelper {
+    /// `bpf_get_current_task_btf` (Linux 5.11).
+    CurrentTaskBtf,
+    /// `bpf_task_pt_regs` (Linux 5.15).
+    TaskPtRegs,
+    /// `bpf_loop` (Linux 5.17).
+    Loop,
+}
+
+impl OptionalHelper {
+    pub const ALL: [Self; 3] = [Self::CurrentTaskBtf, Self::TaskPtRegs, Self::Loop];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::CurrentTaskBtf => "bpf_get_current_task_btf",
+            Self::TaskPtRegs => "bpf_task_pt_regs",
+            Self::Loop => "bpf_loop",
+        }
+    }
+
+    /// The first kernel release that has it.
+    pub fn since(self) -> &'static str {
+        match self {
+            Self::CurrentTaskBtf => "5.11",
+            Self::TaskPtRegs => "5.15",
+            Self::Loop => "5.17",
+        }
+    }
+
+    fn id(self) -> BpfHelper {
+        match self {
+            Self::CurrentTaskBtf => BpfHelper::BPF_FUNC_get_current_task_btf,
+            Self::TaskPtRegs => BpfHelper::BPF_FUNC_task_pt_regs,
+            Self::Loop => BpfHelper::BPF_FUNC_loop,
+        }
+    }
+}
+
+/// The optional helpers the kernel offers the probes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Helpers(Vec<OptionalHelper>);
+
+impl Helpers {
+    /// Asks the kernel for each helper (by loading a program that calls it, as `bpftool
+    /// feature probe` does), except those in `ignore`, which count as missing. All three are
+    /// tracing helpers, so a tracepoint program stands in for every attach mode.
+    pub fn probe(ignore: &[OptionalHelper]) -> Self {
+        let present = OptionalHelper::ALL
+            .into_iter()
+            .filter(|helper| !ignore.contains(helper))
+            .filter(
+                |helper| match is_helper_supported(ProgramType::TracePoint, helper.id()) {
+                    Ok(present) => present,
+                    Err(error) => {
+                        tracing::warn!(%error, helper = helper.name(), "probing for a BPF helper failed; taken as missing");
+                        false
+                    }
+                },
+            )
+            .collect();
+        Self(present)
+    }
+
+    pub fn new(present: &[OptionalHelper]) -> Self {
+        Self(present.to_vec())
+    }
+
+    pub fn has(&self, helper: OptionalHelper) -> bool {
+        self.0.contains(&helper)
+    }
+
+    /// The bits of `ProbeConfig::helpers`; `bpf_loop` has none: it picks whole programs.
+    fn config_bits(&self) -> u32 {
+        let mut bits = 0;
+        if self.has(OptionalHelper::CurrentTaskBtf) {
+            bits |= helpers::CURRENT_TASK_BTF;
+        }
+        if self.has(OptionalHelper::TaskPtRegs) {
+            bits |= helpers::TASK_PT_REGS;
+        }
+        bits
+    }
+}
+
+/// A feature of an attached probe that works less well for want of a helper.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Degraded {
+    /// Short name, for the `degraded` label of `lastgasp_probe_info`.
+    pub feature: &'static str,
+    /// What is lost.
+    pub effect: &'static str,
+    pub missing: OptionalHelper,
+}
+
+impl fmt::Display for Degraded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} ({}): no {} (Linux {})",
+            self.feature,
+            self.effect,
+            self.missing.name(),
+            self.missing.since()
+        )
+    }
+}
+
 /// The outcome of attaching one probe.
 #[derive(Clone, Debug, Serialize)]
 pub struct ProbeStatus {
@@ -94,22 +206,41 @@ pub struct ProbeStatus {
     pub mode: Option<AttachMode>,
     /// Why it is unavailable, or which better modes were refused.
     pub detail: Option<String>,
+    /// What works less well in the mode it attached in, for want of a helper.
+    pub degraded: Vec<Degraded>,
+}
+
+impl ProbeStatus {
+    /// The `degraded` label: `feature:helper` pairs, comma-separated; empty if nothing is.
+    pub fn degraded_label(&self) -> String {
+        self.degraded
+            .iter()
+            .map(|degraded| format!("{}:{}", degraded.feature, degraded.missing.name()))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
 }
 
 impl fmt::Display for ProbeStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.mode, &self.detail) {
-            (Some(mode), None) => write!(f, "{}: attached ({})", self.probe, mode.as_str()),
+            (Some(mode), None) => write!(f, "{}: attached ({})", self.probe, mode.as_str())?,
             (Some(mode), Some(detail)) => {
-                write!(f, "{}: attached ({}); {detail}", self.probe, mode.as_str())
+                write!(f, "{}: attached ({}); {detail}", self.probe, mode.as_str())?
             }
-            (None, detail) => write!(
-                f,
-                "{}: unavailable: {}",
-                self.probe,
-                detail.as_deref().unwrap_or("unknown reason")
-            ),
+            (None, detail) => {
+                return write!(
+                    f,
+                    "{}: unavailable: {}",
+                    self.probe,
+                    detail.as_deref().unwrap_or("unknown reason")
+                );
+            }
         }
+        for degraded in &self.degraded {
+            write!(f, "; degraded: {degraded}")?;
+        }
+        Ok(())
     }
 }
 
@@ -126,14 +257,17 @@ pub struct ProbeSettings<'a> {
     /// How long the panic probe may hold the dying CPU for the agent's last gasp; zero does not.
     pub panic_hold: Duration,
     pub netlink_probe: NetlinkProbeMode,
+    /// Helpers to treat as missing even if the kernel has them (to exercise the fallbacks).
+    pub ignore_helpers: &'a [OptionalHelper],
 }
 
 pub fn load(settings: &ProbeSettings<'_>) -> Result<LoadedProbes, LoadError> {
     mount_tracefs();
     let offsets = btf::Btf::from_sys_fs().and_then(|btf| btf::kernel_offsets(&btf));
+    let helpers = Helpers::probe(settings.ignore_helpers);
     let config = ProbeConfig {
         offsets: offsets.as_ref().copied().unwrap_or_default(),
-        _pad: 0,
+        helpers: helpers.config_bits(),
         slow_recv_ns: u64::try_from(settings.slow_recv.as_nanos()).unwrap_or(u64::MAX),
         panic_hold_ns: u64::try_from(settings.panic_hold.as_nanos()).unwrap_or(u64::MAX),
         cni_dirs: cni_dirs(settings.cni_bin_dirs)?,
@@ -154,12 +288,13 @@ pub fn load(settings: &ProbeSettings<'_>) -> Result<LoadedProbes, LoadError> {
             probe,
             mode: None,
             detail: Some(format!("needs kernel BTF: {error}")),
+            degraded: Vec::new(),
         }),
     };
     // aya's BTF for fentry/fexit, parsed once and only if a probe tries fentry.
     let mut kernel_btf = KernelBtf::default();
     status.push(needs_btf("netlink_recv").unwrap_or_else(|| {
-        attach_netlink_recv(&mut ebpf, &mut kernel_btf, settings.netlink_probe)
+        attach_netlink_recv(&mut ebpf, &mut kernel_btf, settings.netlink_probe, &helpers)
     }));
     status.push(needs_btf("cni_exec").unwrap_or_else(|| {
         tracepoints(
@@ -180,7 +315,7 @@ pub fn load(settings: &ProbeSettings<'_>) -> Result<LoadedProbes, LoadError> {
         "console",
         &[("console", "printk", "console")],
     ));
-    status.push(attach_panic(&mut ebpf, &mut kernel_btf));
+    status.push(attach_panic(&mut ebpf, &mut kernel_btf, &helpers));
     drop(kernel_btf);
     release_freed_memory();
     Ok(LoadedProbes { ebpf, status })
@@ -278,6 +413,46 @@ impl KernelBtf {
     }
 }
 
+/// Verifier output lines kept in a refusal; a longer log keeps its first and last lines.
+const REFUSAL_LINES: usize = 6;
+
+/// An attach error with its causes, on one line, for the probe's status: the verifier's
+/// output, which aya includes in a refused load, comes one line each, and its statistics
+/// (`processed ... insns`, `verification time`, `stack depth`) say nothing about the cause.
+fn one_line(error: &anyhow::Error) -> String {
+    let text = format!("{error:#}");
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|line| {
+            !line.is_empty()
+                && !line.starts_with("verification time ")
+                && !line.starts_with("stack depth ")
+                && !line.starts_with("processed ")
+        })
+        .collect();
+    let join = |lines: &[&str]| {
+        lines.iter().fold(String::new(), |mut joined, line| {
+            // The next cause in the chain, after a log that ended in a newline.
+            if !joined.is_empty() && !line.starts_with(':') {
+                joined.push(' ');
+            }
+            joined.push_str(line);
+            joined
+        })
+    };
+    if lines.len() <= REFUSAL_LINES {
+        return join(&lines);
+    }
+    let tail = REFUSAL_LINES - 2;
+    format!(
+        "{} [{} verifier lines left out] {}",
+        join(&lines[..2]),
+        lines.len() - REFUSAL_LINES,
+        join(&lines[lines.len() - tail..])
+    )
+}
+
 /// Loads and attaches every program of a probe; the probe is unavailable if any fails.
 fn tracepoints(
     ebpf: &mut Ebpf,
@@ -289,11 +464,13 @@ fn tracepoints(
             probe,
             mode: Some(AttachMode::Tracepoint),
             detail: None,
+            degraded: Vec::new(),
         },
         Err(error) => ProbeStatus {
             probe,
             mode: None,
-            detail: Some(format!("{error:#}")),
+            detail: Some(one_line(&error)),
+            degraded: Vec::new(),
         },
     }
 }
@@ -314,6 +491,7 @@ fn attach_netlink_recv(
     ebpf: &mut Ebpf,
     btf: &mut KernelBtf,
     mode: NetlinkProbeMode,
+    helpers: &Helpers,
 ) -> ProbeStatus {
     let mut refused = Vec::new();
     for &candidate in mode.candidates() {
@@ -338,9 +516,14 @@ fn attach_netlink_recv(
                     probe: "netlink_recv",
                     mode: Some(candidate),
                     detail: (!refused.is_empty()).then(|| refused.join("; ")),
+                    degraded: netlink_degraded(candidate, helpers),
                 };
             }
-            Err(error) => refused.push(format!("{} refused: {error:#}", candidate.as_str())),
+            Err(error) => refused.push(format!(
+                "{} refused: {}",
+                candidate.as_str(),
+                one_line(&error)
+            )),
         }
     }
     if mode != NetlinkProbeMode::Auto {
@@ -355,7 +538,38 @@ fn attach_netlink_recv(
         probe: "netlink_recv",
         mode: None,
         detail: Some(refused.join("; ")),
+        degraded: Vec::new(),
     }
+}
+
+/// What the netlink recv probe loses in `mode` without the helpers it prefers.
+fn netlink_degraded(mode: AttachMode, helpers: &Helpers) -> Vec<Degraded> {
+    let missing =
+        |wanted: &[OptionalHelper]| wanted.iter().copied().find(|&helper| !helpers.has(helper));
+    match mode {
+        // The syscall and fd come from the task's saved user registers.
+        AttachMode::Fentry | AttachMode::Kprobe => {
+            missing(&[OptionalHelper::TaskPtRegs, OptionalHelper::CurrentTaskBtf]).map(|missing| {
+                Degraded {
+                    feature: "recv_syscall_fd",
+                    effect: "hung calls are reported without their syscall and fd; \
+                             --netlink-probe tracepoint has them",
+                    missing,
+                }
+            })
+        }
+        // The fd argument is the tracepoint's; its file is found by walking the task's table.
+        AttachMode::Tracepoint => {
+            missing(&[OptionalHelper::CurrentTaskBtf]).map(|missing| Degraded {
+                feature: "fd_lookup",
+                effect: "each recv syscall walks the file table with bpf_probe_read_kernel \
+                     calls instead of inlined loads",
+                missing,
+            })
+        }
+    }
+    .into_iter()
+    .collect()
 }
 
 /// fexit first, then fentry: an entry seen without its exit would leave a call in flight
@@ -422,48 +636,62 @@ fn attach_tracepoint(
     Ok(())
 }
 
-/// `panic()` itself: fentry where the kernel has BPF trampolines, else a kprobe.
-fn attach_panic(ebpf: &mut Ebpf, btf: &mut KernelBtf) -> ProbeStatus {
-    let fentry_error = match attach_panic_fentry(ebpf, btf) {
+/// `panic()` itself: fentry where the kernel has BPF trampolines, else a kprobe. Without
+/// `bpf_loop` the programs whose hold is a bounded loop stand in.
+fn attach_panic(ebpf: &mut Ebpf, btf: &mut KernelBtf, helpers: &Helpers) -> ProbeStatus {
+    let bounded = !helpers.has(OptionalHelper::Loop);
+    let suffix = if bounded { "_bounded" } else { "" };
+    let degraded: Vec<Degraded> = bounded
+        .then_some(Degraded {
+            feature: "panic_hold",
+            effect: "the dying CPU is held for a bounded number of checks, which may end \
+                     before --panic-hold",
+            missing: OptionalHelper::Loop,
+        })
+        .into_iter()
+        .collect();
+    let fentry_error = match attach_panic_fentry(ebpf, btf, &format!("panic_fentry{suffix}")) {
         Ok(()) => {
             return ProbeStatus {
                 probe: "panic",
                 mode: Some(AttachMode::Fentry),
                 detail: None,
+                degraded,
             };
         }
         Err(error) => error,
     };
-    match attach_panic_kprobe(ebpf) {
+    match attach_panic_kprobe(ebpf, &format!("panic_kprobe{suffix}")) {
         Ok(()) => ProbeStatus {
             probe: "panic",
             mode: Some(AttachMode::Kprobe),
-            detail: Some(format!("fentry refused: {fentry_error:#}")),
+            detail: Some(format!("fentry refused: {}", one_line(&fentry_error))),
+            degraded,
         },
         Err(kprobe_error) => ProbeStatus {
             probe: "panic",
             mode: None,
             detail: Some(format!(
-                "fentry refused: {fentry_error:#}; kprobe refused: {kprobe_error:#}; \
-                 panics are still seen on the console tracepoint"
+                "fentry refused: {}; kprobe refused: {}; \
+                 panics are still seen on the console tracepoint",
+                one_line(&fentry_error),
+                one_line(&kprobe_error)
             )),
+            degraded: Vec::new(),
         },
     }
 }
 
-fn attach_panic_fentry(ebpf: &mut Ebpf, btf: &mut KernelBtf) -> anyhow::Result<()> {
+fn attach_panic_fentry(ebpf: &mut Ebpf, btf: &mut KernelBtf, name: &str) -> anyhow::Result<()> {
     let btf = btf.get()?;
-    let program: &mut FEntry = program(ebpf, "panic_fentry")?;
+    let program: &mut FEntry = program(ebpf, name)?;
     program.load("panic", btf)?;
     program.attach()?;
     Ok(())
 }
 
-fn attach_panic_kprobe(ebpf: &mut Ebpf) -> anyhow::Result<()> {
-    let program: &mut KProbe = ebpf
-        .program_mut("panic_kprobe")
-        .ok_or_else(|| anyhow::anyhow!("program panic_kprobe missing from the object"))?
-        .try_into()?;
+fn attach_panic_kprobe(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<()> {
+    let program: &mut KProbe = program(ebpf, name)?;
     program.load()?;
     program.attach("panic", 0)?;
     Ok(())
@@ -502,16 +730,91 @@ mod tests {
             probe: "console",
             mode: Some(AttachMode::Tracepoint),
             detail: None,
+            degraded: Vec::new(),
         };
         assert_eq!(attached.to_string(), "console: attached (tracepoint)");
+        assert_eq!(attached.degraded_label(), "");
         let missing = ProbeStatus {
             probe: "panic",
             mode: None,
             detail: Some("kprobe refused: ENOENT".into()),
+            degraded: Vec::new(),
         };
         assert_eq!(
             missing.to_string(),
             "panic: unavailable: kprobe refused: ENOENT"
         );
+    }
+
+    #[test]
+    fn refusals_fit_on_one_line() {
+        let error = anyhow::Error::new(std::io::Error::from_raw_os_error(libc::EINVAL)).context(
+            "the BPF_PROG_LOAD syscall returned Invalid argument (os error 22). Verifier output: \
+             The function panic with variable args is unsupported.\nverification time 139 \
+             usec\nstack depth 0\nprocessed 0 insns (limit 1000000) max_states_per_insn 0 \
+             total_states 0 peak_states 0 mark_read 0\n",
+        );
+        assert_eq!(
+            one_line(&error),
+            "the BPF_PROG_LOAD syscall returned Invalid argument (os error 22). Verifier output: \
+             The function panic with variable args is unsupported.: Invalid argument (os error \
+             22)"
+        );
+        let long = anyhow::anyhow!(
+            "{}",
+            (1..=10)
+                .map(|line| format!("line {line}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        assert_eq!(
+            one_line(&long),
+            "line 1 line 2 [4 verifier lines left out] line 7 line 8 line 9 line 10"
+        );
+    }
+
+    #[test]
+    fn degraded_features_name_the_missing_helper() {
+        let old = Helpers::new(&[]);
+        let status = ProbeStatus {
+            probe: "netlink_recv",
+            mode: Some(AttachMode::Kprobe),
+            detail: Some("fentry refused: EINVAL".into()),
+            degraded: netlink_degraded(AttachMode::Kprobe, &old),
+        };
+        assert_eq!(status.degraded_label(), "recv_syscall_fd:bpf_task_pt_regs");
+        assert!(
+            status.to_string().starts_with(
+                "netlink_recv: attached (kprobe); fentry refused: EINVAL; degraded: \
+                 recv_syscall_fd (hung calls are reported without their syscall and fd;"
+            ),
+            "{status}"
+        );
+        assert!(
+            status
+                .to_string()
+                .ends_with("no bpf_task_pt_regs (Linux 5.15)")
+        );
+        assert_eq!(
+            netlink_degraded(AttachMode::Tracepoint, &old)[0].feature,
+            "fd_lookup"
+        );
+        let all = Helpers::new(&OptionalHelper::ALL);
+        assert_eq!(netlink_degraded(AttachMode::Fentry, &all), Vec::new());
+        assert_eq!(netlink_degraded(AttachMode::Tracepoint, &all), Vec::new());
+        let only_task_btf = Helpers::new(&[OptionalHelper::CurrentTaskBtf]);
+        assert_eq!(
+            netlink_degraded(AttachMode::Tracepoint, &only_task_btf),
+            Vec::new()
+        );
+        assert_eq!(
+            netlink_degraded(AttachMode::Fentry, &only_task_btf)[0].missing,
+            OptionalHelper::TaskPtRegs
+        );
+        assert_eq!(
+            all.config_bits(),
+            helpers::CURRENT_TASK_BTF | helpers::TASK_PT_REGS
+        );
+        assert_eq!(old.config_bits(), 0);
     }
 }

@@ -50,7 +50,7 @@ use self::{
     kallsyms::Kallsyms,
     kernel_stats::KernelStats,
     last_gasp::{LastGasp, NodeIdentity, ReportSender},
-    loader::{AttachMode, NetlinkProbeMode, ProbeSettings, ProbeStatus},
+    loader::{AttachMode, NetlinkProbeMode, OptionalHelper, ProbeSettings, ProbeStatus},
     netconsole::Netconsole,
     netlink::{HangTracker, RecvSlots},
     node_signals::{NodeHealth, NodeSignalsConfig},
@@ -82,6 +82,9 @@ pub struct AgentConfig {
     pub netlink_hang_threshold: Duration,
     /// How the netlink recv probe attaches; `Auto` picks the best the kernel allows.
     pub netlink_probe: NetlinkProbeMode,
+    /// BPF helpers to treat as missing although the kernel has them, to run the fallbacks
+    /// older kernels get.
+    pub ignore_helpers: Vec<OptionalHelper>,
     pub cni_bin_dirs: Vec<PathBuf>,
     pub cni_stuck_threshold: Duration,
     /// How long the panic probe may hold the dying CPU until the last gasp is sent. Used only
@@ -246,6 +249,7 @@ impl Start {
             cni_bin_dirs: &config.cni_bin_dirs,
             panic_hold: panic_hold(config),
             netlink_probe: config.netlink_probe,
+            ignore_helpers: &config.ignore_helpers,
         })?;
         let mut ebpf = loaded.ebpf;
         for status in &loaded.status {
@@ -259,6 +263,7 @@ impl Start {
                     probe: status.probe.into(),
                     mode: status.mode.map_or("none", |mode| mode.as_str()).into(),
                     attached: status.mode.is_some().to_string(),
+                    degraded: status.degraded_label(),
                 })
                 .set(1);
         }

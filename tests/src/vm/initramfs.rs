@@ -29,6 +29,10 @@ pub const MODULES: &[&str] = &[
     "netconsole",
 ];
 
+/// Modules of [`MODULES`] that older kernels do not have: virtio_pci's library parts, split
+/// out of it in Linux 5.14 and 5.15 (Debian 11's 5.10 has them inside virtio_pci).
+const NEWER_MODULES: &[&str] = &["virtio_pci_modern_dev", "virtio_pci_legacy_dev"];
+
 const BUSYBOX: &str = "/bin/busybox";
 
 /// What `/init` prints once it runs the caller's script.
@@ -103,7 +107,7 @@ impl Initramfs {
                     let guest = format!("lib/modules/{index:02}-{name}.ko");
                     archive.add(&guest, cpio::FILE, &image, (0, 0));
                 }
-                None if builtin.contains(*name) => {}
+                None if builtin.contains(*name) || NEWER_MODULES.contains(name) => {}
                 None => bail!(
                     "module {name} is neither in {} nor built in",
                     kernel.package

@@ -13,6 +13,10 @@ use super::{cache_dir, output, require_tool};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelVersion {
+    /// Debian 11's 5.10 from bullseye and bullseye-security (`linux-image-5.10.0-<abi>-cloud-amd64`,
+    /// the signed image: the `-unsigned` one is not on the mirrors), through the harness's own
+    /// apt configuration (see [`apt`]).
+    Debian510,
     /// bookworm's 6.1 (`linux-image-6.1.0-<abi>-cloud-amd64-unsigned`).
     Debian61,
     /// bookworm-security's 6.12 (`linux-image-6.12.<n>+deb12-cloud-amd64-unsigned`).
@@ -20,11 +24,12 @@ pub enum KernelVersion {
 }
 
 impl KernelVersion {
-    pub const ALL: [Self; 2] = [Self::Debian61, Self::Debian612];
+    pub const ALL: [Self; 3] = [Self::Debian510, Self::Debian61, Self::Debian612];
 
     /// Package names look like `<prefix><number><suffix>`; the newest has the largest number.
     fn package_pattern(self) -> (&'static str, &'static str) {
         match self {
+            Self::Debian510 => ("linux-image-5.10.0-", "-cloud-amd64"),
             Self::Debian61 => ("linux-image-6.1.0-", "-cloud-amd64-unsigned"),
             Self::Debian612 => ("linux-image-6.12.", "+deb12-cloud-amd64-unsigned"),
         }
@@ -34,6 +39,7 @@ impl KernelVersion {
 impl fmt::Display for KernelVersion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            Self::Debian510 => "5.10",
             Self::Debian61 => "6.1",
             Self::Debian612 => "6.12",
         })
@@ -47,7 +53,7 @@ impl std::str::FromStr for KernelVersion {
         Self::ALL
             .into_iter()
             .find(|version| version.to_string() == s)
-            .with_context(|| format!("unknown kernel {s:?}: use 6.1 or 6.12"))
+            .with_context(|| format!("unknown kernel {s:?}: use 5.10, 6.1 or 6.12"))
     }
 }
 
@@ -116,7 +122,7 @@ impl Kernel {
         let downloaded = if unpacked.is_dir() {
             None
         } else {
-            Some(download_and_unpack(&package, &root, &unpacked)?)
+            Some(download_and_unpack(version, &package, &root, &unpacked)?)
         };
         let package_version = std::fs::read_to_string(version_file(&root, &package))
             .map(|version| version.trim().to_owned())
@@ -163,15 +169,73 @@ fn newest(version: KernelVersion, names: Vec<String>) -> Option<String> {
         .map(|(_, name)| name)
 }
 
-fn apt_packages(version: KernelVersion) -> anyhow::Result<Vec<String>> {
+/// Suites the host's apt sources do not have, configured for the harness alone: a sources
+/// list, package lists and cache under the VM cache, refreshed at most daily. The host's
+/// own apt configuration is left alone.
+const OWN_APT: &[(KernelVersion, &str)] = &[(
+    KernelVersion::Debian510,
+    "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] \
+     http://deb.debian.org/debian bullseye main\n\
+     deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] \
+     http://deb.debian.org/debian-security bullseye-security main\n",
+)];
+
+/// `program` (`apt-get` or `apt-cache`) reading the package lists `version` comes from.
+pub(super) fn apt(version: KernelVersion, program: &str) -> anyhow::Result<Command> {
     require_tool("apt-get")?;
+    let mut command = Command::new(program);
+    let Some((_, sources)) = OWN_APT.iter().find(|(own, _)| *own == version) else {
+        return Ok(command);
+    };
+    let dir = cache_dir().join(format!("apt-{version}"));
+    for sub in ["lists/partial", "cache/archives/partial", "sources.list.d"] {
+        std::fs::create_dir_all(dir.join(sub))
+            .with_context(|| format!("creating {}", dir.join(sub).display()))?;
+    }
+    let list = dir.join("sources.list");
+    std::fs::write(&list, sources)?;
+    let options = [
+        format!("Dir::Etc::SourceList={}", list.display()),
+        format!(
+            "Dir::Etc::SourceParts={}",
+            dir.join("sources.list.d").display()
+        ),
+        format!("Dir::State::Lists={}", dir.join("lists").display()),
+        format!("Dir::Cache={}", dir.join("cache").display()),
+    ];
+    let with_options = |command: &mut Command| {
+        for option in &options {
+            command.arg("-o").arg(option);
+        }
+    };
+    let stamp = dir.join("updated");
+    let fresh = std::fs::metadata(&stamp)
+        .and_then(|meta| meta.modified())
+        .is_ok_and(|at| {
+            at.elapsed()
+                .is_ok_and(|age| age < Duration::from_secs(24 * 3600))
+        });
+    if !fresh {
+        let mut update = Command::new("apt-get");
+        with_options(&mut update);
+        match output(update.args(["-q", "update"])) {
+            Ok(_) => std::fs::write(&stamp, b"")?,
+            // Stale lists still name packages; without any, the fetch says what is missing.
+            Err(error) => eprintln!("apt-get update for {version}: {error:#}"),
+        }
+    }
+    with_options(&mut command);
+    Ok(command)
+}
+
+fn apt_packages(version: KernelVersion) -> anyhow::Result<Vec<String>> {
     let (prefix, suffix) = version.package_pattern();
     let regex = format!(
         "^{}[0-9]+{}$",
         prefix.replace('.', "\\."),
         suffix.replace('+', "\\+")
     );
-    let out = output(Command::new("apt-cache").args(["search", "--names-only", &regex]))?;
+    let out = output(apt(version, "apt-cache")?.args(["search", "--names-only", &regex]))?;
     Ok(String::from_utf8_lossy(&out)
         .lines()
         .filter_map(|line| line.split_whitespace().next().map(str::to_owned))
@@ -188,14 +252,19 @@ fn cached_packages(root: &Path) -> anyhow::Result<Vec<String>> {
 
 /// Downloads into a private directory and unpacks next to `unpacked`, then renames, so
 /// concurrent fetches of the same kernel cannot see half a kernel.
-fn download_and_unpack(package: &str, root: &Path, unpacked: &Path) -> anyhow::Result<Download> {
+fn download_and_unpack(
+    version: KernelVersion,
+    package: &str,
+    root: &Path,
+    unpacked: &Path,
+) -> anyhow::Result<Download> {
     require_tool("dpkg")?;
     let work = root.join(format!(".work-{}-{package}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let started = Instant::now();
     output(
-        Command::new("apt-get")
+        apt(version, "apt-get")?
             .args(["download", package])
             .current_dir(&work),
     )

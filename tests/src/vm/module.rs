@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use super::{Kernel, cache_dir, output, require_tool};
+use super::{Kernel, KernelVersion, cache_dir, kernel::apt, output, require_tool};
 
 /// The module's source files, compiled in so xtask and the tests build the same module.
 const SOURCES: &[(&str, &str)] = &[
@@ -72,7 +72,7 @@ impl CrashModule {
             None
         } else {
             let started = Instant::now();
-            fetch_headers(&kernel.release, &root, &tree)?;
+            fetch_headers(kernel.version, &kernel.release, &root, &tree)?;
             Some(started.elapsed())
         };
         let packages = std::fs::read_to_string(packages_file(&tree))?
@@ -136,10 +136,9 @@ fn work_dir(parent: &Path, what: &str) -> anyhow::Result<PathBuf> {
 
 /// The packages to build modules for `release`: its headers, and the `-common` headers and
 /// `linux-kbuild-` tools that package depends on.
-fn header_packages(release: &str) -> anyhow::Result<Vec<String>> {
-    require_tool("apt-get")?;
+fn header_packages(version: KernelVersion, release: &str) -> anyhow::Result<Vec<String>> {
     let headers = format!("linux-headers-{release}");
-    let show = output(Command::new("apt-cache").args(["show", "--no-all-versions", &headers]))
+    let show = output(apt(version, "apt-cache")?.args(["show", "--no-all-versions", &headers]))
         .with_context(|| format!("apt knows no {headers}: run `apt-get update`"))?;
     let show = String::from_utf8_lossy(&show);
     let depends = show
@@ -163,12 +162,17 @@ fn header_packages(release: &str) -> anyhow::Result<Vec<String>> {
 
 /// Downloads and unpacks the header packages into one tree, fixes it up to build from where
 /// it is, and renames it to `tree` once complete.
-fn fetch_headers(release: &str, root: &Path, tree: &Path) -> anyhow::Result<()> {
+fn fetch_headers(
+    version: KernelVersion,
+    release: &str,
+    root: &Path,
+    tree: &Path,
+) -> anyhow::Result<()> {
     require_tool("dpkg")?;
-    let packages = header_packages(release)?;
+    let packages = header_packages(version, release)?;
     let work = work_dir(root, release)?;
     output(
-        Command::new("apt-get")
+        apt(version, "apt-get")?
             .arg("download")
             .args(&packages)
             .current_dir(&work),
