@@ -17,6 +17,7 @@ pub mod node_signals;
 pub mod pods;
 pub mod pstore;
 pub mod records;
+pub mod terminations;
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
