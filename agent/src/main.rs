@@ -1,7 +1,7 @@
 //! The `lastgasp` binary.
 
 use std::{
-    net::{SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr, SocketAddrV4},
     path::PathBuf,
     time::Duration,
 };
@@ -131,6 +131,13 @@ struct AgentArgs {
     /// DaemonSet set NODE_NAME from spec.nodeName).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
+    /// The node's address the controller knows it by: its InternalIP (in a DaemonSet set
+    /// NODE_IP from status.hostIP). Last-gasp datagrams and netconsole leave from it, whatever
+    /// interface the route to the controller takes (an overlay's, the pod bridge's): the
+    /// controller accepts a node's reports and console only from that address. Unset: the
+    /// source address of the route.
+    #[arg(long, env = "NODE_IP")]
+    node_ip: Option<IpAddr>,
     /// Address of the Prometheus metrics endpoint (`/metrics`, and `/healthz`).
     #[arg(long, default_value = "0.0.0.0:9465")]
     metrics_addr: SocketAddr,
@@ -336,6 +343,7 @@ async fn run_agent(args: AgentArgs, log_format: LogFormat) -> anyhow::Result<()>
     agent::run(
         AgentConfig {
             node_name,
+            node_ip: args.node_ip,
             metrics_addr: args.metrics_addr,
             controller,
             controller_service,

@@ -21,6 +21,7 @@ use serde_json::Value;
 pub fn agent_config(node: &str) -> AgentConfig {
     AgentConfig {
         node_name: node.into(),
+        node_ip: None,
         metrics_addr: "127.0.0.1:0".parse().expect("a socket address"),
         controller: None,
         controller_service: None,

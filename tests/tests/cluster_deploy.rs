@@ -337,8 +337,9 @@ async fn deploy_runs_on_a_real_node_and_a_panic_line_marks_it() {
     assert!(cni_calls(&exposition, "bridge", "DEL") >= 1, "{exposition}");
     drop(cluster);
     assert!(
-        !Path::new("/sys/class/net/lg-cni0").exists(),
-        "the node's bridge outlived the cluster"
+        !Path::new("/sys/class/net/lg-cni0").exists()
+            && !Path::new("/sys/class/net/lg-node0").exists(),
+        "the cluster's bridges outlived it"
     );
 }
 

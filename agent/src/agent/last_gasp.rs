@@ -3,7 +3,7 @@
 
 use std::{
     io,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -61,25 +61,20 @@ pub struct ReportSender {
 }
 
 impl ReportSender {
+    /// `node_ip`: the address reports leave from in its family (see [`bind_sockets`]).
     pub fn new(
         controller: watch::Receiver<ControllerEndpoints>,
+        node_ip: Option<IpAddr>,
         key: AuthKey,
         identity: NodeIdentity,
     ) -> io::Result<Self> {
-        let ipv4 = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0));
-        let ipv6 = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0));
-        if let (Err(error), Err(_)) = (&ipv4, &ipv6) {
-            return Err(io::Error::new(
-                error.kind(),
-                format!("binding a UDP socket: {error}"),
-            ));
-        }
+        let (ipv4, ipv6) = bind_sockets(node_ip)?;
         let next_seq = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(1, |d| d.as_micros() as u64);
         Ok(Self {
-            ipv4: ipv4.ok().map(Arc::new),
-            ipv6: ipv6.ok().map(Arc::new),
+            ipv4: ipv4.map(Arc::new),
+            ipv6: ipv6.map(Arc::new),
             controller,
             key,
             identity,
@@ -163,6 +158,39 @@ impl ReportSender {
             }
         }
         outcome
+    }
+}
+
+/// One UDP socket per address family the host has. The node's address, when given, is bound
+/// as the source of its family: a datagram to a pod address otherwise leaves from whatever
+/// address the route prefers (an overlay device's, the pod bridge's), and the controller
+/// accepts a node's reports only from its InternalIP. An address this host does not have is
+/// logged and left to the route: reports still go out, which may be from the right address.
+fn bind_sockets(node_ip: Option<IpAddr>) -> io::Result<(Option<UdpSocket>, Option<UdpSocket>)> {
+    let bind = |unspecified: IpAddr| {
+        if let Some(ip) = node_ip.filter(|ip| ip.is_ipv4() == unspecified.is_ipv4()) {
+            match UdpSocket::bind((ip, 0)) {
+                Ok(socket) => return Ok(socket),
+                Err(error) => tracing::warn!(
+                    node_ip = %ip,
+                    %error,
+                    "reports cannot leave from the node address (--node-ip): they leave from \
+                     the route's source address, which the controller accepts only if it is \
+                     the Node's InternalIP"
+                ),
+            }
+        }
+        UdpSocket::bind((unspecified, 0))
+    };
+    match (
+        bind(Ipv4Addr::UNSPECIFIED.into()),
+        bind(Ipv6Addr::UNSPECIFIED.into()),
+    ) {
+        (Err(error), Err(_)) => Err(io::Error::new(
+            error.kind(),
+            format!("binding a UDP socket: {error}"),
+        )),
+        (ipv4, ipv6) => Ok((ipv4.ok(), ipv6.ok())),
     }
 }
 
@@ -283,6 +311,54 @@ impl LastGasp {
 mod tests {
     use super::*;
 
+    fn sender_to(controller: &UdpSocket, node_ip: Option<IpAddr>) -> ReportSender {
+        let (_keep, endpoints) =
+            watch::channel(ControllerEndpoints::fixed(controller.local_addr().unwrap()));
+        let identity = NodeIdentity {
+            node: "node".into(),
+            boot_id: "boot".into(),
+            kernel_release: None,
+        };
+        ReportSender::new(endpoints, node_ip, AuthKey::None, identity).unwrap()
+    }
+
+    /// The source address of one report sent by `sender`.
+    fn sent_from(sender: &ReportSender, controller: &UdpSocket) -> IpAddr {
+        let mut report = sender.report(
+            ReportKind::KernelPanic,
+            ReportSource::Console,
+            "Kernel panic - not syncing: test".into(),
+            Vec::new(),
+        );
+        assert_eq!(sender.send(&mut report).failed, 0);
+        let mut datagram = [0u8; 4096];
+        controller.recv_from(&mut datagram).unwrap().1.ip()
+    }
+
+    #[test]
+    fn reports_leave_from_the_node_address() {
+        let controller = UdpSocket::bind("127.0.0.1:0").unwrap();
+        controller
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        // Every 127/8 address is this host's; the route to 127.0.0.1 prefers 127.0.0.1.
+        let node_ip = IpAddr::from([127, 0, 0, 2]);
+        assert_eq!(
+            sent_from(&sender_to(&controller, Some(node_ip)), &controller),
+            node_ip
+        );
+        assert_eq!(
+            sent_from(&sender_to(&controller, None), &controller),
+            IpAddr::from([127, 0, 0, 1])
+        );
+        // An address the host lacks is left to the route, and the report still goes out.
+        let elsewhere = IpAddr::from([192, 0, 2, 1]);
+        assert_eq!(
+            sent_from(&sender_to(&controller, Some(elsewhere)), &controller),
+            IpAddr::from([127, 0, 0, 1])
+        );
+    }
+
     /// A last gasp sending to a local socket; returns both.
     fn last_gasp() -> (LastGasp, UdpSocket) {
         let controller = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -296,7 +372,7 @@ mod tests {
             boot_id: "boot".into(),
             kernel_release: None,
         };
-        let sender = ReportSender::new(endpoints, AuthKey::None, identity).unwrap();
+        let sender = ReportSender::new(endpoints, None, AuthKey::None, identity).unwrap();
         (LastGasp::new(sender), controller)
     }
 

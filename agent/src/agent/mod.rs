@@ -20,7 +20,7 @@ pub mod records;
 pub mod terminations;
 
 use std::{
-    net::{SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr, SocketAddrV4},
     os::fd::AsRawFd,
     path::PathBuf,
     sync::{
@@ -69,6 +69,9 @@ use crate::{
 
 pub struct AgentConfig {
     pub node_name: String,
+    /// The node's InternalIP: the source address of last-gasp datagrams and netconsole, so the
+    /// controller recognises them whichever interface they leave by. `None`: the route's.
+    pub node_ip: Option<IpAddr>,
     pub metrics_addr: SocketAddr,
     /// A fixed address for last-gasp datagrams (`--controller`). At most one of this and
     /// `controller_service`; with neither, panics are only logged.
@@ -344,6 +347,7 @@ impl Start {
         };
         let sender = ReportSender::new(
             endpoints.clone(),
+            config.node_ip,
             config.auth_key.clone(),
             NodeIdentity {
                 node: config.node_name.clone(),
@@ -357,7 +361,15 @@ impl Start {
     /// Keeps the kernel's netconsole targets: those the flags name, or else the controller
     /// Service's `netconsole` endpoints.
     fn start_netconsole(&mut self, endpoints: &watch::Receiver<ControllerEndpoints>) -> Netconsole {
-        let netconsole = Netconsole::new(self.metrics.netconsole_targets.clone());
+        let local_ip = match self.config.node_ip {
+            Some(IpAddr::V4(ip)) => Some(ip),
+            Some(IpAddr::V6(ip)) => {
+                tracing::warn!(node_ip = %ip, "netconsole is IPv4 only: its targets keep the route's source address");
+                None
+            }
+            None => None,
+        };
+        let netconsole = Netconsole::new(self.metrics.netconsole_targets.clone(), local_ip);
         let targets = self.config.netconsole_targets.clone();
         let follow_controller = targets.is_empty() && self.config.controller_service.is_some();
         self.tasks.spawn(

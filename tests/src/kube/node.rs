@@ -2,13 +2,14 @@
 //! kube-apiserver ([`RealApiServer`]), kube-controller-manager, kube-scheduler, kubelet, and a
 //! containerd of its own running pods with runc and Debian's CNI plugins (`/usr/lib/cni`).
 //!
-//! The node's address [`NODE_IP`] is the gateway address of the pods' bridge, made by the
-//! cluster before kubelet starts (kubelet refuses a loopback `--node-ip`); the CNI bridge plugin
-//! then puts the pods' veths on it. The API server listens there on [`API_PORT`], in the pods'
-//! own subnet [`POD_SUBNET`]. That address is also the source of the host's packets to pods,
-//! which the controller requires of a last-gasp report (the sender must be the Node's
-//! InternalIP). Nothing leaves the machine: no routes, no masquerading, no registry (the images
-//! are imported OCI archives).
+//! The node's address [`NODE_IP`] is a /32 on an empty bridge of its own, made before kubelet
+//! starts (kubelet refuses a loopback `--node-ip`); kubelet and the API server (on [`API_PORT`])
+//! listen there. The pods are on another bridge, whose gateway address [`POD_GATEWAY`] is the
+//! source the kernel prefers for the host's packets to pods, as an overlay's or a pod bridge's
+//! address is on real nodes: the agent must send its reports from the Node's InternalIP
+//! itself for the controller to recognise them. Pods get one route, to [`NODE_IP`] through the
+//! gateway. Nothing leaves the machine: no default route, no masquerading, no registry (the
+//! images are imported OCI archives).
 //! Those addresses are fixed (`deploy/overlays/test-cluster` names them), so one cluster runs
 //! on a machine at a time (a lock in `/run`).
 //!
@@ -33,8 +34,10 @@ use kube::Api;
 
 use super::{Options, RealApiServer, User, bin_dir, process::Supervisor};
 
-/// The node's InternalIP, where kubelet and the API server listen: the pod bridge's gateway.
-pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 250, 1);
+/// The node's InternalIP, where kubelet and the API server listen.
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 249, 1);
+/// The pod bridge's address: the pods' gateway, and the source the host's route to them prefers.
+pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(172, 31, 250, 1);
 /// The API server's port on [`NODE_IP`].
 pub const API_PORT: u16 = 6443;
 /// The pods' network (the CNI bridge, host-local addresses).
@@ -45,7 +48,10 @@ pub const NODE_NAME: &str = "lastgasp-node";
 pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
 /// The sandbox image, imported from [`bin_dir::PAUSE_ARCHIVE`].
 const PAUSE_IMAGE: &str = "localhost/lastgasp-pause:1";
+/// The pods' bridge.
 const BRIDGE: &str = "lg-cni0";
+/// The empty bridge holding [`NODE_IP`].
+const NODE_LINK: &str = "lg-node0";
 const CNI_CONFLIST: &str = "cni/10-lastgasp.conflist";
 const CNI_RESULTS: &str = "/var/lib/cni/results";
 const LOCK: &str = "/run/lastgasp-cluster.lock";
@@ -124,9 +130,13 @@ impl LocalCluster {
             );
         }
 
+        ip(&["link", "add", NODE_LINK, "type", "bridge"])?;
+        self.host.links.push(NODE_LINK.to_owned());
+        ip(&["addr", "add", &format!("{NODE_IP}/32"), "dev", NODE_LINK])?;
+        ip(&["link", "set", NODE_LINK, "up"])?;
         ip(&["link", "add", BRIDGE, "type", "bridge"])?;
         self.host.links.push(BRIDGE.to_owned());
-        ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", BRIDGE])?;
+        ip(&["addr", "add", &format!("{POD_GATEWAY}/24"), "dev", BRIDGE])?;
         ip(&["link", "set", BRIDGE, "up"])?;
 
         let server = RealApiServer::start_with(Options {
@@ -383,8 +393,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     }
 }
 
-/// The pod network: the node's bridge with host-local addresses in [`POD_SUBNET`] (the
-/// gateway, [`NODE_IP`], excluded). No routes, no masquerading.
+/// The pod network: the pods' bridge with host-local addresses in [`POD_SUBNET`] (the gateway,
+/// [`POD_GATEWAY`], excluded), and a route to the node's address. No default route, no
+/// masquerading.
 fn cni_config(ipam_dir: &Path) -> String {
     serde_json::json!({
         "cniVersion": "0.4.0",
@@ -397,7 +408,8 @@ fn cni_config(ipam_dir: &Path) -> String {
             "ipam": {
                 "type": "host-local",
                 "ranges": [[{ "subnet": POD_SUBNET }]],
-                "gateway": NODE_IP.to_string(),
+                "gateway": POD_GATEWAY.to_string(),
+                "routes": [{ "dst": format!("{NODE_IP}/32") }],
                 "dataDir": ipam_dir,
             },
         }],

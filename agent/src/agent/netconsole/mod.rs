@@ -47,6 +47,22 @@ pub const NEIGHBOUR_WAIT: Duration = Duration::from_secs(2);
 /// How often the agent checks its targets again (routes, MACs, targets the kernel disabled).
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(60);
 
+/// A target's settings: the route's device and next hop, from the node's address when given,
+/// else from the route's source address.
+fn target_settings(
+    path: &nexthop::Path,
+    remote: SocketAddrV4,
+    local_ip: Option<Ipv4Addr>,
+) -> Settings {
+    Settings {
+        dev_name: path.device.clone(),
+        local_ip: local_ip.unwrap_or(path.source),
+        remote,
+        remote_mac: path.mac,
+        extended: true,
+    }
+}
+
 /// The configfs name of the target sending to `remote`.
 pub fn target_name(remote: SocketAddrV4) -> String {
     format!("{TARGET_PREFIX}{}-{}", remote.ip(), remote.port())
@@ -108,12 +124,16 @@ pub struct NetconsoleTargets {
     configured: Vec<ConfiguredTarget>,
     /// Targets already logged by this process, so a refresh that changes nothing stays quiet.
     logged: HashMap<String, Settings>,
+    local_ip: Option<Ipv4Addr>,
 }
 
 impl NetconsoleTargets {
     /// Makes sure netconsole's configfs directory exists ([`configfs::prepare`]: modprobe,
     /// mount). Reads nothing else: the targets are adopted by the first [`Self::point_at`].
-    pub fn open() -> Result<Self, Unavailable> {
+    /// `local_ip`, the node's address, is the source of every target's packets instead of the
+    /// route's: netpoll writes it into the IP header as given, and the controller recognises a
+    /// node's console only by that address.
+    pub fn open(local_ip: Option<Ipv4Addr>) -> Result<Self, Unavailable> {
         let prepared = configfs::prepare()?;
         if prepared.loaded_module {
             tracing::info!("loaded the netconsole module");
@@ -126,6 +146,7 @@ impl NetconsoleTargets {
             wanted: Vec::new(),
             configured: Vec::new(),
             logged: HashMap::new(),
+            local_ip,
         })
     }
 
@@ -206,13 +227,7 @@ impl NetconsoleTargets {
         exists: bool,
     ) -> Result<ConfiguredTarget, TargetError> {
         let path = nexthop::resolve(remote, NEIGHBOUR_WAIT)?;
-        let settings = Settings {
-            dev_name: path.device,
-            local_ip: path.source,
-            remote,
-            remote_mac: path.mac,
-            extended: true,
-        };
+        let settings = target_settings(&path, remote, self.local_ip);
         let dir = TargetDir::new(&self.root, name);
         let action = if exists {
             let observed = dir.read()?;
@@ -312,16 +327,20 @@ pub struct Netconsole {
     targets: Arc<Mutex<Option<NetconsoleTargets>>>,
     /// `lastgasp_netconsole_targets{state}`: wanted targets by state.
     gauge: Family<StateLabels, Gauge>,
+    /// The source address of every target, when not the route's ([`NetconsoleTargets::open`]).
+    local_ip: Option<Ipv4Addr>,
 }
 
 const STATES: [&str; 3] = ["enabled", "failed", "unavailable"];
 
 impl Netconsole {
     /// No targets wanted yet: every state of `gauge` is 0 until the first [`Self::point_at`].
-    pub fn new(gauge: Family<StateLabels, Gauge>) -> Self {
+    /// `local_ip`: see [`NetconsoleTargets::open`].
+    pub fn new(gauge: Family<StateLabels, Gauge>, local_ip: Option<Ipv4Addr>) -> Self {
         let netconsole = Self {
             targets: Arc::new(Mutex::new(None)),
             gauge,
+            local_ip,
         };
         netconsole.record(0, &Ok(Vec::new()));
         netconsole
@@ -347,7 +366,7 @@ impl Netconsole {
         let mut targets = self.targets.lock().expect("netconsole lock");
         let result = match &mut *targets {
             Some(targets) => targets.point_at(destinations),
-            None => NetconsoleTargets::open()
+            None => NetconsoleTargets::open(self.local_ip)
                 .map_err(NetconsoleError::from)
                 .and_then(|opened| targets.insert(opened).point_at(destinations)),
         };
@@ -426,6 +445,26 @@ mod tests {
             remote_mac: "52:55:0a:00:02:02".parse().unwrap(),
             extended: true,
         }
+    }
+
+    #[test]
+    fn targets_send_from_the_node_address_whatever_the_route_prefers() {
+        // The route to the controller's pod on this node leaves by the pod bridge, whose
+        // address the controller does not know this node by.
+        let path = nexthop::Path {
+            device: "cni0".into(),
+            source: Ipv4Addr::new(10, 244, 3, 1),
+            gateway: None,
+            mac: "aa:bb:cc:00:11:22".parse().unwrap(),
+            primed: false,
+        };
+        let remote = "10.244.3.7:6666".parse().unwrap();
+        let node = Ipv4Addr::new(192, 168, 7, 3);
+        let from_node = target_settings(&path, remote, Some(node));
+        assert_eq!(from_node.local_ip, node);
+        assert_eq!(from_node.dev_name, "cni0");
+        assert_eq!(from_node.remote_mac, path.mac);
+        assert_eq!(target_settings(&path, remote, None).local_ip, path.source);
     }
 
     #[test]

@@ -136,7 +136,11 @@ pub enum Sender {
         container_id: String,
     },
     /// A process on the host, outside any pod.
-    Host { pid: u32, comm: String, cgroup: String },
+    Host {
+        pid: u32,
+        comm: String,
+        cgroup: String,
+    },
     /// The kernel itself (`SI_KERNEL`), other than the OOM killer.
     Kernel,
 }
