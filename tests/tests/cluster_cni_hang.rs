@@ -1,8 +1,9 @@
 //! A CNI plugin that hangs in netlink `recvfrom`, for real, on the single-node test cluster
 //! (`lastgasp_tests::kube::node`) with `deploy/overlays/test-cluster` applied: the agent's
-//! `NetlinkRecvHung` and `CNICallsStuck` conditions turn True on the Node with Warning Events,
-//! the pod stays in ContainerCreating, and once the plugin is out of the chain and killed the
-//! pod runs and everything clears. kubelet's own Ready is recorded as it goes.
+//! `NetlinkRecvHung` and `CNICallsStuck` conditions turn True on the Node with Warning Events
+//! and one Event linking the stuck calls to the hung thread, the pod stays in
+//! ContainerCreating, and once the plugin is out of the chain and killed the pod runs and
+//! everything clears. kubelet's own Ready is recorded as it goes.
 //!
 //! Needs what `cluster_deploy.rs` needs. It runs about two minutes: the agent's default
 //! thresholds (a 30 s netlink hang, a 1 min CNI call) are the deployed ones.
@@ -23,6 +24,7 @@ use kube::{
     api::{ListParams, PostParams},
 };
 use lastgasp_tests::kube::{
+    bin_dir,
     cluster::eventually,
     node::{LocalCluster, NODE_NAME},
 };
@@ -138,7 +140,7 @@ async fn a_cni_plugin_hung_in_netlink_recv_shows_on_the_node_and_clears() {
         "spec": {
             "containers": [{
                 "name": "app",
-                "image": "localhost/lastgasp-pause:1",
+                "image": bin_dir::PAUSE_IMAGE,
                 "imagePullPolicy": "Never",
             }],
             "terminationGracePeriodSeconds": 0,
@@ -187,6 +189,15 @@ async fn a_cni_plugin_hung_in_netlink_recv_shows_on_the_node_and_clears() {
     );
     assert!(!events(&admin, "CNICallsStuck", NODE_NAME).await.is_empty());
     assert!(!events(&admin, "CNICallStuck", "stuck").await.is_empty());
+    // One Node Event ties the stuck calls to the hung thread: here the plugin call itself.
+    let link = events(&admin, "CNICallsBehindNetlinkHang", NODE_NAME).await;
+    assert_eq!(link.len(), 1, "{link:?}");
+    let note = link[0].note.as_deref().unwrap_or_default();
+    assert!(
+        note.contains(&format!("The thread is the CNI plugin call {PLUGIN} ADD"))
+            && note.contains("for pod team/stuck"),
+        "{note}"
+    );
     eprintln!(
         "NetlinkRecvHung after {hung_after:.0?}, CNICallsStuck after {stuck_after:.0?}; \
          the pod in ContainerCreating; kubelet's Ready: {ready:?}"

@@ -21,12 +21,14 @@ use k8s_openapi::api::{
     apps::v1::{DaemonSet, Deployment},
     coordination::v1::Lease,
     core::v1::{Namespace, Node, Pod, Secret},
+    events::v1::Event,
 };
 use kube::{
     Api, Client,
     api::{DeleteParams, ListParams, LogParams, PostParams},
 };
 use lastgasp_tests::kube::{
+    bin_dir,
     cluster::eventually,
     node::{LocalCluster, NODE_IP, NODE_NAME},
 };
@@ -236,7 +238,7 @@ async fn deploy_runs_on_a_real_node_and_a_panic_line_marks_it() {
         "spec": {
             "containers": [{
                 "name": "app",
-                "image": "localhost/lastgasp-pause:1",
+                "image": bin_dir::PAUSE_IMAGE,
                 "imagePullPolicy": "Never",
             }],
             "terminationGracePeriodSeconds": 0,
@@ -280,6 +282,23 @@ async fn deploy_runs_on_a_real_node_and_a_panic_line_marks_it() {
         assert_eq!(event["result"], "success", "{event}");
     }
 
+    // A container whose thread blocks in netlink `recvfrom`: past the agent's 30 s threshold
+    // it is named with its pod and container, in the log and in an Event on the Pod.
+    let stuck: Pod = serde_json::from_value(json!({
+        "metadata": { "name": "stuck" },
+        "spec": {
+            "containers": [{
+                "name": "netlink",
+                "image": bin_dir::PAUSE_IMAGE,
+                "command": ["/netlink-recv"],
+                "imagePullPolicy": "Never",
+            }],
+            "terminationGracePeriodSeconds": 0,
+        },
+    }))
+    .unwrap();
+    team.create(&PostParams::default(), &stuck).await.unwrap();
+
     // A panic line in this host's kernel log: the agent's console probe sees it and sends a
     // last gasp to the leader's pod address; the leader marks the Node and the pods on it.
     fs_write_kmsg("<0>Kernel panic - not syncing: lastgasp cluster test\n");
@@ -316,6 +335,48 @@ async fn deploy_runs_on_a_real_node_and_a_panic_line_marks_it() {
     // Marks only (the annotate-only policy): the Node and the pod are still there.
     assert!(nodes.get_opt(NODE_NAME).await.unwrap().is_some());
     assert!(team.get_opt("victim").await.unwrap().is_some());
+
+    eventually(
+        "the stuck container's hang named with its pod",
+        Duration::from_secs(90),
+        || async {
+            agent_log(&admin)
+                .await
+                .lines()
+                .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+                .any(|event| {
+                    event["kind"] == "netlink_hang"
+                        && event["comm"] == "netlink-recv"
+                        && event["syscall"] == "recvfrom"
+                        && event["protocol"] == "route"
+                        && event["pod_namespace"] == "team"
+                        && event["pod_name"] == "stuck"
+                        && event["container"] == "netlink"
+                })
+        },
+    )
+    .await;
+    let stuck_uid = team.get("stuck").await.unwrap().metadata.uid;
+    eventually(
+        "the hang's Event on the Pod",
+        Duration::from_secs(30),
+        || async {
+            Api::<Event>::namespaced(admin.clone(), "team")
+                .list(&ListParams::default())
+                .await
+                .map(|list| list.items)
+                .unwrap_or_default()
+                .iter()
+                .any(|event| {
+                    event.reason.as_deref() == Some("NetlinkRecvHung")
+                        && event.regarding.as_ref().and_then(|r| r.uid.clone()) == stuck_uid
+                        && event.note.as_deref().is_some_and(|note| {
+                            note.contains("in pod team/stuck container netlink")
+                        })
+                })
+        },
+    )
+    .await;
 
     // Deleting the pod makes containerd run the plugins' DEL, reported too.
     team.delete("victim", &DeleteParams::default())

@@ -191,9 +191,11 @@ pub fn workspace_root() -> anyhow::Result<PathBuf> {
     Ok(root.to_owned())
 }
 
-/// The sandbox ("pause") image of the test cluster's containerd, tagged [`PAUSE_IMAGE`]: a
-/// static C program that sleeps in `pause()`, reaps children and exits on SIGINT or SIGTERM,
-/// in an image `FROM scratch`. Its OCI archive is cached beside the Kubernetes binaries.
+/// The sandbox ("pause") image of the test cluster's containerd, tagged [`PAUSE_IMAGE`], `FROM
+/// scratch` with two static C programs: `/pause` sleeps in `pause()`, reaps children and
+/// exits on SIGINT or SIGTERM; `/netlink-recv` blocks a thread in NETLINK_ROUTE `recvfrom`
+/// (nothing is ever sent to its socket) until SIGTERM, for the tests' hung containers. Its OCI
+/// archive is cached beside the Kubernetes binaries.
 pub fn pause_image() -> anyhow::Result<PathBuf> {
     let archive = crate::kube::bin_dir::cache_root()
         .context("no cache directory: set $HOME or $XDG_CACHE_HOME")?
@@ -211,17 +213,20 @@ pub fn pause_image() -> anyhow::Result<PathBuf> {
         fs::remove_dir_all(&dir)?;
     }
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    fs::write(dir.join("pause.c"), PAUSE_C)?;
     fs::write(
         dir.join("Dockerfile"),
-        "FROM scratch\nCOPY pause /pause\nENTRYPOINT [\"/pause\"]\n",
+        "FROM scratch\nCOPY pause netlink-recv /\nENTRYPOINT [\"/pause\"]\n",
     )?;
-    crate::run(
-        Command::new("gcc")
-            .args(["-static", "-O2", "-o", "pause", "pause.c"])
-            .current_dir(&dir),
-    )
-    .context("compiling pause")?;
+    for (program, source) in [("pause", PAUSE_C), ("netlink-recv", NETLINK_RECV_C)] {
+        let file = format!("{program}.c");
+        fs::write(dir.join(&file), source)?;
+        crate::run(
+            Command::new("gcc")
+                .args(["-static", "-O2", "-o", program, &file])
+                .current_dir(&dir),
+        )
+        .with_context(|| format!("compiling {program}"))?;
+    }
     crate::run(
         podman()
             .args(["build", "--pull=never", "--tag", PAUSE_IMAGE, "."])
@@ -242,8 +247,7 @@ pub fn pause_image() -> anyhow::Result<PathBuf> {
     Ok(archive)
 }
 
-/// The name containerd's CRI plugin runs sandboxes with (`sandbox_image`).
-const PAUSE_IMAGE: &str = "localhost/lastgasp-pause:1";
+use crate::kube::bin_dir::PAUSE_IMAGE;
 
 const PAUSE_C: &str = r#"#include <signal.h>
 #include <stddef.h>
@@ -263,5 +267,23 @@ int main(void) {
     signal(SIGTERM, stop);
     signal(SIGCHLD, reap);
     for (;;) pause();
+}
+"#;
+
+const NETLINK_RECV_C: &str = r#"#include <linux/netlink.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+static void stop(int sig) { (void)sig; _exit(0); }
+
+int main(void) {
+    signal(SIGINT, stop);
+    signal(SIGTERM, stop);
+    int fd = socket(AF_NETLINK, SOCK_RAW, NETLINK_ROUTE);
+    struct sockaddr_nl local = {.nl_family = AF_NETLINK};
+    if (fd < 0 || bind(fd, (struct sockaddr *)&local, sizeof local) < 0) return 1;
+    char buf[4096];
+    for (;;) recvfrom(fd, buf, sizeof buf, 0, NULL, NULL);
 }
 "#;

@@ -46,8 +46,6 @@ pub const POD_SUBNET: &str = "172.31.250.0/24";
 pub const NODE_NAME: &str = "lastgasp-node";
 /// Where Debian's `containernetworking-plugins` are, which containerd runs.
 pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
-/// The sandbox image, imported from [`bin_dir::PAUSE_ARCHIVE`].
-const PAUSE_IMAGE: &str = "localhost/lastgasp-pause:1";
 /// The pods' bridge.
 const BRIDGE: &str = "lg-cni0";
 /// The empty bridge holding [`NODE_IP`].
@@ -372,7 +370,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 [plugins."io.containerd.internal.v1.opt"]
   path = "{dir}/containerd/opt"
 [plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{PAUSE_IMAGE}"
+  sandbox_image = "{pause_image}"
   restrict_oom_score_adj = true
   disable_apparmor = true
   stream_server_address = "127.0.0.1"
@@ -388,7 +386,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     bin_dir = "{CNI_BIN_DIR}"
     conf_dir = "{dir}/cni"
 "#,
-            socket = socket.display()
+            socket = socket.display(),
+            pause_image = bin_dir::PAUSE_IMAGE,
         )
     }
 }

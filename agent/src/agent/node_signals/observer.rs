@@ -16,7 +16,7 @@ use super::{
     conditions::{Condition, Conditions, State},
     count,
     events::EventSpec,
-    hang_summary, human, rfc3339, thread_name, truncate,
+    hang_summary, human, plural, rfc3339, thread_name, truncate,
 };
 use crate::{agent::pods::PodIndex, metrics::AgentMetrics};
 
@@ -24,6 +24,8 @@ use crate::{agent::pods::PodIndex, metrics::AgentMetrics};
 /// that closes an episode is not limited: it is owed for every Warning that was published.
 const EVENT_BURST: u32 = 25;
 const EVENT_REFILL: Duration = Duration::from_secs(10);
+/// The reason of the Node Event linking stuck CNI calls to a thread hung in netlink recv.
+pub const CNI_HANG_LINK_REASON: &str = "CNICallsBehindNetlinkHang";
 
 /// An episode seen and whether its Warning was published (so its end is too).
 #[derive(Debug)]
@@ -78,6 +80,8 @@ pub(super) struct Observer {
     calls: HashMap<(u32, u64), Episode<StuckCniCall>>,
     /// Whether the Node's Warning for the current stuck-calls episode was published.
     cni_announced: bool,
+    /// Whether the current stuck-calls episode was linked to a hung thread (one Event each).
+    cni_linked: bool,
     pub(super) conditions: Conditions,
     limit: RateLimit,
     events: mpsc::Sender<EventSpec>,
@@ -99,6 +103,7 @@ impl Observer {
             hangs: HashMap::new(),
             calls: HashMap::new(),
             cni_announced: false,
+            cni_linked: false,
             // False from the start: operators see the agent is watching.
             conditions: Conditions {
                 netlink: Condition {
@@ -119,6 +124,60 @@ impl Observer {
     pub(super) fn update(&mut self, health: &NodeHealth, now: &Clock) {
         self.update_hangs(&health.hung_threads, now);
         self.update_calls(&health.stuck_cni_calls, now);
+        self.link_calls_to_hang(health, now);
+    }
+
+    /// The Alibaba chain: a CNI daemon's thread blocked in netlink recv holds what every
+    /// plugin call needs, and the calls pile up. When calls are stuck and a thread is hung, one
+    /// Node Event per stuck-calls episode names the thread blocked first next to the oldest
+    /// call, and says how they relate: the same process, or a hang that began before the calls.
+    fn link_calls_to_hang(&mut self, health: &NodeHealth, now: &Clock) {
+        if health.stuck_cni_calls.is_empty() {
+            self.cni_linked = false;
+            return;
+        }
+        let (Some(thread), Some(oldest)) = (
+            health
+                .hung_threads
+                .iter()
+                .min_by_key(|t| (t.start_ns, t.tid)),
+            health
+                .stuck_cni_calls
+                .iter()
+                .min_by_key(|c| (c.start_ns, c.pid)),
+        ) else {
+            return;
+        };
+        if self.cni_linked {
+            return;
+        }
+        let calls = health.stuck_cni_calls.len();
+        let relation = if let Some(call) =
+            health.stuck_cni_calls.iter().find(|c| c.pid == thread.pid)
+        {
+            format!(
+                "The thread is the CNI plugin call {} itself.",
+                call_name(call)
+            )
+        } else if thread.start_ns <= oldest.start_ns {
+            format!(
+                "It was blocked {} before the oldest stuck call began: the calls are likely waiting on it (e.g. a lock its daemon holds).",
+                human(Duration::from_nanos(oldest.start_ns - thread.start_ns))
+            )
+        } else {
+            "It was blocked after the oldest stuck call began: it may be a consequence rather than the cause.".to_owned()
+        };
+        let note = truncate(format!(
+            "{calls} CNI plugin {} stuck (the oldest: {}, running for {}) while {} {} blocked in a netlink recv call; the longest: {}. {relation}",
+            plural(calls, "call", "calls"),
+            call_name(oldest),
+            human(now.since(oldest.start_ns)),
+            health.hung_threads.len(),
+            plural(health.hung_threads.len(), "thread is", "threads are"),
+            hang_summary(thread, now),
+        ));
+        let spec = self.about_node(true, CNI_HANG_LINK_REASON, note, now);
+        self.cni_linked = self.announce(vec![spec], now);
     }
 
     fn update_hangs(&mut self, threads: &[HungThread], now: &Clock) {
@@ -621,6 +680,91 @@ mod tests {
              (pid 11) for sandbox 0123456789ab, ended after 1m 12s."
         );
         assert_eq!(observer.conditions.cni.state.reason(), "CNICallsCleared");
+    }
+
+    #[test]
+    fn stuck_calls_behind_a_hung_thread_are_linked_once_per_episode() {
+        let (mut observer, mut rx, _) = observer();
+        let base = Instant::now();
+        let hung = thread(19300, 0, Some(("kube-system", "terway-x")));
+        let chain = NodeHealth {
+            hung_threads: vec![hung.clone()],
+            stuck_cni_calls: vec![call(10, 5, Some("web-0")), call(11, 8, None)],
+        };
+        observer.update(&chain, &at(66, base));
+        let events = drain(&mut rx);
+        let link: Vec<_> = events
+            .iter()
+            .filter(|e| e.reason == CNI_HANG_LINK_REASON)
+            .collect();
+        assert_eq!(link.len(), 1, "{:?}", summary(&events));
+        assert_eq!(link[0].regarding.kind.as_deref(), Some("Node"));
+        assert!(link[0].warning);
+        assert_eq!(
+            link[0].note,
+            "2 CNI plugin calls stuck (the oldest: terway DEL (pid 10) for pod shop/web-0, \
+             running for 1m 1s) while 1 thread is blocked in a netlink recv call; the longest: \
+             terwayd (pid 19246, tid 19300) in pod kube-system/terway-x container terway, \
+             netlink route recvfrom in flight for 1m 6s (since 2025-11-23T10:00:00Z). It was \
+             blocked 5.0s before the oldest stuck call began: the calls are likely waiting on \
+             it (e.g. a lock its daemon holds)."
+        );
+        // The same episode later: no second link.
+        observer.update(&chain, &at(90, base));
+        assert!(
+            drain(&mut rx)
+                .iter()
+                .all(|e| e.reason != CNI_HANG_LINK_REASON)
+        );
+
+        // The calls end; a new episode whose stuck call is the hung process itself.
+        observer.update(
+            &NodeHealth {
+                hung_threads: vec![hung.clone()],
+                stuck_cni_calls: vec![],
+            },
+            &at(100, base),
+        );
+        drain(&mut rx);
+        let mut itself = call(19246, 120, None);
+        itself.plugin = "lastgasp-hang".into();
+        itself.command = "ADD".into();
+        observer.update(
+            &NodeHealth {
+                hung_threads: vec![hung],
+                stuck_cni_calls: vec![itself],
+            },
+            &at(181, base),
+        );
+        let events = drain(&mut rx);
+        let link = events
+            .iter()
+            .find(|e| e.reason == CNI_HANG_LINK_REASON)
+            .expect("a link for the new episode");
+        assert!(
+            link.note.ends_with(
+                "The thread is the CNI plugin call lastgasp-hang ADD (pid 19246) for sandbox \
+                 0123456789ab itself."
+            ),
+            "{}",
+            link.note
+        );
+    }
+
+    #[test]
+    fn a_hang_without_stuck_calls_links_nothing() {
+        let (mut observer, mut rx, _) = observer();
+        let base = Instant::now();
+        let health = NodeHealth {
+            hung_threads: vec![thread(1, 0, None)],
+            stuck_cni_calls: vec![],
+        };
+        observer.update(&health, &at(40, base));
+        assert!(
+            drain(&mut rx)
+                .iter()
+                .all(|e| e.reason != CNI_HANG_LINK_REASON)
+        );
     }
 
     #[test]
