@@ -5,6 +5,8 @@
 //! line on the console) are correlated per process into one [`Termination`]; the report stage
 //! writes it onto the Pod (Event, annotation), the log and the metrics.
 
+pub mod backoff;
+
 use std::time::SystemTime;
 
 use serde::Serialize;
@@ -136,7 +138,11 @@ pub enum Sender {
         container_id: String,
     },
     /// A process on the host, outside any pod.
-    Host { pid: u32, comm: String, cgroup: String },
+    Host {
+        pid: u32,
+        comm: String,
+        cgroup: String,
+    },
     /// The kernel itself (`SI_KERNEL`), other than the OOM killer.
     Kernel,
 }
