@@ -6,6 +6,7 @@
 //! writes it onto the Pod (Event, annotation), the log and the metrics.
 
 pub mod backoff;
+pub mod report;
 
 use std::time::SystemTime;
 
