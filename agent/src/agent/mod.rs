@@ -118,8 +118,8 @@ pub struct Agent {
     stop: Arc<AtomicBool>,
     /// What pstore told of earlier boots, found at start.
     recovered: Vec<AgentEvent>,
-    /// Keeps the termination writer's queue open (see [`ClusterSignals::terminations`]).
-    _terminations: Option<mpsc::Sender<Termination>>,
+    /// In a cluster, the termination writer's queue (see [`ClusterSignals::terminations`]).
+    terminations: Option<mpsc::Sender<Termination>>,
     // Declared last: the programs detach when it drops, after the readers stop.
     _ebpf: Ebpf,
 }
@@ -152,7 +152,7 @@ impl Agent {
             console: Some(readers.console),
             stop: readers.stop,
             recovered,
-            _terminations: terminations,
+            terminations,
             _ebpf: probes.ebpf,
         })
     }
@@ -171,6 +171,12 @@ impl Agent {
     /// Panics of earlier boots found in pstore at start (logged by [`run`]).
     pub fn recovered(&self) -> &[AgentEvent] {
         &self.recovered
+    }
+
+    /// In a cluster, where terminations go to be written onto their Pods: the tracker sends
+    /// here, and so can a test.
+    pub fn terminations(&self) -> Option<mpsc::Sender<Termination>> {
+        self.terminations.clone()
     }
 
     pub fn probes(&self) -> &[ProbeStatus] {

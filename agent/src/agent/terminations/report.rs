@@ -315,7 +315,8 @@ impl Writer {
             .map(|(key, value)| (key.clone(), value.clone()))
             .collect();
         annotations.insert(key, value);
-        // The uid: a pod replaced under the same name since it was read is not annotated.
+        // The uid: a pod replaced under the same name since it was read is not annotated (the
+        // server refuses to change a uid, 422).
         let patch = json!({
             "apiVersion": "v1",
             "kind": "Pod",
@@ -343,6 +344,9 @@ impl Writer {
         match applied {
             Ok(_) => count(&self.metrics, "pod_annotation", "success"),
             Err(Ended::Gone | Ended::Moot(_)) => {}
+            Err(Ended::Refused(kube::Error::Api(status))) if uid_changed(&status) => {
+                tracing::debug!(pod = %name, "the pod was replaced since it was read; not annotated");
+            }
             Err(ended) => {
                 tracing::warn!(%ended, pod = %name, "pod annotation refused; dropped");
                 count(&self.metrics, "pod_annotation", "error");
@@ -350,6 +354,16 @@ impl Writer {
             }
         }
     }
+}
+
+/// The server refused an apply because the object's uid is not the one applied.
+fn uid_changed(status: &kube::core::Status) -> bool {
+    status.code == 422
+        && status
+            .details
+            .iter()
+            .flat_map(|details| &details.causes)
+            .any(|cause| cause.field == "metadata.uid")
 }
 
 fn count(metrics: &AgentMetrics, object: &str, result: &str) {
@@ -819,7 +833,7 @@ pub fn quantity(bytes: u64) -> String {
         if bytes < size {
             continue;
         }
-        if bytes % size == 0 {
+        if bytes.is_multiple_of(size) {
             return format!("{}{unit}", bytes / size);
         }
         let value = format!("{:.1}", bytes as f64 / size as f64);
@@ -835,7 +849,7 @@ fn seconds(duration: Duration) -> String {
 
 /// `10 min`, or seconds when not whole minutes.
 fn minutes(duration: Duration) -> String {
-    if duration.as_secs() % 60 == 0 && duration.subsec_nanos() == 0 {
+    if duration.as_secs().is_multiple_of(60) && duration.subsec_nanos() == 0 {
         format!("{} min", duration.as_secs() / 60)
     } else {
         seconds(duration)
