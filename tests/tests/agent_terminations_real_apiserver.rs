@@ -210,7 +210,9 @@ async fn terminations_become_events_annotations_and_back_off_on_the_pod() {
         app["back_off"],
         json!({
             "rules": "classic", "restart": 5, "delay_seconds": 80.0,
-            "next_start": next_start.to_string(), "reset": false, "estimated": false,
+            "next_start": next_start.to_string(), "reset": false,
+            // The status's CrashLoopBackOff message has kubelet's own figure.
+            "delay_from_kubelet": true, "estimated": false,
         })
     );
     // Kubelet holds it back until the expected start.

@@ -26,7 +26,9 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::core::v1::{ContainerStateTerminated, ContainerStatus, ObjectReference, Pod},
+    api::core::v1::{
+        ContainerStateTerminated, ContainerStateWaiting, ContainerStatus, ObjectReference, Pod,
+    },
     api::events::v1::Event,
     jiff::{SignedDuration, Timestamp},
 };
@@ -422,6 +424,8 @@ pub struct Restart {
     /// The container's `restartCount` while the run that ended was its latest.
     pub restart_count: u32,
     pub outcome: Outcome,
+    /// The delay is kubelet's own, from its `CrashLoopBackOff` message, not recomputed.
+    pub delay_from_kubelet: bool,
     /// The status never showed this exit: the count and the run's start are from the latest
     /// status read, the end is the probe's.
     pub estimated: bool,
@@ -478,20 +482,33 @@ fn field_path(pod: &Pod, name: &str) -> String {
     format!("spec.{list}{{{name}}}")
 }
 
-/// The status's record of this exit: the terminated state, the container's restart count
-/// then, and when it started again if it has.
+/// The status's record of an exit.
+struct ShownExit<'a> {
+    terminated: &'a ContainerStateTerminated,
+    /// The container's restart count while the run that ended was its latest.
+    restart_count: u32,
+    started_again: Option<Timestamp>,
+    /// Kubelet's own delay, from its Waiting message while it holds the container back.
+    kubelet_delay: Option<Duration>,
+}
+
 fn shown_exit<'a>(
     pod: &'a Pod,
     termination: &Termination,
     container: &str,
-) -> Option<(&'a ContainerStateTerminated, u32, Option<Timestamp>)> {
+) -> Option<ShownExit<'a>> {
     let (status, _) = container_status(pod, container)?;
     let count = u32::try_from(status.restart_count).unwrap_or(0);
     let current = status.state.as_ref();
     if let Some(terminated) = current.and_then(|state| state.terminated.as_ref())
         && same_exit(terminated, termination)
     {
-        return Some((terminated, count, None));
+        return Some(ShownExit {
+            terminated,
+            restart_count: count,
+            started_again: None,
+            kubelet_delay: None,
+        });
     }
     let last = status
         .last_state
@@ -501,7 +518,14 @@ fn shown_exit<'a>(
     // Waiting (in back-off): the latest instance is still the one that ended. Running or
     // ended again: a later instance, counted one more.
     let since = match current {
-        Some(state) if state.waiting.is_some() => return Some((last, count, None)),
+        Some(state) if state.waiting.is_some() => {
+            return Some(ShownExit {
+                terminated: last,
+                restart_count: count,
+                started_again: None,
+                kubelet_delay: state.waiting.as_ref().and_then(kubelet_delay),
+            });
+        }
         Some(state) => state
             .running
             .as_ref()
@@ -509,7 +533,53 @@ fn shown_exit<'a>(
             .or_else(|| state.terminated.as_ref()?.started_at.as_ref()),
         None => None,
     };
-    Some((last, count.saturating_sub(1), since.map(|time| time.0)))
+    Some(ShownExit {
+        terminated: last,
+        restart_count: count.saturating_sub(1),
+        started_again: since.map(|time| time.0),
+        kubelet_delay: None,
+    })
+}
+
+/// The delay in kubelet's `CrashLoopBackOff` message: `back-off 1m20s restarting failed
+/// container=app pod=web-0_shop(...)`.
+fn kubelet_delay(waiting: &ContainerStateWaiting) -> Option<Duration> {
+    if waiting.reason.as_deref() != Some("CrashLoopBackOff") {
+        return None;
+    }
+    let message = waiting.message.as_deref()?.strip_prefix("back-off ")?;
+    let (delay, _) = message.split_once(' ')?;
+    go_duration(delay)
+}
+
+/// Go's `time.Duration` text as kubelet prints it: `10s`, `1m20s`, `5m0s`, `1.5s`.
+fn go_duration(text: &str) -> Option<Duration> {
+    let mut rest = text;
+    let mut seconds = 0.0;
+    while !rest.is_empty() {
+        let number = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .filter(|end| *end > 0)?;
+        let value: f64 = rest[..number].parse().ok()?;
+        rest = &rest[number..];
+        let unit = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        seconds += value * scale;
+        rest = &rest[unit..];
+    }
+    (!text.is_empty())
+        .then(|| Duration::try_from_secs_f64(seconds).ok())
+        .flatten()
 }
 
 fn same_exit(terminated: &ContainerStateTerminated, termination: &Termination) -> bool {
@@ -537,18 +607,19 @@ pub fn restart_of(
 ) -> Option<Restart> {
     let (status, kind) = container_status(pod, container)?;
     let at = Timestamp::try_from(termination.at).ok();
-    let (run, exit_code, started_again, estimated) = match shown
+    let (run, exit_code, started_again, kubelet_delay, estimated) = match shown
         .then(|| shown_exit(pod, termination, container))
         .flatten()
     {
-        Some((terminated, count, started_again)) => (
+        Some(exit) => (
             EndedRun {
-                restart_count: count,
-                started_at: terminated.started_at.as_ref().map(|time| time.0),
-                finished_at: terminated.finished_at.as_ref().map(|time| time.0),
+                restart_count: exit.restart_count,
+                started_at: exit.terminated.started_at.as_ref().map(|time| time.0),
+                finished_at: exit.terminated.finished_at.as_ref().map(|time| time.0),
             },
-            terminated.exit_code,
-            started_again,
+            exit.terminated.exit_code,
+            exit.started_again,
+            exit.kubelet_delay,
             false,
         ),
         // The status still shows the run that ended as running, or nothing of it.
@@ -564,6 +635,7 @@ pub fn restart_of(
                 finished_at: at,
             },
             exit_code(&termination.cause),
+            None,
             None,
             true,
         ),
@@ -587,13 +659,28 @@ pub fn restart_of(
     let outcome = match stays {
         Some(why) => Outcome::Stays(why),
         None => Outcome::Restarts {
-            next: rules.next_start(&run),
+            next: match kubelet_delay {
+                // Kubelet's figure is right where the recomputation cannot be (after an
+                // earlier reset, or a kubelet restart).
+                Some(delay) => NextStart {
+                    delay,
+                    at: run.finished_at.and_then(|finished| {
+                        finished
+                            .checked_add(SignedDuration::try_from(delay).ok()?)
+                            .ok()
+                    }),
+                    reset: false,
+                    ..rules.next_start(&run)
+                },
+                None => rules.next_start(&run),
+            },
             started_again,
         },
     };
     Some(Restart {
         restart_count: run.restart_count,
         outcome,
+        delay_from_kubelet: kubelet_delay.is_some(),
         estimated,
     })
 }
@@ -913,6 +1000,7 @@ struct BackOff {
     reset: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     started_again: Option<String>,
+    delay_from_kubelet: bool,
     estimated: bool,
 }
 
@@ -963,6 +1051,7 @@ pub fn last_termination(
                 next_start: next.at.map(|at| at.to_string()),
                 reset: next.reset,
                 started_again: started_again.map(|at| at.to_string()),
+                delay_from_kubelet: restart.delay_from_kubelet,
                 estimated: restart.estimated,
             }),
             None,
@@ -1223,6 +1312,7 @@ mod tests {
                 next: KubeletBackoff::default().next_start(&run),
                 started_again: None,
             },
+            delay_from_kubelet: false,
             estimated: false,
         }
     }
@@ -1286,6 +1376,7 @@ mod tests {
         let completed = Restart {
             restart_count: 0,
             outcome: Outcome::Stays("restartPolicy OnFailure and exit code 0"),
+            delay_from_kubelet: false,
             estimated: false,
         };
         assert_eq!(
@@ -1637,6 +1728,50 @@ mod tests {
     }
 
     #[test]
+    fn kubelets_own_delay_wins_over_the_recomputed_one() {
+        let ended = terminated(Some("c0ffee"), "2026-01-02T12:02:45Z", EXIT, 1);
+        // Restarted 4 times, but kubelet forgot the back-off since (a reset, a restart of
+        // kubelet): it waits 20 s, not 80 s.
+        let waiting = serde_json::json!({ "waiting": {
+            "reason": "CrashLoopBackOff",
+            "message": "back-off 20s restarting failed container=app pod=web-0_shop(uid-web-0)",
+        }});
+        let pod = pod(app_status(
+            4,
+            waiting,
+            serde_json::json!({ "terminated": ended }),
+        ));
+        let restart = restart_from(&pod, Cause::Exited { code: 1 }).unwrap();
+        assert!(restart.delay_from_kubelet);
+        let (next_start, _) = next(&restart);
+        assert_eq!(
+            (next_start.restart, next_start.delay, next_start.at),
+            (
+                5,
+                Duration::from_secs(20),
+                Some(time("2026-01-02T12:03:10Z"))
+            )
+        );
+        for (text, seconds) in [
+            ("10s", 10.0),
+            ("1m20s", 80.0),
+            ("5m0s", 300.0),
+            ("1.5s", 1.5),
+            ("1h0m0s", 3600.0),
+            ("500ms", 0.5),
+        ] {
+            assert_eq!(
+                go_duration(text),
+                Some(Duration::from_secs_f64(seconds)),
+                "{text}"
+            );
+        }
+        for bad in ["", "s", "10", "10x", "1m-2s"] {
+            assert_eq!(go_duration(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
     fn a_status_that_never_caught_up_gives_an_estimate() {
         // Still running since 12:00:00 as far as the status knows, restarted twice before.
         let running = serde_json::json!({ "running": { "startedAt": "2026-01-02T12:00:00Z" } });
@@ -1774,7 +1909,8 @@ mod tests {
                 "restart_count": 4,
                 "back_off": {
                     "rules": "classic", "restart": 5, "delay_seconds": 80.0,
-                    "next_start": "2026-01-02T12:04:10Z", "reset": false, "estimated": false,
+                    "next_start": "2026-01-02T12:04:10Z", "reset": false,
+                    "delay_from_kubelet": false, "estimated": false,
                 },
             })
         );
@@ -1786,6 +1922,7 @@ mod tests {
         let stays = Restart {
             restart_count: 0,
             outcome: Outcome::Stays("restartPolicy Never"),
+            delay_from_kubelet: false,
             estimated: false,
         };
         let value: Value = serde_json::from_str(&last_termination(
