@@ -155,33 +155,57 @@ impl Writer {
             return;
         };
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &container.namespace);
-        // A child's Event can be refused before anything is read.
-        if !termination.main_process && !self.take_event(&container) {
-            return;
+        if termination.main_process {
+            self.container_ended(&pods, &termination, &container, reason)
+                .await;
+        } else {
+            self.process_died(&pods, &termination, &container, reason)
+                .await;
         }
-        let Some((pod, shown)) = self.observe(&pods, &termination, &container).await else {
-            tracing::debug!(pod = %container.pod, namespace = %container.namespace, "the pod is gone; its termination is not written");
+    }
+
+    /// The Event, the annotation and the back-off gauge of a container's end.
+    async fn container_ended(
+        &mut self,
+        pods: &Api<Pod>,
+        termination: &Termination,
+        container: &ContainerRef,
+        reason: &'static str,
+    ) {
+        let Some((pod, shown)) = self.observe(pods, termination, container).await else {
             return;
         };
         let rules = self.config.backoff;
-        let restart = termination
-            .main_process
-            .then(|| restart_of(&pod, &termination, &container.container, shown, rules))
-            .flatten();
-        if termination.main_process {
-            self.update_gauge(&container, restart.as_ref());
-        }
-        if !termination.main_process || self.take_event(&container) {
-            let note = note(&termination, &container.container, restart.as_ref(), rules);
-            self.create_event(&pod, &container, &termination, reason, &note)
+        let restart = restart_of(&pod, termination, &container.container, shown, rules);
+        self.update_gauge(container, restart.as_ref());
+        if self.take_event(container) {
+            let note = note(termination, &container.container, restart.as_ref(), rules);
+            self.create_event(&pod, container, termination, reason, &note)
                 .await;
         }
-        if termination.main_process {
-            let key = annotation_key(&container.container);
-            let value =
-                last_termination(&termination, &container.container, restart.as_ref(), rules);
-            self.annotate(&pods, &pod, key, value).await;
+        let key = annotation_key(&container.container);
+        let value = last_termination(termination, &container.container, restart.as_ref(), rules);
+        self.annotate(pods, &pod, key, value).await;
+    }
+
+    /// The Event of a child process's death; the container lives on.
+    async fn process_died(
+        &mut self,
+        pods: &Api<Pod>,
+        termination: &Termination,
+        container: &ContainerRef,
+        reason: &'static str,
+    ) {
+        // Refused before anything is read.
+        if !self.take_event(container) {
+            return;
         }
+        let Some((pod, _)) = self.observe(pods, termination, container).await else {
+            return;
+        };
+        let note = note(termination, &container.container, None, self.config.backoff);
+        self.create_event(&pod, container, termination, reason, &note)
+            .await;
     }
 
     fn take_event(&mut self, container: &ContainerRef) -> bool {
@@ -195,9 +219,9 @@ impl Writer {
         taken
     }
 
-    /// The Pod, and whether its status shows this exit: for a child process at once, for a
-    /// container's end once the status shows it or [`STATUS_WAIT`] after the exit. `None`
-    /// once the Pod is gone, or if it could never be read.
+    /// The Pod, and whether its status shows this exit: for a child process at its first
+    /// read, for a container's end once the status shows it or [`STATUS_WAIT`] after the
+    /// exit. `None` once the Pod is gone, or if it could not be read by then.
     async fn observe(
         &self,
         pods: &Api<Pod>,
@@ -219,12 +243,18 @@ impl Writer {
                     }
                     latest = Some(pod);
                 }
-                Ok(None) => return None,
+                Ok(None) => {
+                    tracing::debug!(pod = %container.pod, namespace = %container.namespace, "the pod is gone; its termination is not written");
+                    return None;
+                }
                 Err(error) => {
                     tracing::debug!(%error, pod = %container.pod, "reading the pod failed");
                 }
             }
             if Instant::now() + STATUS_POLL > deadline {
+                if latest.is_none() {
+                    tracing::warn!(pod = %container.pod, namespace = %container.namespace, "the pod could not be read; its termination is not written");
+                }
                 return latest.map(|pod| (pod, false));
             }
             tokio::time::sleep(STATUS_POLL).await;
@@ -1251,6 +1281,7 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
+    use crate::kube_mock;
 
     const EXIT: &str = "2026-01-02T12:02:50Z";
 
@@ -1951,6 +1982,148 @@ mod tests {
             (exited["exit_code"].clone(), exited.get("signal")),
             (3.into(), None)
         );
+    }
+
+    fn pod_json(status: Value) -> Value {
+        serde_json::to_value(pod(status)).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_writer_waits_for_the_status_then_writes_the_event_and_applies_the_annotation() {
+        let (client, mut server) = kube_mock::client();
+        let metrics = AgentMetrics::register(&mut Registry::default());
+        let (queue, queued) = channel();
+        let config = ReportConfig {
+            node: "worker-3".into(),
+            backoff: KubeletBackoff::default(),
+        };
+        let writer = tokio::spawn(write(client, config, queued, metrics.clone()));
+        let started = Instant::now();
+        let ended = Termination {
+            at: SystemTime::now(),
+            ..termination(true, Cause::Exited { code: 1 })
+        };
+        queue.send(ended).await.unwrap();
+
+        // The status still shows the container running: read again 500 ms later.
+        let running = serde_json::json!({ "running": { "startedAt": "2026-01-02T12:00:00Z" } });
+        let read = server.next().await;
+        assert_eq!(
+            (read.method.as_str(), read.path()),
+            ("GET", "/api/v1/namespaces/shop/pods/web-0")
+        );
+        read.respond(200, pod_json(app_status(0, running, Value::Null)));
+        let reread = server.next().await;
+        assert_eq!(started.elapsed(), STATUS_POLL);
+        let exit = terminated(Some("c0ffee"), "2026-01-02T12:00:00Z", EXIT, 1);
+        reread.respond(
+            200,
+            pod_json(app_status(
+                0,
+                serde_json::json!({ "terminated": exit }),
+                Value::Null,
+            )),
+        );
+
+        let event = server.next().await;
+        assert_eq!(
+            (event.method.as_str(), event.path()),
+            ("POST", "/apis/events.k8s.io/v1/namespaces/shop/events")
+        );
+        assert_eq!(event.body["reason"], "ContainerExited");
+        assert_eq!(event.body["regarding"]["uid"], "uid-web-0");
+        assert_eq!(event.body["regarding"]["fieldPath"], "spec.containers{app}");
+        assert_eq!(
+            event.body["note"],
+            "restart 1 of container app: exited with code 1; kubelet starts it again at once \
+             (no delay before a first restart)"
+        );
+        event.ok();
+
+        let apply = server.next().await;
+        assert_eq!(
+            (apply.method.as_str(), apply.path()),
+            ("PATCH", "/api/v1/namespaces/shop/pods/web-0")
+        );
+        assert_eq!(apply.query("fieldManager"), Some(FIELD_MANAGER));
+        assert_eq!(apply.query("force"), Some("true"));
+        assert_eq!(
+            apply.content_type.as_deref(),
+            Some("application/apply-patch+yaml")
+        );
+        assert_eq!(apply.body["metadata"]["uid"], "uid-web-0");
+        let value = apply.body["metadata"]["annotations"]["lastgasp.io/last-termination.app"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(
+            serde_json::from_str::<Value>(&value).unwrap()["back_off"]["restart"],
+            1
+        );
+        apply.ok();
+
+        // A child process of a pod that is gone: one read, nothing written.
+        queue
+            .send(termination(false, killed(libc::SIGKILL, Sender::Kernel)))
+            .await
+            .unwrap();
+        server.next().await.fail(404, "NotFound");
+        drop(queue);
+        writer.await.unwrap();
+        assert!(server.next_within(Duration::from_secs(60)).await.is_none());
+        assert_eq!(
+            metrics
+                .kubernetes_writes
+                .get_or_create(&KubernetesWriteLabels {
+                    object: "pod_annotation".into(),
+                    result: "success".into(),
+                })
+                .get(),
+            1
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_status_that_never_shows_the_exit_is_read_until_the_bounded_wait_ends() {
+        let (client, mut server) = kube_mock::client();
+        let metrics = AgentMetrics::register(&mut Registry::default());
+        let (queue, queued) = channel();
+        let config = ReportConfig {
+            node: "worker-3".into(),
+            backoff: KubeletBackoff::default(),
+        };
+        let writer = tokio::spawn(write(client, config, queued, metrics));
+        let started = Instant::now();
+        queue
+            .send(Termination {
+                at: SystemTime::now(),
+                ..termination(true, Cause::Exited { code: 1 })
+            })
+            .await
+            .unwrap();
+        let running = serde_json::json!({ "running": { "startedAt": "2026-01-02T12:00:00Z" } });
+        let mut reads = 0;
+        let event = loop {
+            let call = server.next().await;
+            if call.method != "GET" {
+                break call;
+            }
+            reads += 1;
+            call.respond(200, pod_json(app_status(3, running.clone(), Value::Null)));
+        };
+        assert_eq!(reads, 10, "a read every 500 ms for 5 s");
+        assert!(started.elapsed() <= STATUS_WAIT);
+        let note = event.body["note"].as_str().unwrap().to_owned();
+        assert!(
+            note.ends_with(
+                "(estimated from restartCount 3: kubelet's status did not show this exit within 5s)"
+            ),
+            "{note}"
+        );
+        event.ok();
+        server.next().await.ok();
+        drop(queue);
+        writer.await.unwrap();
     }
 
     #[test]
