@@ -58,7 +58,8 @@ use crate::{
 
 /// The annotation key of a container's last termination, before the container's name.
 pub const ANNOTATION_PREFIX: &str = "lastgasp.io/last-termination.";
-/// Terminations waiting for the writer; the tracker drops (and counts) what does not fit.
+/// Terminations waiting for the writer. A sender that must not wait (the tracker, which
+/// drains the probes' ring) drops what does not fit.
 pub const QUEUE: usize = 256;
 /// How long after an exit the writer waits for the Pod's status to show it.
 pub const STATUS_WAIT: Duration = Duration::from_secs(5);
