@@ -573,12 +573,15 @@ fn shown_exit<'a>(
 }
 
 /// The delay in kubelet's `CrashLoopBackOff` message: `back-off 1m20s restarting failed
-/// container=app pod=web-0_shop(...)`.
+/// container=app pod=web-0_shop(...)` (`Back-off` in old kubelets).
 fn kubelet_delay(waiting: &ContainerStateWaiting) -> Option<Duration> {
     if waiting.reason.as_deref() != Some("CrashLoopBackOff") {
         return None;
     }
-    let message = waiting.message.as_deref()?.strip_prefix("back-off ")?;
+    let message = waiting.message.as_deref()?;
+    let message = message
+        .strip_prefix("back-off ")
+        .or_else(|| message.strip_prefix("Back-off "))?;
     let (delay, _) = message.split_once(' ')?;
     go_duration(delay)
 }
@@ -1801,6 +1804,24 @@ mod tests {
         for bad in ["", "s", "10", "10x", "1m-2s"] {
             assert_eq!(go_duration(bad), None, "{bad}");
         }
+        let waiting = |reason: &str, message: &str| ContainerStateWaiting {
+            reason: Some(reason.into()),
+            message: Some(message.into()),
+        };
+        assert_eq!(
+            kubelet_delay(&waiting(
+                "CrashLoopBackOff",
+                "Back-off 5m0s restarting failed container=app pod=web-0_shop(uid)"
+            )),
+            Some(Duration::from_secs(300))
+        );
+        assert_eq!(
+            kubelet_delay(&waiting(
+                "ImagePullBackOff",
+                "Back-off pulling image \"app\""
+            )),
+            None
+        );
     }
 
     #[test]
