@@ -944,7 +944,9 @@ pub fn signal_name(signal: u8) -> Cow<'static, str> {
 
 /// Bytes in the binary units Kubernetes writes quantities in: `256Mi`, `1.5Gi`, `255.3Mi`.
 pub fn quantity(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [
+    const UNITS: [(&str, u64); 6] = [
+        ("Ei", 1 << 60),
+        ("Pi", 1 << 50),
         ("Ti", 1 << 40),
         ("Gi", 1 << 30),
         ("Mi", 1 << 20),
@@ -1566,6 +1568,8 @@ mod tests {
             (256 * MI, "256Mi"),
             (5 << 30, "5Gi"),
             (3 << 40, "3Ti"),
+            // cgroup v1's "no limit".
+            (0x7FFF_FFFF_FFFF_F000, "8Ei"),
         ] {
             assert_eq!(quantity(bytes), quantity_);
         }
