@@ -29,6 +29,7 @@ use lastgasp::{
 use lastgasp_tests::kube::cluster::{Cluster, eventually};
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
+use tokio::sync::mpsc;
 
 const MI: u64 = 1 << 20;
 
@@ -139,7 +140,7 @@ async fn terminations_become_events_annotations_and_back_off_on_the_pod() {
     write_status(&cluster, finished).await;
 
     let metrics = AgentMetrics::register(&mut Registry::default());
-    let (queue, queued) = report::channel();
+    let (queue, queued) = mpsc::channel(report::QUEUE);
     let writer = tokio::spawn(report::write(
         cluster.client_as("lastgasp-agent").await,
         ReportConfig {

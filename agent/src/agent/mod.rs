@@ -431,18 +431,11 @@ impl Start {
             observed,
             self.metrics.clone(),
         );
-        let (terminations, queued) = report::channel();
         let report = ReportConfig {
             node: self.config.node_name.clone(),
             backoff: self.config.kubelet_backoff,
         };
-        report::spawn(
-            &mut self.tasks,
-            client,
-            report,
-            queued,
-            self.metrics.clone(),
-        );
+        let terminations = report::spawn(&mut self.tasks, client, report, self.metrics.clone());
         ClusterSignals {
             pods: Some(pods),
             node_health: Some(node_health),

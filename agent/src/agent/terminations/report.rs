@@ -84,24 +84,20 @@ pub struct ReportConfig {
     pub backoff: KubeletBackoff,
 }
 
-/// The queue the tracker sends terminations to, and the end [`spawn`] takes.
-pub fn channel() -> (mpsc::Sender<Termination>, mpsc::Receiver<Termination>) {
-    mpsc::channel(QUEUE)
-}
-
-/// Starts [`write`] as a task of `tasks`.
+/// Starts [`write`] as a task of `tasks`; returns its queue, of [`QUEUE`] terminations.
 pub fn spawn(
     tasks: &mut Supervisor,
     client: Client,
     config: ReportConfig,
-    terminations: mpsc::Receiver<Termination>,
     metrics: Arc<AgentMetrics>,
-) {
+) -> mpsc::Sender<Termination> {
+    let (terminations, queued) = mpsc::channel(QUEUE);
     tasks.spawn(
         "termination-reports",
         Lifetime::Required,
-        write(client, config, terminations, metrics),
+        write(client, config, queued, metrics),
     );
+    terminations
 }
 
 /// Writes each termination onto its Pod, one at a time, until the queue closes; removes the
@@ -2018,7 +2014,7 @@ mod tests {
     async fn the_writer_waits_for_the_status_then_writes_the_event_and_applies_the_annotation() {
         let (client, mut server) = kube_mock::client();
         let metrics = AgentMetrics::register(&mut Registry::default());
-        let (queue, queued) = channel();
+        let (queue, queued) = mpsc::channel(QUEUE);
         let config = ReportConfig {
             node: "worker-3".into(),
             backoff: KubeletBackoff::default(),
@@ -2113,7 +2109,7 @@ mod tests {
     async fn a_status_that_never_shows_the_exit_is_read_until_the_bounded_wait_ends() {
         let (client, mut server) = kube_mock::client();
         let metrics = AgentMetrics::register(&mut Registry::default());
-        let (queue, queued) = channel();
+        let (queue, queued) = mpsc::channel(QUEUE);
         let config = ReportConfig {
             node: "worker-3".into(),
             backoff: KubeletBackoff::default(),
