@@ -121,7 +121,7 @@ pub struct NextStart {
     /// From the exit to the start; zero for the first restart and after a reset.
     pub delay: Duration,
     /// `finishedAt + delay`; unknown without `finishedAt`. Kubelet starts the container at
-    /// its first sync of the pod after it, so the start may come a little later.
+    /// its first sync of the pod after it, so the start may come later.
     pub at: Option<Timestamp>,
     /// The run lasted long enough for kubelet to forget the back-off.
     pub reset: bool,
