@@ -814,14 +814,13 @@ fn what_happened(cause: &Cause) -> String {
             said
         }
         Cause::OomKilled(oom) => format!("killed by the OOM killer ({})", oom_summary(oom)),
-        Cause::Killed { signal, sender } => match sender {
-            Sender::Kernel => format!("killed by {} from the kernel", signal_name(*signal)),
-            sender => format!(
+        Cause::Killed { signal, sender } => {
+            format!(
                 "killed by {} from {}",
                 signal_name(*signal),
-                sender_name(sender, *signal)
-            ),
-        },
+                sender_name(sender)
+            )
+        }
     }
 }
 
@@ -848,7 +847,7 @@ fn oom_summary(oom: &OomKill) -> String {
     said
 }
 
-fn sender_name(sender: &Sender, signal: u8) -> String {
+fn sender_name(sender: &Sender) -> String {
     match sender {
         Sender::Runtime {
             pid,
@@ -890,7 +889,7 @@ fn sender_name(sender: &Sender, signal: u8) -> String {
         Sender::Host { pid, comm, cgroup } => {
             format!("host process {comm} (pid {pid}, cgroup {cgroup})")
         }
-        Sender::Kernel => format!("the kernel ({})", signal_name(signal)),
+        Sender::Kernel => "the kernel".to_owned(),
     }
 }
 
