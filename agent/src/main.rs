@@ -16,6 +16,7 @@ use lastgasp::{
         events::EventLog,
         loader::{NetlinkProbeMode, OptionalHelper},
         pstore::PstoreConfig,
+        terminations::backoff::KubeletBackoff,
     },
     controller::{
         Controller, ControllerConfig,
@@ -192,6 +193,13 @@ struct AgentArgs {
     /// controller as the previous boot's panic, archived in --state-dir and removed.
     #[arg(long, default_value = "/sys/fs/pstore")]
     pstore_dir: PathBuf,
+    /// The node's kubelet's container restart back-off, for saying in a terminated
+    /// container's Event when kubelet starts it again: `classic` (10s doubling to 300s),
+    /// `reduced` (gate ReduceDefaultCrashLoopBackOffDecay: 1s to 60s), `max=DUR` (gate
+    /// KubeletCrashLoopBackOffMax with crashLoopBackOff.maxContainerRestartPeriod DUR, 1s to
+    /// 300s) or `reduced,max=DUR` (both gates).
+    #[arg(long, default_value = "classic", value_name = "RULES")]
+    kubelet_backoff: KubeletBackoff,
     /// The agent's state across reboots: the boots it has seen (so a panic record names the
     /// boot that crashed) and `pstore-archive/` with the records it reported. Created if missing.
     #[arg(long, default_value = "/var/lib/lastgasp")]
@@ -360,6 +368,7 @@ async fn run_agent(args: AgentArgs, log_format: LogFormat) -> anyhow::Result<()>
                 dir: args.pstore_dir,
                 state_dir: args.state_dir,
             }),
+            kubelet_backoff: args.kubelet_backoff,
         },
         EventLog::new(log_format),
     )

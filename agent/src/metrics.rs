@@ -4,7 +4,7 @@ use std::{
     collections::{HashMap, HashSet},
     hash::Hash,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, atomic::AtomicU64},
 };
 
 use axum::{
@@ -38,6 +38,14 @@ pub const MAX_LABEL_VALUES: usize = 64;
 pub struct HungThreadLabels {
     pub comm: String,
     pub protocol: String,
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+}
+
+/// A container's series, its labels capped by a [`PodLabelLimiter`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ContainerLabels {
     pub namespace: String,
     pub pod: String,
     pub container: String,
@@ -86,9 +94,10 @@ pub struct ReasonLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KubernetesWriteLabels {
-    /// `node_conditions` or `event`.
+    /// `node_conditions`, `event` or `pod_annotation`.
     pub object: String,
-    /// `success`, `error` (a failed attempt) or `dropped` (an Event given up).
+    /// `success`, `error` (a failed attempt), `dropped` (a write given up) or `rate_limited`
+    /// (a termination Event beyond its pod's budget).
     pub result: String,
 }
 
@@ -120,6 +129,7 @@ pub struct AgentMetrics {
     pub last_gasp_datagrams: Family<ReasonLabels, Counter>,
     pub kubernetes_writes: Family<KubernetesWriteLabels, Counter>,
     pub netconsole_targets: Family<StateLabels, Gauge>,
+    pub container_backoff: Family<ContainerLabels, Gauge<f64, AtomicU64>>,
 }
 
 impl AgentMetrics {
@@ -136,6 +146,7 @@ impl AgentMetrics {
             last_gasp_datagrams: Family::default(),
             kubernetes_writes: Family::default(),
             netconsole_targets: Family::default(),
+            container_backoff: Family::default(),
         };
         registry.register(
             "netlink_recv_hung_threads",
@@ -185,7 +196,7 @@ impl AgentMetrics {
         );
         registry.register(
             "agent_kubernetes_writes",
-            "In a cluster, the agent's writes of its Node conditions and Events, by result",
+            "In a cluster, the agent's writes of its Node conditions, Events and Pod annotations, by result",
             metrics.kubernetes_writes.clone(),
         );
         registry.register(
@@ -193,6 +204,12 @@ impl AgentMetrics {
             "Netconsole targets the agent was asked for, by state: enabled, failed (no route, \
              unresolved next hop, refused by the kernel), unavailable (no netconsole or configfs)",
             metrics.netconsole_targets.clone(),
+        );
+        registry.register(
+            "container_backoff_seconds",
+            "In a cluster, containers of this node's pods that kubelet holds back before \
+             restarting them: the back-off delay, until the expected start",
+            metrics.container_backoff.clone(),
         );
         Arc::new(metrics)
     }

@@ -8,7 +8,7 @@ use std::{
 };
 
 use lastgasp::{
-    agent::{AgentConfig, loader::NetlinkProbeMode},
+    agent::{AgentConfig, loader::NetlinkProbeMode, terminations::backoff::KubeletBackoff},
     controller::{ControllerConfig, policy::Policy, trust::DeletionEvidence},
     health::Health,
     wire::AuthKey,
@@ -35,6 +35,7 @@ pub fn agent_config(node: &str) -> AgentConfig {
         panic_hold: Duration::ZERO,
         cluster: None,
         pstore: None,
+        kubelet_backoff: KubeletBackoff::default(),
     }
 }
 

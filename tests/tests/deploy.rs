@@ -16,7 +16,7 @@ use std::{
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::{Command, Output},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use k8s_openapi::api::{
@@ -32,6 +32,8 @@ use lastgasp::{
         Agent, AgentConfig,
         discovery::{NETCONSOLE_PORT, REPORTS_PORT, ServiceRef},
         events::AgentEvent,
+        pods::ContainerRef,
+        terminations::{Cause, Termination},
     },
     controller::{
         Controller, ControllerConfig,
@@ -945,6 +947,40 @@ async fn agent_rbac_allows_exactly_its_calls() {
                 .any(|event| event["type"] == *type_ && event["regarding"]["name"] == "node-b")
         })
     })
+    .await;
+    // A container of b-0 exits, as the termination tracker reports it: the writer reads the
+    // Pod (its status never shows the exit here), publishes an Event and annotates the Pod.
+    let terminations = agent
+        .terminations()
+        .expect("the termination writer, in a cluster");
+    terminations
+        .send(Termination {
+            at: SystemTime::now(),
+            container_id: "b-0-app".into(),
+            container: Some(ContainerRef {
+                namespace: "team".into(),
+                pod: "b-0".into(),
+                container: "app".into(),
+            }),
+            pid: 4242,
+            comm: "app".into(),
+            main_process: true,
+            cause: Cause::Exited { code: 1 },
+        })
+        .await
+        .unwrap();
+    eventually(
+        "b-0's termination annotation",
+        Duration::from_secs(15),
+        || async {
+            cluster
+                .get("pods", Some("team"), "b-0")
+                .await
+                .is_some_and(|pod| {
+                    pod["metadata"]["annotations"]["lastgasp.io/last-termination.app"].is_string()
+                })
+        },
+    )
     .await;
     agent.shutdown().await;
 

@@ -39,7 +39,7 @@ use aya::{
 use prometheus_client::registry::Registry;
 use tokio::{
     io::unix::AsyncFd,
-    sync::{broadcast, watch},
+    sync::{broadcast, mpsc, watch},
 };
 
 use self::{
@@ -58,6 +58,11 @@ use self::{
     pods::PodIndex,
     pstore::PstoreConfig,
     records::Record,
+    terminations::{
+        Termination,
+        backoff::KubeletBackoff,
+        report::{self, ReportConfig},
+    },
 };
 use crate::{
     health::Health,
@@ -100,6 +105,8 @@ pub struct AgentConfig {
     pub cluster: Option<kube::Client>,
     /// Recovery of the previous boot's panic from pstore; `None` skips it.
     pub pstore: Option<PstoreConfig>,
+    /// In a cluster: the node's kubelet's restart back-off, for the termination reports.
+    pub kubelet_backoff: KubeletBackoff,
 }
 
 /// A running agent. Dropping it without [`Agent::shutdown`] also detaches the probes.
@@ -114,6 +121,8 @@ pub struct Agent {
     stop: Arc<AtomicBool>,
     /// What pstore told of earlier boots, found at start.
     recovered: Vec<AgentEvent>,
+    /// In a cluster, the termination writer's queue (see [`ClusterSignals::terminations`]).
+    terminations: Option<mpsc::Sender<Termination>>,
     // Declared last: the programs detach when it drops, after the readers stop.
     _ebpf: Ebpf,
 }
@@ -133,6 +142,7 @@ impl Agent {
         // After loading, so an agent that cannot load leaves the records for its next start.
         let recovered = start.recover_pstore(&boot_id, sender.as_ref());
         let signals = start.start_cluster_signals();
+        let terminations = signals.terminations.clone();
         let readers = start.start_readers(probes.maps, sender, signals)?;
         let metrics_addr = start.serve_metrics(registry).await?;
         Ok(Self {
@@ -145,6 +155,7 @@ impl Agent {
             console: Some(readers.console),
             stop: readers.stop,
             recovered,
+            terminations,
             _ebpf: probes.ebpf,
         })
     }
@@ -163,6 +174,12 @@ impl Agent {
     /// Panics of earlier boots found in pstore at start (logged by [`run`]).
     pub fn recovered(&self) -> &[AgentEvent] {
         &self.recovered
+    }
+
+    /// In a cluster, where terminations go to be written onto their Pods: the tracker sends
+    /// here, and so can a test.
+    pub fn terminations(&self) -> Option<mpsc::Sender<Termination>> {
+        self.terminations.clone()
     }
 
     pub fn probes(&self) -> &[ProbeStatus] {
@@ -233,6 +250,8 @@ struct ProbeMaps {
 struct ClusterSignals {
     pods: Option<PodIndex>,
     node_health: Option<watch::Sender<NodeHealth>>,
+    /// Where the tracker sends each container termination, for the Pod's Event and annotation.
+    terminations: Option<mpsc::Sender<Termination>>,
 }
 
 /// The running readers of the probes' rings.
@@ -414,7 +433,7 @@ impl Start {
         let (node_health, observed) = watch::channel(NodeHealth::default());
         node_signals::spawn(
             &mut self.tasks,
-            client,
+            client.clone(),
             NodeSignalsConfig {
                 node: self.config.node_name.clone(),
                 netlink_hang_threshold: self.config.netlink_hang_threshold,
@@ -424,9 +443,15 @@ impl Start {
             observed,
             self.metrics.clone(),
         );
+        let report = ReportConfig {
+            node: self.config.node_name.clone(),
+            backoff: self.config.kubelet_backoff,
+        };
+        let terminations = report::spawn(&mut self.tasks, client, report, self.metrics.clone());
         ClusterSignals {
             pods: Some(pods),
             node_health: Some(node_health),
+            terminations: Some(terminations),
         }
     }
 

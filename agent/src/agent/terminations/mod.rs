@@ -5,6 +5,9 @@
 //! line on the console) are correlated per process into one [`Termination`]; the report stage
 //! writes it onto the Pod (Event, annotation), the log and the metrics.
 
+pub mod backoff;
+pub mod report;
+
 use std::time::SystemTime;
 
 use serde::Serialize;
