@@ -10,13 +10,12 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::Command,
     time::{Duration, Instant},
 };
 
 use k8s_openapi::api::{
     apps::v1::DaemonSet,
-    core::v1::{Namespace, Node, Pod, Secret},
+    core::v1::{Namespace, Node, Pod},
     events::v1::Event,
 };
 use kube::{
@@ -26,11 +25,10 @@ use kube::{
 use lastgasp_tests::kube::{
     bin_dir,
     cluster::eventually,
-    node::{LocalCluster, NODE_NAME},
+    node::{LASTGASP_NAMESPACE, LocalCluster, NODE_NAME},
 };
 use serde_json::json;
 
-const NAMESPACE: &str = "lastgasp-system";
 const PLUGIN: &str = "lastgasp-hang";
 
 fn repo() -> PathBuf {
@@ -75,42 +73,14 @@ async fn a_cni_plugin_hung_in_netlink_recv_shows_on_the_node_and_clears() {
     assert!(archive.is_file(), "run `cargo xtask image` first");
     let mut cluster = LocalCluster::start(&[archive]).await.expect("the cluster");
     let admin = cluster.server().admin_client().await.unwrap();
-    let create = |name: &str| {
-        serde_json::from_value::<Namespace>(json!({ "metadata": { "name": name } })).unwrap()
-    };
-    let namespaces = Api::<Namespace>::all(admin.clone());
-    namespaces
-        .create(&PostParams::default(), &create(NAMESPACE))
+    cluster.deploy_lastgasp().await.expect("deploy/ applied");
+    let team: Namespace =
+        serde_json::from_value(json!({ "metadata": { "name": "team" } })).unwrap();
+    Api::<Namespace>::all(admin.clone())
+        .create(&PostParams::default(), &team)
         .await
         .unwrap();
-    namespaces
-        .create(&PostParams::default(), &create("team"))
-        .await
-        .unwrap();
-    Api::<Secret>::namespaced(admin.clone(), NAMESPACE)
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
-                "metadata": { "name": "lastgasp-auth" },
-                "stringData": { "key": "cluster-test-key-0123456789abcdef" },
-            }))
-            .unwrap(),
-        )
-        .await
-        .unwrap();
-    let output = Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(cluster.kubeconfig())
-        .args(["apply", "-k", "deploy/overlays/test-cluster"])
-        .current_dir(repo())
-        .output()
-        .expect("kubectl");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let daemonsets = Api::<DaemonSet>::namespaced(admin.clone(), NAMESPACE);
+    let daemonsets = Api::<DaemonSet>::namespaced(admin.clone(), LASTGASP_NAMESPACE);
     let nodes = Api::<Node>::all(admin.clone());
     eventually(
         "the agent ready, its conditions written",

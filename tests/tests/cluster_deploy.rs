@@ -13,14 +13,13 @@ use std::{
     io::Write as _,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::Command,
     time::Duration,
 };
 
 use k8s_openapi::api::{
     apps::v1::{DaemonSet, Deployment},
     coordination::v1::Lease,
-    core::v1::{Namespace, Node, Pod, Secret},
+    core::v1::{Namespace, Node, Pod},
     events::v1::Event,
 };
 use kube::{
@@ -30,11 +29,10 @@ use kube::{
 use lastgasp_tests::kube::{
     bin_dir,
     cluster::eventually,
-    node::{LocalCluster, NODE_IP, NODE_NAME},
+    node::{LASTGASP_NAMESPACE, LocalCluster, NODE_IP, NODE_NAME},
 };
 use serde_json::json;
 
-const NAMESPACE: &str = "lastgasp-system";
 const AGENT_METRICS_PORT: u16 = 9465;
 
 fn repo() -> PathBuf {
@@ -72,13 +70,17 @@ fn running(pod: &Pod) -> bool {
 
 /// The agent pod's log so far.
 async fn agent_log(client: &Client) -> String {
-    let api = Api::<Pod>::namespaced(client.clone(), NAMESPACE);
-    let Some(pod) = pods(client, NAMESPACE).await.into_iter().find(|pod| {
-        pod.metadata
-            .name
-            .as_deref()
-            .is_some_and(|name| name.starts_with("lastgasp-agent-"))
-    }) else {
+    let api = Api::<Pod>::namespaced(client.clone(), LASTGASP_NAMESPACE);
+    let Some(pod) = pods(client, LASTGASP_NAMESPACE)
+        .await
+        .into_iter()
+        .find(|pod| {
+            pod.metadata
+                .name
+                .as_deref()
+                .is_some_and(|name| name.starts_with("lastgasp-agent-"))
+        })
+    else {
         return String::new();
     };
     api.logs(
@@ -130,40 +132,11 @@ async fn deploy_runs_on_a_real_node_and_a_panic_line_marks_it() {
         .expect("an admin client");
 
     // The Namespace and the authentication key, as deploy/README.md says, then deploy/.
-    Api::<Namespace>::all(admin.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({ "metadata": { "name": NAMESPACE } })).unwrap(),
-        )
-        .await
-        .unwrap();
-    Api::<Secret>::namespaced(admin.clone(), NAMESPACE)
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
-                "metadata": { "name": "lastgasp-auth" },
-                "stringData": { "key": "cluster-test-key-0123456789abcdef" },
-            }))
-            .unwrap(),
-        )
-        .await
-        .unwrap();
-    let output = Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(cluster.kubeconfig())
-        .args(["apply", "-k", "deploy/overlays/test-cluster"])
-        .current_dir(repo())
-        .output()
-        .expect("kubectl");
-    assert!(
-        output.status.success(),
-        "kubectl apply -k failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    cluster.deploy_lastgasp().await.expect("deploy/ applied");
 
     // Both workloads run: one agent on the node, both controller replicas, one leading.
-    let daemonsets = Api::<DaemonSet>::namespaced(admin.clone(), NAMESPACE);
-    let deployments = Api::<Deployment>::namespaced(admin.clone(), NAMESPACE);
+    let daemonsets = Api::<DaemonSet>::namespaced(admin.clone(), LASTGASP_NAMESPACE);
+    let deployments = Api::<Deployment>::namespaced(admin.clone(), LASTGASP_NAMESPACE);
     eventually(
         "the agent and both controllers Running and ready",
         Duration::from_secs(120),
@@ -182,7 +155,7 @@ async fn deploy_runs_on_a_real_node_and_a_panic_line_marks_it() {
                 .is_some_and(|status| status.ready_replicas == Some(2));
             agent_ready
                 && controllers_ready
-                && pods(&admin, NAMESPACE)
+                && pods(&admin, LASTGASP_NAMESPACE)
                     .await
                     .iter()
                     .filter(|pod| running(pod))
@@ -191,7 +164,7 @@ async fn deploy_runs_on_a_real_node_and_a_panic_line_marks_it() {
         },
     )
     .await;
-    let leases = Api::<Lease>::namespaced(admin.clone(), NAMESPACE);
+    let leases = Api::<Lease>::namespaced(admin.clone(), LASTGASP_NAMESPACE);
     eventually("a controller leads", Duration::from_secs(60), || async {
         leases
             .get_opt("lastgasp-controller")

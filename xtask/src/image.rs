@@ -192,10 +192,11 @@ pub fn workspace_root() -> anyhow::Result<PathBuf> {
 }
 
 /// The sandbox ("pause") image of the test cluster's containerd, tagged [`PAUSE_IMAGE`], `FROM
-/// scratch` with two static C programs: `/pause` sleeps in `pause()`, reaps children and
-/// exits on SIGINT or SIGTERM; `/netlink-recv` blocks a thread in NETLINK_ROUTE `recvfrom`
-/// (nothing is ever sent to its socket) until SIGTERM, for the tests' hung containers. Its OCI
-/// archive is cached beside the Kubernetes binaries.
+/// scratch` with static C programs: `/pause` sleeps in `pause()`, reaps children and exits on
+/// SIGINT or SIGTERM; for the tests' containers, `/netlink-recv` blocks a thread in
+/// NETLINK_ROUTE `recvfrom` (nothing is ever sent to its socket) until SIGTERM, and
+/// `/memhog` touches memory until the OOM killer stops it (`/memhog child`: a child does, while
+/// the first process waits). Its OCI archive is cached beside the Kubernetes binaries.
 pub fn pause_image() -> anyhow::Result<PathBuf> {
     let archive = crate::kube::bin_dir::cache_root()
         .context("no cache directory: set $HOME or $XDG_CACHE_HOME")?
@@ -215,9 +216,13 @@ pub fn pause_image() -> anyhow::Result<PathBuf> {
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     fs::write(
         dir.join("Dockerfile"),
-        "FROM scratch\nCOPY pause netlink-recv /\nENTRYPOINT [\"/pause\"]\n",
+        "FROM scratch\nCOPY pause netlink-recv memhog /\nENTRYPOINT [\"/pause\"]\n",
     )?;
-    for (program, source) in [("pause", PAUSE_C), ("netlink-recv", NETLINK_RECV_C)] {
+    for (program, source) in [
+        ("pause", PAUSE_C),
+        ("netlink-recv", NETLINK_RECV_C),
+        ("memhog", MEMHOG_C),
+    ] {
         let file = format!("{program}.c");
         fs::write(dir.join(&file), source)?;
         crate::run(
@@ -285,5 +290,38 @@ int main(void) {
     if (fd < 0 || bind(fd, (struct sockaddr *)&local, sizeof local) < 0) return 1;
     char buf[4096];
     for (;;) recvfrom(fd, buf, sizeof buf, 0, NULL, NULL);
+}
+"#;
+
+const MEMHOG_C: &str = r#"#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static void stop(int sig) { (void)sig; _exit(0); }
+
+static void reap(int sig) {
+    (void)sig;
+    while (waitpid(-1, NULL, WNOHANG) > 0) {
+    }
+}
+
+static void hog(void) {
+    for (;;) {
+        char *mib = malloc(1 << 20);
+        if (mib) memset(mib, 1, 1 << 20);
+    }
+}
+
+int main(int argc, char **argv) {
+    signal(SIGINT, stop);
+    signal(SIGTERM, stop);
+    if (argc > 1 && strcmp(argv[1], "child") == 0) {
+        signal(SIGCHLD, reap);
+        if (fork() == 0) hog();
+        for (;;) pause();
+    }
+    hog();
 }
 "#;

@@ -254,6 +254,22 @@ impl Drop for Heartbeat {
     }
 }
 
+/// The first `Some` of `found`, polled like [`eventually`].
+pub async fn eventually_some<T, F, Fut>(what: &str, within: Duration, mut found: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = found().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Polls `done` every 50 ms; fails the test after `within`.
 pub async fn eventually<F, Fut>(what: &str, within: Duration, mut done: F)
 where

@@ -29,8 +29,8 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use k8s_openapi::api::core::v1::Node;
-use kube::Api;
+use k8s_openapi::api::core::v1::{Namespace, Node, Secret};
+use kube::{Api, api::PostParams};
 
 use super::{Options, RealApiServer, User, bin_dir, process::Supervisor};
 
@@ -42,6 +42,8 @@ pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(172, 31, 250, 1);
 pub const API_PORT: u16 = 6443;
 /// The pods' network (the CNI bridge, host-local addresses).
 pub const POD_SUBNET: &str = "172.31.250.0/24";
+/// Where `deploy/` puts lastgasp.
+pub const LASTGASP_NAMESPACE: &str = "lastgasp-system";
 /// The Node's name.
 pub const NODE_NAME: &str = "lastgasp-node";
 /// Where Debian's `containernetworking-plugins` are, which containerd runs.
@@ -280,6 +282,43 @@ impl LocalCluster {
     /// The API server.
     pub fn server(&self) -> &RealApiServer {
         self.server.as_ref().expect("started")
+    }
+
+    /// lastgasp deployed as `deploy/README.md` says, with the test overlay: the
+    /// `lastgasp-system` Namespace, the `lastgasp-auth` Secret, then `kubectl apply -k
+    /// deploy/overlays/test-cluster` (the image archive must have been imported at start).
+    pub async fn deploy_lastgasp(&self) -> anyhow::Result<()> {
+        let admin = self.server().admin_client().await?;
+        let namespace: Namespace = serde_json::from_value(
+            serde_json::json!({ "metadata": { "name": LASTGASP_NAMESPACE } }),
+        )?;
+        Api::<Namespace>::all(admin.clone())
+            .create(&PostParams::default(), &namespace)
+            .await?;
+        let secret: Secret = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "lastgasp-auth" },
+            "stringData": { "key": "cluster-test-key-0123456789abcdef" },
+        }))?;
+        Api::<Secret>::namespaced(admin, LASTGASP_NAMESPACE)
+            .create(&PostParams::default(), &secret)
+            .await?;
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .context("tests/ is inside the workspace")?;
+        let output = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .args(["apply", "-k", "deploy/overlays/test-cluster"])
+            .current_dir(workspace)
+            .output()
+            .context("running kubectl")?;
+        if !output.status.success() {
+            bail!(
+                "kubectl apply -k deploy/overlays/test-cluster: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(())
     }
 
     /// The admin kubeconfig (for `kubectl --kubeconfig`).
