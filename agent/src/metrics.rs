@@ -80,6 +80,11 @@ pub struct ProbeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabels {
+    pub cause: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: String,
 }
@@ -120,6 +125,7 @@ pub struct AgentMetrics {
     pub last_gasp_datagrams: Family<ReasonLabels, Counter>,
     pub kubernetes_writes: Family<KubernetesWriteLabels, Counter>,
     pub netconsole_targets: Family<StateLabels, Gauge>,
+    pub container_terminations: Family<CauseLabels, Counter>,
 }
 
 impl AgentMetrics {
@@ -136,6 +142,7 @@ impl AgentMetrics {
             last_gasp_datagrams: Family::default(),
             kubernetes_writes: Family::default(),
             netconsole_targets: Family::default(),
+            container_terminations: Family::default(),
         };
         registry.register(
             "netlink_recv_hung_threads",
@@ -193,6 +200,12 @@ impl AgentMetrics {
             "Netconsole targets the agent was asked for, by state: enabled, failed (no route, \
              unresolved next hop, refused by the kernel), unavailable (no netconsole or configfs)",
             metrics.netconsole_targets.clone(),
+        );
+        registry.register(
+            "container_terminations",
+            "Processes of pods that ended (containers, and child processes killed while their \
+             container lives), by cause: exited, crashed, oom_killed, killed",
+            metrics.container_terminations.clone(),
         );
         Arc::new(metrics)
     }

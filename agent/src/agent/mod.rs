@@ -18,6 +18,7 @@ pub mod pods;
 pub mod pstore;
 pub mod records;
 pub mod terminations;
+pub mod tracepoint_format;
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
@@ -39,7 +40,7 @@ use aya::{
 use prometheus_client::registry::Registry;
 use tokio::{
     io::unix::AsyncFd,
-    sync::{broadcast, watch},
+    sync::{broadcast, mpsc, watch},
 };
 
 use self::{
@@ -58,6 +59,7 @@ use self::{
     pods::PodIndex,
     pstore::PstoreConfig,
     records::Record,
+    terminations::{Termination, cgroupfs::PodRoots, track::TerminationTracker},
 };
 use crate::{
     health::Health,
@@ -97,6 +99,12 @@ pub struct AgentConfig {
     pub cluster: Option<kube::Client>,
     /// Recovery of the previous boot's panic from pstore; `None` skips it.
     pub pstore: Option<PstoreConfig>,
+    /// The pod cgroup roots whose processes' terminations are explained; empty: kubelet's
+    /// defaults (`kubepods`, `kubepods.slice`) that exist.
+    pub pod_cgroup_roots: Vec<PathBuf>,
+    /// The Kubernetes writer of terminations (Pod Events, annotations), if one is connected.
+    /// Without one, terminations are logged and counted only.
+    pub termination_writer: Option<mpsc::Sender<Termination>>,
 }
 
 /// A running agent. Dropping it without [`Agent::shutdown`] also detaches the probes.
@@ -222,6 +230,9 @@ struct ProbeMaps {
     /// Whether `panic()` itself is probed.
     panic_probe: bool,
     netlink_mode: Option<AttachMode>,
+    terminations: RingBuf<MapData>,
+    /// The pod cgroup roots, when the termination probes filter on them.
+    pod_roots: Option<PodRoots>,
 }
 
 /// In a cluster: this node's pods, and where the events loop publishes what the node signals
@@ -251,6 +262,7 @@ impl Start {
             panic_hold: panic_hold(config),
             netlink_probe: config.netlink_probe,
             ignore_helpers: &config.ignore_helpers,
+            pod_cgroup_roots: &config.pod_cgroup_roots,
         })?;
         let mut ebpf = loaded.ebpf;
         for status in &loaded.status {
@@ -313,6 +325,8 @@ impl Start {
             panic_ack: take_map(&mut ebpf, "PANIC_ACK")?,
             panic_probe: mode_of("panic").is_some(),
             netlink_mode: mode_of("netlink_recv"),
+            terminations: take_map(&mut ebpf, "TERMINATIONS")?,
+            pod_roots: loaded.pod_roots.clone(),
         };
         Ok(Probes {
             ebpf,
@@ -446,12 +460,32 @@ impl Start {
             )
             .flatten();
         let stop = Arc::new(AtomicBool::new(false));
+        let console_facts = match maps.pod_roots {
+            Some(roots) => {
+                let (facts, received) = mpsc::channel(256);
+                let tracker = TerminationTracker::new(roots, signals.pods.clone());
+                let outputs = terminations::Outputs {
+                    events: events.clone(),
+                    metrics: self.metrics.clone(),
+                    writer: self.config.termination_writer.clone(),
+                };
+                self.tasks.spawn(
+                    "terminations",
+                    Lifetime::Required,
+                    terminations::run(async_fd(maps.terminations)?, received, tracker, outputs),
+                );
+                Some(facts)
+            }
+            None => None,
+        };
         let console = ConsoleWatcher {
             last_gasp,
             kallsyms,
             panic_ack: maps.panic_ack,
             events: events.clone(),
             metrics: self.metrics.clone(),
+            terminations: console_facts,
+            joiner: Default::default(),
         }
         .spawn(maps.kernel_log, stop.clone(), &mut self.tasks)?;
 

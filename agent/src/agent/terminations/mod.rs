@@ -5,11 +5,18 @@
 //! line on the console) are correlated per process into one [`Termination`]; the report stage
 //! writes it onto the Pod (Event, annotation), the log and the metrics.
 
+pub mod cgroupfs;
+pub mod console_lines;
+mod pipeline;
+pub mod track;
+
 use std::time::SystemTime;
 
 use serde::Serialize;
 
 use super::pods::ContainerRef;
+
+pub use self::pipeline::{Outputs, run};
 
 /// One process of a pod's container that ended, and why.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -136,9 +143,16 @@ pub enum Sender {
         container_id: String,
     },
     /// A process on the host, outside any pod.
-    Host { pid: u32, comm: String, cgroup: String },
+    Host {
+        pid: u32,
+        comm: String,
+        cgroup: String,
+    },
     /// The kernel itself (`SI_KERNEL`), other than the OOM killer.
     Kernel,
+    /// The signal's sending was not seen: sent before the agent started, or lost when the
+    /// probes' ring was full.
+    Unknown,
 }
 
 /// `SystemTime` as RFC 3339 in JSON.
