@@ -34,6 +34,8 @@ pub fn agent_config(node: &str) -> AgentConfig {
         panic_hold: Duration::ZERO,
         cluster: None,
         pstore: None,
+        pod_cgroup_roots: Vec::new(),
+        termination_writer: None,
     }
 }
 
