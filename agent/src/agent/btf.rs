@@ -1057,6 +1057,83 @@ mod tests {
         );
     }
 
+    /// The cgroup structures, with `ancestors` (6.1+) or `ancestor_ids` (older).
+    fn fake_cgroups(ancestors: &str) -> Btf {
+        let mut b = Builder::new();
+        let long = b.int("long int", 8, 64);
+        let int = b.int("int", 4, 32);
+        let ptr = b.ty("", KIND_PTR, false, 0, 0, &[]);
+        let comm = b.ty("", KIND_ARRAY, false, 0, 0, &[long, long, 2]);
+        let subsys = b.ty("", KIND_ARRAY, false, 0, 0, &[ptr, long, 14]);
+        let flexible = b.ty("", KIND_ARRAY, false, 0, 0, &[ptr, long, 0]);
+        b.strukt(
+            "task_struct",
+            128,
+            &[
+                ("pid", int, 0),
+                ("tgid", int, 32),
+                ("comm", comm, 64),
+                ("real_parent", ptr, 192),
+                ("cgroups", ptr, 256),
+            ],
+        );
+        b.strukt(
+            "css_set",
+            128,
+            &[("subsys", subsys, 0), ("dfl_cgrp", ptr, 896)],
+        );
+        b.strukt("cgroup_subsys_state", 8, &[("cgroup", ptr, 0)]);
+        b.strukt(
+            "cgroup",
+            24,
+            &[
+                ("level", int, 0),
+                ("kn", ptr, 64),
+                (ancestors, flexible, 128),
+            ],
+        );
+        b.strukt("kernfs_node", 16, &[("id", long, 0), ("name", ptr, 64)]);
+        let fields = b.strukt(
+            "",
+            12,
+            &[
+                ("si_signo", int, 0),
+                ("si_errno", int, 32),
+                ("si_code", int, 64),
+            ],
+        );
+        b.strukt("kernel_siginfo", 12, &[("", fields, 0)]);
+        let memory = b.name("memory_cgrp_id");
+        let pids = b.name("pids_cgrp_id");
+        b.ty(
+            "cgroup_subsys_id",
+            KIND_ENUM,
+            false,
+            2,
+            4,
+            &[memory, 4, pids, 11],
+        );
+        Btf::parse(b.build()).unwrap()
+    }
+
+    #[test]
+    fn cgroup_offsets_of_both_ancestor_layouts() {
+        let new = cgroup_offsets(&fake_cgroups("ancestors")).unwrap();
+        assert_eq!((new.cgroup_ancestors, new.ancestors_are_ids), (16, 0));
+        assert_eq!((new.task_struct_cgroups, new.css_set_dfl_cgrp), (32, 112));
+        assert_eq!((new.kernfs_node_name, new.kernel_siginfo_code), (8, 8));
+        let old = cgroup_offsets(&fake_cgroups("ancestor_ids")).unwrap();
+        assert_eq!((old.cgroup_ancestors, old.ancestors_are_ids), (16, 1));
+        assert!(cgroup_offsets(&fake_cgroups("neither")).is_err());
+        let btf = fake_cgroups("ancestors");
+        assert_eq!(cgroup_subsys_id(&btf, "memory").unwrap(), 4);
+        assert_eq!(cgroup_subsys_id(&btf, "pids").unwrap(), 11);
+        assert!(matches!(
+            cgroup_subsys_id(&btf, "xattr"),
+            Err(BtfError::NoSuchMember { .. })
+        ));
+    }
+
     fn set_u32(blob: &mut [u8], at: usize, v: u32) {
         blob[at..at + 4].copy_from_slice(&v.to_le_bytes());
     }

@@ -537,3 +537,404 @@ impl<K: Copy + Eq + Hash, V> Capped<K, V> {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use lastgasp_common::{CGROUP_NAME_LEN, EventHeader, EventKind, TASK_COMM_LEN};
+
+    use super::*;
+    use crate::agent::terminations::{
+        cgroupfs::CgroupMount,
+        console_lines::{self, OomConstraint},
+    };
+
+    const CONTAINER: &str = "4d3f0c5a1b2e4f6a8b9c0d1e2f3a4b5c6d7e8f9a0b1c2d3e4f5a6b7c8d9e0f1a";
+    const OTHER: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const POD: u64 = 100;
+    const SECOND: u64 = 1_000_000_000;
+
+    fn tracker() -> TerminationTracker {
+        let mount = CgroupMount {
+            mount_point: PathBuf::from("/nonexistent/cgroup"),
+            unified: false,
+            options: vec!["memory".into()],
+        };
+        TerminationTracker::new(
+            PodRoots {
+                mount: mount.clone(),
+                paths: Vec::new(),
+                roots: Vec::new(),
+                memory: Some(mount),
+            },
+            None,
+        )
+    }
+
+    fn bytes<const N: usize>(text: &str) -> [u8; N] {
+        let mut out = [0; N];
+        out[..text.len()].copy_from_slice(text.as_bytes());
+        out
+    }
+
+    fn cgroup(id: u64, parent_id: u64, name: &str) -> CgroupRef {
+        CgroupRef {
+            id,
+            parent_id,
+            name: bytes::<CGROUP_NAME_LEN>(&format!("cri-containerd-{name}.scope")),
+        }
+    }
+
+    fn header(kind: EventKind, tgid: u32, at: u64) -> EventHeader {
+        EventHeader {
+            kind: kind as u32,
+            tgid,
+            tid: tgid,
+            _pad: 0,
+            ktime_ns: at,
+        }
+    }
+
+    /// `sig` with `code` from process `sender` (`comm`), in the pod cgroup `from` if any, to
+    /// process 42 of the container.
+    fn signal(
+        at: u64,
+        sig: i32,
+        code: i32,
+        sender: u32,
+        comm: &str,
+        from: Option<CgroupRef>,
+    ) -> SignalSent {
+        SignalSent {
+            header: header(EventKind::SignalSent, sender, at),
+            sig,
+            code,
+            result: 0,
+            group: 1,
+            target_tid: 42,
+            target_tgid: 42,
+            sender_in_pod: from.is_some() as u32,
+            _pad: 0,
+            sender_comm: bytes::<TASK_COMM_LEN>(comm),
+            target_comm: bytes::<TASK_COMM_LEN>("app"),
+            target_cgroup: cgroup(1, POD, CONTAINER),
+            sender_cgroup: from.unwrap_or(cgroup(0, 0, "")),
+        }
+    }
+
+    fn exit(at: u64, exit_code: u32, main_process: bool) -> ProcessExit {
+        ProcessExit {
+            header: header(EventKind::ProcessExit, 42, at),
+            exit_code,
+            parent_tgid: 1,
+            main_process: main_process as u32,
+            _pad: 0,
+            comm: bytes::<TASK_COMM_LEN>("app"),
+            cgroup: cgroup(1, POD, CONTAINER),
+        }
+    }
+
+    /// The cause of process 42's death by a signal, once its console wait is over.
+    fn cause_after(tracker: &mut TerminationTracker, exit_code: u32, at: u64) -> Cause {
+        assert_eq!(tracker.on_exit(&exit(at, exit_code, true)), None);
+        assert!(tracker.flush(at + 1).is_empty(), "waits for the console");
+        let mut done = tracker.flush(at + SECOND);
+        assert_eq!(done.len(), 1);
+        let termination = done.remove(0);
+        assert_eq!(
+            (termination.pid, termination.container_id.as_str()),
+            (42, CONTAINER)
+        );
+        termination.cause
+    }
+
+    #[test]
+    fn clean_exits_of_containers_are_explained_at_once_and_of_children_never() {
+        let mut tracker = tracker();
+        let done = tracker.on_exit(&exit(SECOND, 3 << 8, true)).unwrap();
+        assert_eq!(done.cause, Cause::Exited { code: 3 });
+        assert!(done.main_process);
+        assert_eq!(tracker.on_exit(&exit(SECOND, 0, false)), None);
+        assert!(tracker.flush(10 * SECOND).is_empty());
+    }
+
+    #[test]
+    fn senders_are_classified() {
+        let mut tracker = tracker();
+        tracker.on_signal(&signal(SECOND, 9, 0, std::process::id(), "kill", None));
+        match cause_after(&mut tracker, 9, 2 * SECOND) {
+            Cause::Killed {
+                signal: 9,
+                sender: Sender::Host { pid, comm, cgroup },
+            } => {
+                assert_eq!((pid, comm.as_str()), (std::process::id(), "kill"));
+                // A live sender's cgroup is read from /proc.
+                assert!(cgroup.starts_with('/'), "{cgroup}");
+            }
+            other => panic!("{other:?}"),
+        }
+
+        tracker.on_signal(&signal(
+            SECOND,
+            15,
+            0,
+            7,
+            "sidecar",
+            Some(cgroup(2, POD, OTHER)),
+        ));
+        assert_eq!(
+            cause_after(&mut tracker, 15, 2 * SECOND),
+            Cause::Killed {
+                signal: 15,
+                sender: Sender::SamePod {
+                    pid: 7,
+                    comm: "sidecar".into(),
+                    container: Some(OTHER.into()),
+                }
+            }
+        );
+
+        tracker.on_signal(&signal(
+            SECOND,
+            15,
+            -6,
+            8,
+            "chaos",
+            Some(cgroup(3, POD + 1, OTHER)),
+        ));
+        assert_eq!(
+            cause_after(&mut tracker, 15, 2 * SECOND),
+            Cause::Killed {
+                signal: 15,
+                sender: Sender::OtherPod {
+                    pid: 8,
+                    comm: "chaos".into(),
+                    container: None,
+                    container_id: OTHER.into(),
+                }
+            }
+        );
+
+        // SI_KERNEL without any OOM evidence: the kernel, whichever task ran.
+        tracker.on_signal(&signal(
+            SECOND,
+            9,
+            0x80,
+            9,
+            "app",
+            Some(cgroup(1, POD, CONTAINER)),
+        ));
+        assert_eq!(
+            cause_after(&mut tracker, 9, 2 * SECOND),
+            Cause::Killed {
+                signal: 9,
+                sender: Sender::Kernel
+            }
+        );
+
+        // Nothing seen of the signal.
+        assert_eq!(
+            cause_after(&mut tracker, 15, 2 * SECOND),
+            Cause::Killed {
+                signal: 15,
+                sender: Sender::Unknown
+            }
+        );
+    }
+
+    #[test]
+    fn the_runtimes_sigkill_after_its_sigterm_ran_out_the_grace_period() {
+        let mut tracker = tracker();
+        tracker.on_signal(&signal(SECOND, 15, 0, 50, "containerd-shim", None));
+        tracker.on_signal(&signal(31 * SECOND, 9, 0, 51, "runc", None));
+        assert_eq!(
+            cause_after(&mut tracker, 9, 32 * SECOND),
+            Cause::Killed {
+                signal: 9,
+                sender: Sender::Runtime {
+                    pid: 51,
+                    comm: "runc".into(),
+                    grace_period_expired: true,
+                    grace_seconds: Some(30.0),
+                }
+            }
+        );
+        // A SIGTERM that was enough.
+        tracker.on_signal(&signal(SECOND, 15, 0, 50, "runc", None));
+        assert_eq!(
+            cause_after(&mut tracker, 15, 2 * SECOND),
+            Cause::Killed {
+                signal: 15,
+                sender: Sender::Runtime {
+                    pid: 50,
+                    comm: "runc".into(),
+                    grace_period_expired: false,
+                    grace_seconds: None,
+                }
+            }
+        );
+        // In a pod, a runtime's name is just a name.
+        tracker.on_signal(&signal(
+            SECOND,
+            9,
+            0,
+            52,
+            "runc",
+            Some(cgroup(2, POD, OTHER)),
+        ));
+        assert!(matches!(
+            cause_after(&mut tracker, 9, 2 * SECOND),
+            Cause::Killed {
+                sender: Sender::SamePod { .. },
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn crashes_are_own_faults_and_carry_the_console_line() {
+        let mut tracker = tracker();
+        // SEGV_MAPERR from the kernel to the faulting thread, the console's line about it.
+        tracker.on_signal(&signal(
+            SECOND,
+            11,
+            1,
+            42,
+            "app",
+            Some(cgroup(1, POD, CONTAINER)),
+        ));
+        tracker.on_console(
+            console_lines::parse(
+                "app[42]: segfault at 0 ip 0000000000401126 sp 00007ffc error 4 in libfoo.so[400000+1000]",
+            )
+            .unwrap(),
+            SECOND,
+        );
+        match cause_after(&mut tracker, 11 | 0x80, 2 * SECOND) {
+            Cause::Crashed {
+                signal: 11,
+                core_dumped: true,
+                fault: Some(fault),
+            } => assert_eq!(fault.location.as_deref(), Some("libfoo.so")),
+            other => panic!("{other:?}"),
+        }
+        // abort() with no signal seen is a crash still, without a line.
+        assert_eq!(
+            cause_after(&mut tracker, 6, 2 * SECOND),
+            Cause::Crashed {
+                signal: 6,
+                core_dumped: false,
+                fault: None
+            }
+        );
+        // SIGSEGV sent by another process is a kill.
+        tracker.on_signal(&signal(SECOND, 11, 0, 77, "kill", None));
+        assert!(matches!(
+            cause_after(&mut tracker, 11, 2 * SECOND),
+            Cause::Killed {
+                signal: 11,
+                sender: Sender::Host { pid: 77, .. }
+            }
+        ));
+    }
+
+    fn constraint(oom_memcg: Option<&str>) -> ConsoleFact {
+        ConsoleFact::OomConstraint(OomConstraint {
+            constraint: if oom_memcg.is_some() {
+                "CONSTRAINT_MEMCG"
+            } else {
+                "CONSTRAINT_NONE"
+            }
+            .into(),
+            oom_memcg: oom_memcg.map(Into::into),
+            task_memcg: "/kubepods/burstable/pod1/c1".into(),
+            pid: 42,
+        })
+    }
+
+    #[test]
+    fn oom_kills_have_their_scope_rss_and_score() {
+        let victim = OomVictim {
+            header: header(EventKind::OomVictim, 42, SECOND),
+            tid: 42,
+            tgid: 42,
+            present: oom_present::RSS | oom_present::SCORE_ADJ,
+            uid: 0,
+            total_vm_kb: 1 << 20,
+            anon_rss_kb: 60 << 10,
+            file_rss_kb: 3 << 10,
+            shmem_rss_kb: 1 << 10,
+            pgtables_kb: 100,
+            oom_score_adj: 999,
+            _pad: 0,
+            comm: bytes::<TASK_COMM_LEN>("app"),
+        };
+        for (memcg, scope) in [
+            (Some("/kubepods/burstable/pod1/c1"), OomScope::Container),
+            (Some("/kubepods/burstable/pod1"), OomScope::Pod),
+            (Some("/kubepods"), OomScope::Node),
+            (None, OomScope::Node),
+        ] {
+            let mut tracker = tracker();
+            tracker.on_signal(&signal(SECOND, 9, 0x80, 42, "app", None));
+            tracker.on_oom_victim(&victim);
+            tracker.on_console(constraint(memcg), SECOND);
+            let Cause::OomKilled(oom) = cause_after(&mut tracker, 9, 2 * SECOND) else {
+                panic!("not an OOM kill")
+            };
+            assert_eq!(oom.scope, scope, "{memcg:?}");
+            assert_eq!(oom.rss_bytes, Some(64 << 20));
+            assert_eq!(oom.oom_score_adj, Some(999));
+            // The cgroup files are not there.
+            assert_eq!((oom.limit_bytes, oom.memory_events), (None, None));
+        }
+
+        // Before Linux 6.9 the mark has no RSS: the console's line has.
+        let mut tracker = tracker();
+        tracker.on_signal(&signal(
+            SECOND,
+            9,
+            0x80,
+            42,
+            "app",
+            Some(cgroup(1, POD, CONTAINER)),
+        ));
+        tracker.on_oom_victim(&OomVictim {
+            present: 0,
+            ..victim
+        });
+        tracker.on_console(
+            console_lines::parse(
+                "Memory cgroup out of memory: Killed process 42 (app) total-vm:9kB, anon-rss:1024kB, \
+                 file-rss:0kB, shmem-rss:0kB, UID:0 pgtables:1kB oom_score_adj:5",
+            )
+            .unwrap(),
+            SECOND,
+        );
+        let Cause::OomKilled(oom) = cause_after(&mut tracker, 9, 2 * SECOND) else {
+            panic!("not an OOM kill")
+        };
+        assert_eq!((oom.rss_bytes, oom.oom_score_adj), (Some(1 << 20), Some(5)));
+        // No constraint line: the scope from who ran into the limit, the container itself.
+        assert_eq!(oom.scope, OomScope::Container);
+    }
+
+    #[test]
+    fn state_is_capped_and_expires() {
+        let mut tracker = tracker();
+        for tgid in 0..(MAX_PROCESSES as u32 + 10) {
+            let mut sent = signal(SECOND + u64::from(tgid), 15, 0, 1, "kill", None);
+            sent.target_tgid = tgid;
+            tracker.on_signal(&sent);
+        }
+        assert_eq!(tracker.processes.entries.len(), MAX_PROCESSES);
+        assert_eq!(tracker.dropped(), 10);
+        // The oldest went.
+        assert!(!tracker.processes.entries.contains_key(&0));
+        tracker.flush(SECOND + PROCESS_TTL_NS + MAX_PROCESSES as u64 + 10);
+        assert!(tracker.processes.entries.is_empty());
+        assert!(is_runtime("containerd-shim") && is_runtime("runc:[2:INIT]"));
+        assert!(!is_runtime("bash"));
+    }
+}
