@@ -32,9 +32,11 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 pub static KERNEL_LOG: RingBuf = RingBuf::with_byte_size(2 << 20, 0);
 
 /// Signals, OOM victims and exits of pod processes; separate so a signal storm in a pod
-/// cannot crowd out the other events.
+/// cannot crowd out the other events. Written without wake-ups (a wake-up per signal cost a
+/// signalled pod process several microseconds): the agent drains it every 100 ms, so it holds
+/// 100 ms of records, some 1400 signals.
 #[map]
-pub static TERMINATIONS: RingBuf = RingBuf::with_byte_size(256 << 10, 0);
+pub static TERMINATIONS: RingBuf = RingBuf::with_byte_size(512 << 10, 0);
 
 /// Threads of pod processes sent the OOM killer's SIGKILL (`SI_KERNEL`), thread id → thread
 /// group id, until `oom:mark_victim` names them (the kernel sends the signal first). LRU: a

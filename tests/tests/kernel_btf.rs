@@ -41,6 +41,7 @@ fn this_kernels_cgroup_offsets() {
     // si_code follows si_signo and si_errno in every kernel's siginfo.
     assert_eq!(off.kernel_siginfo_code, 8);
     assert_eq!(off.task_struct_tgid, off.task_struct_pid + 4);
+    assert_eq!(off.upid_size, 16);
     // The unified hierarchy has no controller id; the v1 ones do, below the array's size.
     assert!(cgroup_subsys_id(&btf, "memory").unwrap() < 16);
     assert!(cgroup_subsys_id(&btf, "no_such_controller").is_err());

@@ -80,7 +80,12 @@ pub struct CgroupOffsets {
     pub kernfs_node_name: u32,
     /// `kernel_siginfo.si_code`.
     pub kernel_siginfo_code: u32,
-    pub _pad: u32,
+    /// `task_struct.thread_pid`, `pid.level`, `pid.numbers` and the size of its `struct
+    /// upid` elements: a task's pid in its own pid namespace.
+    pub task_struct_thread_pid: u32,
+    pub pid_level: u32,
+    pub pid_numbers: u32,
+    pub upid_size: u32,
 }
 
 /// The pod cgroup roots the termination probes filter on, all in one hierarchy.
@@ -481,7 +486,8 @@ pub struct ProcessExit {
     /// dumped bit 7.
     pub exit_code: u32,
     pub parent_tgid: u32,
-    /// 1 when the parent is in another cgroup: the container's first process.
+    /// 1 for the container's first process: its parent is in another cgroup (the runtime's
+    /// shim), and it is pid 1 of its pid namespace, or in the host's (no namespace of its own).
     pub main_process: u32,
     pub _pad: u32,
     pub comm: [u8; TASK_COMM_LEN],
@@ -526,11 +532,11 @@ mod user {
     unsafe impl aya::Pod for CniDir {}
     // SAFETY: #[repr(C)], four u32 and no padding; any bytes are a valid value.
     unsafe impl aya::Pod for RecvSyscallNumbers {}
-    // SAFETY: #[repr(C)], sixteen u32 and no padding; any bytes are a valid value.
+    // SAFETY: #[repr(C)], twenty u32 and no padding; any bytes are a valid value.
     unsafe impl aya::Pod for CgroupOffsets {}
     // SAFETY: #[repr(C)], a u64 and two u32 (16 bytes, no padding); any bytes are valid.
     unsafe impl aya::Pod for PodCgroupRoot {}
-    // SAFETY: #[repr(C)], the Pod types above and two u32 (64 + 8 bytes before the 8-aligned
+    // SAFETY: #[repr(C)], the Pod types above and two u32 (80 + 8 bytes before the 8-aligned
     // roots), no padding; any bytes are a valid value.
     unsafe impl aya::Pod for PodCgroups {}
     // SAFETY: #[repr(C)], ten u32 and no padding; any bytes are a valid value.

@@ -7,6 +7,7 @@
 
 use aya_ebpf::{
     EbpfContext,
+    bindings::BPF_RB_NO_WAKEUP,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes},
     macros::tracepoint,
     programs::TracePointContext,
@@ -98,6 +99,7 @@ fn try_mark_victim(ctx: &TracePointContext) -> Option<()> {
             victim.present |= oom_present::COMM;
         }
     }
-    event.submit(0);
+    // No wake-up: the agent drains this ring on a timer (see `maps::TERMINATIONS`).
+    event.submit(BPF_RB_NO_WAKEUP as u64);
     Some(())
 }

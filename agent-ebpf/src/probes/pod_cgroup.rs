@@ -108,6 +108,23 @@ pub fn task_ids(task: u64) -> (u32, u32) {
     )
 }
 
+/// Whether the task is pid 1 of its pid namespace, or in the initial one (level 0).
+#[inline(always)]
+pub fn is_namespace_init_or_host(task: u64) -> bool {
+    let o = &pods().offsets;
+    let Some(pid) = read::<u64>(task + o.task_struct_thread_pid as u64) else {
+        return false;
+    };
+    let Some(level) = read::<u32>(pid + o.pid_level as u64) else {
+        return false;
+    };
+    if level == 0 {
+        return true;
+    }
+    let nr = pid + o.pid_numbers as u64 + (level.min(64) as u64) * o.upid_size as u64;
+    read::<i32>(nr) == Some(1)
+}
+
 /// A task's comm.
 #[inline(always)]
 pub fn task_comm(task: u64) -> [u8; TASK_COMM_LEN] {

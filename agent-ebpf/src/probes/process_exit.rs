@@ -3,6 +3,7 @@
 //! process ended.
 
 use aya_ebpf::{
+    bindings::BPF_RB_NO_WAKEUP,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::tracepoint,
     programs::TracePointContext,
@@ -80,7 +81,8 @@ fn record_pod_exit(pid_tgid: u64, exit_code: u32) -> Option<()> {
         return None;
     }
     let parent = pod_cgroup::parent_cgroup(task);
-    let main_process = parent.is_none_or(|(_, parent_cgroup)| parent_cgroup != cgroup);
+    let main_process = parent.is_none_or(|(_, parent_cgroup)| parent_cgroup != cgroup)
+        && pod_cgroup::is_namespace_init_or_host(task);
     if !main_process && exit_code & 0x7f == 0 {
         return None;
     }
@@ -100,6 +102,7 @@ fn record_pod_exit(pid_tgid: u64, exit_code: u32) -> Option<()> {
     exit._pad = 0;
     exit.comm = pod_cgroup::task_comm(task);
     pod_cgroup::describe(cgroup, &mut exit.cgroup);
-    event.submit(0);
+    // No wake-up: the agent drains this ring on a timer (see `maps::TERMINATIONS`).
+    event.submit(BPF_RB_NO_WAKEUP as u64);
     Some(())
 }

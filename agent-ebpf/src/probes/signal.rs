@@ -9,6 +9,7 @@
 //! formats a trace record before calling the program.
 
 use aya_ebpf::{
+    bindings::BPF_RB_NO_WAKEUP,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
@@ -119,6 +120,7 @@ fn try_signal(ctx: &BtfTracePointContext) -> Option<()> {
             sent.sender_cgroup.name = [0; lastgasp_common::CGROUP_NAME_LEN];
         }
     }
-    event.submit(0);
+    // No wake-up: the agent drains this ring on a timer (see `maps::TERMINATIONS`).
+    event.submit(BPF_RB_NO_WAKEUP as u64);
     Some(())
 }

@@ -613,7 +613,12 @@ pub fn cgroup_offsets(btf: &Btf) -> Result<CgroupOffsets, BtfError> {
         kernfs_node_id: at("kernfs_node", "id", 8)?,
         kernfs_node_name: at("kernfs_node", "name", PTR)?,
         kernel_siginfo_code: at("kernel_siginfo", "si_code", 4)?,
-        _pad: 0,
+        task_struct_thread_pid: at("task_struct", "thread_pid", PTR)?,
+        pid_level: at("pid", "level", 4)?,
+        pid_numbers: btf.member_offset("pid", "numbers")?,
+        // `struct upid { int nr; struct pid_namespace *ns; }`: `numbers` is a flexible array
+        // (an array of one before 6.x), so the element size is not the member's.
+        upid_size: at("upid", "ns", PTR)? + PTR,
     })
 }
 
@@ -1075,8 +1080,12 @@ mod tests {
                 ("comm", comm, 64),
                 ("real_parent", ptr, 192),
                 ("cgroups", ptr, 256),
+                ("thread_pid", ptr, 320),
             ],
         );
+        let upids = b.ty("", KIND_ARRAY, false, 0, 0, &[long, long, 0]);
+        b.strukt("pid", 16, &[("level", int, 0), ("numbers", upids, 64)]);
+        b.strukt("upid", 16, &[("nr", int, 0), ("ns", ptr, 64)]);
         b.strukt(
             "css_set",
             128,
@@ -1122,6 +1131,10 @@ mod tests {
         assert_eq!((new.cgroup_ancestors, new.ancestors_are_ids), (16, 0));
         assert_eq!((new.task_struct_cgroups, new.css_set_dfl_cgrp), (32, 112));
         assert_eq!((new.kernfs_node_name, new.kernel_siginfo_code), (8, 8));
+        assert_eq!(
+            (new.task_struct_thread_pid, new.pid_numbers, new.upid_size),
+            (40, 8, 16)
+        );
         let old = cgroup_offsets(&fake_cgroups("ancestor_ids")).unwrap();
         assert_eq!((old.cgroup_ancestors, old.ancestors_are_ids), (16, 1));
         assert!(cgroup_offsets(&fake_cgroups("neither")).is_err());

@@ -17,7 +17,8 @@ use crate::{
     procfs,
 };
 
-/// How often deaths waiting for their console lines are looked at.
+/// How often the ring is drained (the probes write it without wake-ups) and deaths waiting
+/// for their console lines are looked at.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Where terminations go.
