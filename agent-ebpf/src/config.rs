@@ -1,7 +1,8 @@
 //! The read-only `CONFIG` global, filled in by the loader before verification.
 
 use lastgasp_common::{
-    CNI_DIR_LEN, CNI_DIRS, CniDir, KernelOffsets, ProbeConfig, RecvSyscallNumbers,
+    CNI_DIR_LEN, CNI_DIRS, CgroupOffsets, CniDir, KernelOffsets, OomVictimFields, POD_CGROUP_ROOTS,
+    PodCgroupRoot, PodCgroups, ProbeConfig, RecvSyscallNumbers,
 };
 
 #[unsafe(no_mangle)]
@@ -31,6 +32,37 @@ static CONFIG: ProbeConfig = ProbeConfig {
         path: [0; CNI_DIR_LEN],
     }; CNI_DIRS],
     recv_syscalls: RecvSyscallNumbers::NONE,
+    pod_cgroups: PodCgroups {
+        offsets: CgroupOffsets {
+            task_struct_pid: 0,
+            task_struct_tgid: 0,
+            task_struct_comm: 0,
+            task_struct_real_parent: 0,
+            task_struct_cgroups: 0,
+            css_set_dfl_cgrp: 0,
+            css_set_subsys: 0,
+            cgroup_subsys_state_cgroup: 0,
+            cgroup_level: 0,
+            cgroup_kn: 0,
+            cgroup_ancestors: 0,
+            ancestors_are_ids: 0,
+            kernfs_node_id: 0,
+            kernfs_node_name: 0,
+            kernel_siginfo_code: 0,
+            task_struct_thread_pid: 0,
+            pid_level: 0,
+            pid_numbers: 0,
+            upid_size: 0,
+        },
+        hierarchy: 0,
+        count: 0,
+        roots: [PodCgroupRoot {
+            id: 0,
+            level: 0,
+            _pad: 0,
+        }; POD_CGROUP_ROOTS],
+    },
+    oom_victim: OomVictimFields::NONE,
 };
 
 /// Reads the global through a volatile load so the compiler cannot fold in the defaults above.

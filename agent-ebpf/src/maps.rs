@@ -3,7 +3,7 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lastgasp_common::{
     DROP_KINDS, Drop, LatencyHistogram, NETLINK_PROTOCOLS, RECV_SLOTS, RecvThread,
@@ -30,6 +30,19 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 /// Console lines and panic() calls; separate so a log storm cannot crowd out other events.
 #[map]
 pub static KERNEL_LOG: RingBuf = RingBuf::with_byte_size(2 << 20, 0);
+
+/// Signals, OOM victims and exits of pod processes; separate so a signal storm in a pod
+/// cannot crowd out the other events. Written without wake-ups (a wake-up per signal cost a
+/// signalled pod process several microseconds): the agent drains it every 100 ms, so it holds
+/// 100 ms of records, some 1400 signals.
+#[map]
+pub static TERMINATIONS: RingBuf = RingBuf::with_byte_size(512 << 10, 0);
+
+/// Threads of pod processes sent the OOM killer's SIGKILL (`SI_KERNEL`), thread id → thread
+/// group id, until `oom:mark_victim` names them (the kernel sends the signal first). LRU: a
+/// kill whose mark never comes is forgotten, not kept.
+#[map]
+pub static OOM_PENDING: LruHashMap<u32, u32> = LruHashMap::with_max_entries(1024, 0);
 
 /// The timestamp of the last panic() call whose last gasp the agent has sent; written by
 /// userspace, read by the panic probe while it holds the dying CPU.

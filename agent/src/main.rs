@@ -183,6 +183,12 @@ struct AgentArgs {
     /// A CNI plugin call running longer than this is reported as stuck.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     cni_stuck_threshold: Duration,
+    /// A pod cgroup root (kubelet's `--cgroup-root` + `kubepods`) whose processes' ends are
+    /// explained; repeat for several (at most 4, all in one hierarchy). Default: those of
+    /// /sys/fs/cgroup/kubepods.slice and /sys/fs/cgroup/kubepods (cgroup v2), or of
+    /// /sys/fs/cgroup/memory/kubepods.slice and /sys/fs/cgroup/memory/kubepods (v1), that exist.
+    #[arg(long = "pod-cgroup-root", value_name = "DIR")]
+    pod_cgroup_roots: Vec<PathBuf>,
     /// Where panic() can be probed (kprobe/fentry), hold the panicking CPU up to this long
     /// until the last gasp is sent: other CPUs, and the agent, are stopped moments after
     /// panic() begins. `0s` disables it.
@@ -369,6 +375,7 @@ async fn run_agent(args: AgentArgs, log_format: LogFormat) -> anyhow::Result<()>
                 state_dir: args.state_dir,
             }),
             kubelet_backoff: args.kubelet_backoff,
+            pod_cgroup_roots: args.pod_cgroup_roots,
         },
         EventLog::new(log_format),
     )

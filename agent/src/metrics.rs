@@ -88,6 +88,11 @@ pub struct ProbeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabels {
+    pub cause: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: String,
 }
@@ -130,6 +135,7 @@ pub struct AgentMetrics {
     pub kubernetes_writes: Family<KubernetesWriteLabels, Counter>,
     pub netconsole_targets: Family<StateLabels, Gauge>,
     pub container_backoff: Family<ContainerLabels, Gauge<f64, AtomicU64>>,
+    pub container_terminations: Family<CauseLabels, Counter>,
 }
 
 impl AgentMetrics {
@@ -147,6 +153,7 @@ impl AgentMetrics {
             kubernetes_writes: Family::default(),
             netconsole_targets: Family::default(),
             container_backoff: Family::default(),
+            container_terminations: Family::default(),
         };
         registry.register(
             "netlink_recv_hung_threads",
@@ -210,6 +217,12 @@ impl AgentMetrics {
             "In a cluster, containers of this node's pods that kubelet holds back before \
              restarting them: the back-off delay, until the expected start",
             metrics.container_backoff.clone(),
+        );
+        registry.register(
+            "container_terminations",
+            "Processes of pods that ended (containers, and child processes killed while their \
+             container lives), by cause: exited, crashed, oom_killed, killed",
+            metrics.container_terminations.clone(),
         );
         Arc::new(metrics)
     }

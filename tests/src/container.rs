@@ -3,7 +3,7 @@
 //! netlink `recvfrom`, for the tests of the agent's pod attribution.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
 };
 
@@ -18,15 +18,37 @@ pub struct ContainerCgroup {
 impl ContainerCgroup {
     pub fn create(container_id: &str) -> Self {
         // A v1 hierarchy where the host has them, else the unified one.
-        let root = [
-            "/sys/fs/cgroup/pids",
-            "/sys/fs/cgroup/unified",
-            "/sys/fs/cgroup",
-        ]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|root| root.join("cgroup.procs").exists())
-        .expect("a writable cgroup hierarchy");
+        Self::create_in(
+            &[
+                "/sys/fs/cgroup/pids",
+                "/sys/fs/cgroup/unified",
+                "/sys/fs/cgroup",
+            ],
+            container_id,
+        )
+    }
+
+    /// In the memory controller's hierarchy: the v1 one where the host has it, else the
+    /// unified one (with the memory controller enabled below its root).
+    pub fn create_for_memory(container_id: &str) -> Self {
+        let cgroup = Self::create_in(&["/sys/fs/cgroup/memory", "/sys/fs/cgroup"], container_id);
+        if !cgroup.dirs[0].join("memory.limit_in_bytes").exists() {
+            // cgroup v2: each level hands the controller down to the next, from kubepods.
+            for dir in cgroup.dirs[1..].iter().rev() {
+                std::fs::write(dir.join("cgroup.subtree_control"), "+memory")
+                    .expect("enable the memory controller");
+            }
+        }
+        cgroup
+    }
+
+    /// In the first of `roots` that is a cgroup hierarchy.
+    fn create_in(roots: &[&str], container_id: &str) -> Self {
+        let root = roots
+            .iter()
+            .map(PathBuf::from)
+            .find(|root| root.join("cgroup.procs").exists())
+            .expect("a writable cgroup hierarchy");
         let kubepods = root.join(format!("kubepods-lastgasp-{}", std::process::id()));
         let pod = kubepods
             .join("besteffort")
@@ -46,6 +68,40 @@ impl ContainerCgroup {
     /// Its `cgroup.procs`: a process that writes its pid here joins the cgroup.
     pub fn procs(&self) -> PathBuf {
         self.dirs[0].join("cgroup.procs")
+    }
+
+    /// The container's cgroup directory.
+    pub fn dir(&self) -> &Path {
+        &self.dirs[0]
+    }
+
+    /// The `kubepods` root above it.
+    pub fn kubepods(&self) -> &Path {
+        &self.dirs[3]
+    }
+
+    /// Limits the container's memory to `bytes` (`memory.limit_in_bytes` on cgroup v1,
+    /// `memory.max` on v2).
+    pub fn limit_memory(&self, bytes: u64) {
+        let v1 = self.dirs[0].join("memory.limit_in_bytes");
+        let file = if v1.exists() {
+            v1
+        } else {
+            self.dirs[0].join("memory.max")
+        };
+        std::fs::write(&file, bytes.to_string()).expect("set the memory limit");
+    }
+
+    /// `sh -c <script>` run in this cgroup: the shell joins it first, so `script` and what it
+    /// starts are the container's processes (the shell is its first, `exec` keeps it so).
+    pub fn run_sh(&self, script: &str) -> Child {
+        let joined = format!("echo $$ > '{}' && {script}", self.procs().display());
+        Command::new("sh")
+            .args(["-c", &joined])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("sh")
     }
 
     /// A python3 process (comm `python3`) that joins this cgroup, then blocks in `recvfrom`

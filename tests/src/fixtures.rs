@@ -36,6 +36,7 @@ pub fn agent_config(node: &str) -> AgentConfig {
         cluster: None,
         pstore: None,
         kubelet_backoff: KubeletBackoff::default(),
+        pod_cgroup_roots: Vec::new(),
     }
 }
 

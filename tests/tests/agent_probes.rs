@@ -118,6 +118,7 @@ fn the_bounded_panic_hold_passes_the_verifier() {
         panic_hold: Duration::from_millis(200),
         netlink_probe: NetlinkProbeMode::Tracepoint,
         ignore_helpers: &OptionalHelper::ALL,
+        pod_cgroup_roots: &[],
     })
     .expect("the probes load (the tests must run as root)");
     let panic = loaded.status.iter().find(|status| status.probe == "panic");
@@ -519,6 +520,7 @@ async fn a_lost_probe_makes_healthz_unhealthy() {
         panic_hold: Duration::ZERO,
         netlink_probe: NetlinkProbeMode::Fentry,
         ignore_helpers: &[],
+        pod_cgroup_roots: &[],
     })
     .expect("the probes load (the tests must run as root)");
     let recv: &mut TracePoint = loaded

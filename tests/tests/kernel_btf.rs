@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use lastgasp::agent::btf::{Btf, BtfError, kernel_offsets};
+use lastgasp::agent::btf::{Btf, BtfError, cgroup_offsets, cgroup_subsys_id, kernel_offsets};
 
 fn vmlinux() -> Btf {
     Btf::from_sys_fs().expect("this machine's kernel BTF")
@@ -31,6 +31,20 @@ fn this_kernels_offsets() {
     assert_eq!(off.sock_family, 16);
     assert_eq!(off.mm_struct_env_end, off.mm_struct_env_start + 8);
     assert!(off.task_struct_files > 0 && off.task_struct_mm > 0 && off.sock_protocol > 16);
+}
+
+#[test]
+fn this_kernels_cgroup_offsets() {
+    let btf = vmlinux();
+    let off = cgroup_offsets(&btf).unwrap();
+    println!("{off:#?}");
+    // si_code follows si_signo and si_errno in every kernel's siginfo.
+    assert_eq!(off.kernel_siginfo_code, 8);
+    assert_eq!(off.task_struct_tgid, off.task_struct_pid + 4);
+    assert_eq!(off.upid_size, 16);
+    // The unified hierarchy has no controller id; the v1 ones do, below the array's size.
+    assert!(cgroup_subsys_id(&btf, "memory").unwrap() < 16);
+    assert!(cgroup_subsys_id(&btf, "no_such_controller").is_err());
 }
 
 #[test]

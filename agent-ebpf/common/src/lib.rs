@@ -22,6 +22,13 @@ pub const FILENAME_LEN: usize = 256;
 pub const CNI_ENV_LEN: usize = 8192;
 /// Bytes of one console line copied from the printk `console` tracepoint.
 pub const CONSOLE_LINE_LEN: usize = 512;
+/// Bytes of a cgroup directory's name copied (a container's: `cri-containerd-<64 hex>.scope`
+/// is 85).
+pub const CGROUP_NAME_LEN: usize = 128;
+/// Most pod cgroup roots (`kubepods`, `kubepods.slice`, ...) the probes filter on.
+pub const POD_CGROUP_ROOTS: usize = 4;
+/// A tracepoint field this kernel's format file does not have.
+pub const NO_FIELD: u32 = u32::MAX;
 
 /// Byte offsets inside kernel structures, read from the running kernel's BTF at load time.
 #[repr(C)]
@@ -45,6 +52,99 @@ pub struct KernelOffsets {
     pub pt_regs_syscall_nr: u32,
     /// The syscall's first argument there (`di` on x86_64, `orig_x0` on arm64).
     pub pt_regs_arg0: u32,
+}
+
+/// Byte offsets the pod cgroup filter reads, from BTF at load time, for the termination probes.
+/// Kept apart from [`KernelOffsets`]: a kernel without one of these loses only those probes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupOffsets {
+    pub task_struct_pid: u32,
+    pub task_struct_tgid: u32,
+    pub task_struct_comm: u32,
+    pub task_struct_real_parent: u32,
+    pub task_struct_cgroups: u32,
+    /// `css_set.dfl_cgrp`: the task's cgroup in the unified (v2) hierarchy.
+    pub css_set_dfl_cgrp: u32,
+    /// `css_set.subsys`: the task's state per controller (v1 hierarchies).
+    pub css_set_subsys: u32,
+    pub cgroup_subsys_state_cgroup: u32,
+    pub cgroup_level: u32,
+    pub cgroup_kn: u32,
+    /// `cgroup.ancestors` (pointers, Linux 6.1+) or `cgroup.ancestor_ids` (ids, before):
+    /// indexed by level, the cgroup itself at its own level.
+    pub cgroup_ancestors: u32,
+    /// 1 when the ancestors are `ancestor_ids` (u64 kernfs ids), 0 for `ancestors` (pointers).
+    pub ancestors_are_ids: u32,
+    pub kernfs_node_id: u32,
+    pub kernfs_node_name: u32,
+    /// `kernel_siginfo.si_code`.
+    pub kernel_siginfo_code: u32,
+    /// `task_struct.thread_pid`, `pid.level`, `pid.numbers` and the size of its `struct
+    /// upid` elements: a task's pid in its own pid namespace.
+    pub task_struct_thread_pid: u32,
+    pub pid_level: u32,
+    pub pid_numbers: u32,
+    pub upid_size: u32,
+}
+
+/// The pod cgroup roots the termination probes filter on, all in one hierarchy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PodCgroups {
+    pub offsets: CgroupOffsets,
+    /// The hierarchy: 0 for the unified one (`css_set.dfl_cgrp`), else a v1 controller's
+    /// `cgroup_subsys_id` + 1 (`css_set.subsys[id]`).
+    pub hierarchy: u32,
+    /// How many entries of `roots` are set; 0 disables the termination probes.
+    pub count: u32,
+    /// Each root's kernfs id (its directory's inode number) and level below the hierarchy's root.
+    pub roots: [PodCgroupRoot; POD_CGROUP_ROOTS],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PodCgroupRoot {
+    pub id: u64,
+    pub level: u32,
+    pub _pad: u32,
+}
+
+/// Where the `oom:mark_victim` tracepoint keeps its fields, from its format file at load
+/// time: only `pid` up to Linux 6.8, the victim's comm, memory and score since 6.9. A missing
+/// field is [`NO_FIELD`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OomVictimFields {
+    pub pid: u32,
+    /// A `__data_loc char[]`.
+    pub comm: u32,
+    /// `unsigned long`s, in kB.
+    pub total_vm: u32,
+    pub anon_rss: u32,
+    pub file_rss: u32,
+    pub shmem_rss: u32,
+    pub pgtables: u32,
+    /// `uid_t`.
+    pub uid: u32,
+    /// `short`.
+    pub oom_score_adj: u32,
+    pub _pad: u32,
+}
+
+impl OomVictimFields {
+    pub const NONE: Self = Self {
+        pid: NO_FIELD,
+        comm: NO_FIELD,
+        total_vm: NO_FIELD,
+        anon_rss: NO_FIELD,
+        file_rss: NO_FIELD,
+        shmem_rss: NO_FIELD,
+        pgtables: NO_FIELD,
+        uid: NO_FIELD,
+        oom_score_adj: NO_FIELD,
+        _pad: 0,
+    };
 }
 
 /// This architecture's numbers of the traced receive syscalls, for the probe on
@@ -93,6 +193,8 @@ pub struct ProbeConfig {
     pub panic_hold_ns: u64,
     pub cni_dirs: [CniDir; CNI_DIRS],
     pub recv_syscalls: RecvSyscallNumbers,
+    pub pod_cgroups: PodCgroups,
+    pub oom_victim: OomVictimFields,
 }
 
 /// Bits of [`ProbeConfig::helpers`]: helpers newer than the oldest kernel lastgasp supports.
@@ -111,6 +213,8 @@ const _: () = assert!(
             + 2 * size_of::<u64>()
             + size_of::<[CniDir; CNI_DIRS]>()
             + size_of::<RecvSyscallNumbers>()
+            + size_of::<PodCgroups>()
+            + size_of::<OomVictimFields>()
 );
 
 /// The receive syscalls traced for netlink hangs. A call of `netlink_recvmsg` from anything
@@ -186,9 +290,11 @@ pub enum Drop {
     RecvSlotBusy = 2,
     /// The in-flight CNI call map refused a new call.
     CniCallsFull = 3,
+    /// The terminations ring buffer was full.
+    TerminationsRingFull = 4,
 }
 
-pub const DROP_KINDS: usize = 4;
+pub const DROP_KINDS: usize = 5;
 
 impl Drop {
     pub const ALL: [Drop; DROP_KINDS] = [
@@ -196,6 +302,7 @@ impl Drop {
         Drop::KernelLogRingFull,
         Drop::RecvSlotBusy,
         Drop::CniCallsFull,
+        Drop::TerminationsRingFull,
     ];
 }
 
@@ -208,6 +315,9 @@ pub enum EventKind {
     CniExit = 3,
     ConsoleLine = 4,
     PanicCall = 5,
+    SignalSent = 6,
+    OomVictim = 7,
+    ProcessExit = 8,
 }
 
 impl EventKind {
@@ -218,6 +328,9 @@ impl EventKind {
             3 => Some(Self::CniExit),
             4 => Some(Self::ConsoleLine),
             5 => Some(Self::PanicCall),
+            6 => Some(Self::SignalSent),
+            7 => Some(Self::OomVictim),
+            8 => Some(Self::ProcessExit),
             _ => None,
         }
     }
@@ -299,6 +412,88 @@ pub struct ConsoleLine {
     pub text: [u8; CONSOLE_LINE_LEN],
 }
 
+/// A cgroup in the pod cgroups' hierarchy: its kernfs id, its parent's (the pod's, for a
+/// container), and its directory name (a container's names the container).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CgroupRef {
+    pub id: u64,
+    pub parent_id: u64,
+    pub name: [u8; CGROUP_NAME_LEN],
+}
+
+/// A signal generated for a process of a pod, from `signal:signal_generate`; the header is
+/// the sender's (the current task).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SignalSent {
+    pub header: EventHeader,
+    pub sig: i32,
+    /// `si_code`: `SI_USER` (0) for kill(2), `SI_KERNEL` (0x80), `SI_TKILL` (-6), a fault's
+    /// code (> 0), ...
+    pub code: i32,
+    /// `TRACE_SIGNAL_DELIVERED` (0), `_IGNORED`, `_ALREADY_PENDING`, `_OVERFLOW_FAIL`, `_LOSE_INFO`.
+    pub result: i32,
+    /// Sent to the whole thread group.
+    pub group: i32,
+    pub target_tid: u32,
+    pub target_tgid: u32,
+    /// 1 when the sender is in a pod cgroup too (then `sender_cgroup` is its cgroup).
+    pub sender_in_pod: u32,
+    pub _pad: u32,
+    pub sender_comm: [u8; TASK_COMM_LEN],
+    pub target_comm: [u8; TASK_COMM_LEN],
+    pub target_cgroup: CgroupRef,
+    pub sender_cgroup: CgroupRef,
+}
+
+/// The OOM killer's victim, from `oom:mark_victim`, when the kill's SIGKILL went to a process
+/// of a pod. Fields the kernel's tracepoint lacks are 0 and flagged absent in `present`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct OomVictim {
+    pub header: EventHeader,
+    pub tid: u32,
+    pub tgid: u32,
+    /// [`oom_present`] bits.
+    pub present: u32,
+    pub uid: u32,
+    pub total_vm_kb: u64,
+    pub anon_rss_kb: u64,
+    pub file_rss_kb: u64,
+    pub shmem_rss_kb: u64,
+    pub pgtables_kb: u64,
+    pub oom_score_adj: i32,
+    pub _pad: u32,
+    pub comm: [u8; TASK_COMM_LEN],
+}
+
+/// Bits of [`OomVictim::present`].
+pub mod oom_present {
+    pub const RSS: u32 = 1 << 0;
+    pub const UID: u32 = 1 << 1;
+    pub const SCORE_ADJ: u32 = 1 << 2;
+    pub const COMM: u32 = 1 << 3;
+}
+
+/// The exit of a pod process's thread-group leader, from `sched:sched_process_exit`: every
+/// container's first process, the others only when a signal ended them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ProcessExit {
+    pub header: EventHeader,
+    /// `task_struct.exit_code`: exit status in bits 8..16, fatal signal in bits 0..7, core
+    /// dumped bit 7.
+    pub exit_code: u32,
+    pub parent_tgid: u32,
+    /// 1 for the container's first process: its parent is in another cgroup (the runtime's
+    /// shim), and it is pid 1 of its pid namespace, or in the host's (no namespace of its own).
+    pub main_process: u32,
+    pub _pad: u32,
+    pub comm: [u8; TASK_COMM_LEN],
+    pub cgroup: CgroupRef,
+}
+
 /// How `panic()` itself was probed.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -337,6 +532,15 @@ mod user {
     unsafe impl aya::Pod for CniDir {}
     // SAFETY: #[repr(C)], four u32 and no padding; any bytes are a valid value.
     unsafe impl aya::Pod for RecvSyscallNumbers {}
+    // SAFETY: #[repr(C)], twenty u32 and no padding; any bytes are a valid value.
+    unsafe impl aya::Pod for CgroupOffsets {}
+    // SAFETY: #[repr(C)], a u64 and two u32 (16 bytes, no padding); any bytes are valid.
+    unsafe impl aya::Pod for PodCgroupRoot {}
+    // SAFETY: #[repr(C)], the Pod types above and two u32 (80 + 8 bytes before the 8-aligned
+    // roots), no padding; any bytes are a valid value.
+    unsafe impl aya::Pod for PodCgroups {}
+    // SAFETY: #[repr(C)], ten u32 and no padding; any bytes are a valid value.
+    unsafe impl aya::Pod for OomVictimFields {}
     // SAFETY: #[repr(C)], made of the Pod types above, integers and `_pad` (which fills the
     // gap before the u64s), so no padding; any bytes are a valid value.
     unsafe impl aya::Pod for ProbeConfig {}

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use lastgasp_common::KernelOffsets;
+use lastgasp_common::{CgroupOffsets, KernelOffsets};
 
 const SYS_FS_PATH: &str = "/sys/kernel/btf/vmlinux";
 const MAGIC: u16 = 0xeb9f;
@@ -56,6 +56,8 @@ pub enum BtfError {
     UnknownKind { id: u32, kind: u32 },
     #[error("BTF has no struct named \"{type_name}\"")]
     NoSuchType { type_name: String },
+    #[error("BTF has no enum named \"{enum_name}\"")]
+    NoSuchEnum { enum_name: String },
     #[error("struct \"{type_name}\" has no member \"{member}\"")]
     NoSuchMember { type_name: String, member: String },
     #[error(
@@ -98,6 +100,8 @@ pub struct Btf {
     strings: (usize, usize),
     /// STRUCT/UNION name -> type ids (vmlinux has a few duplicate names).
     aggregates: HashMap<Box<[u8]>, Vec<u32>>,
+    /// ENUM name -> type id.
+    enums: HashMap<Box<[u8]>, u32>,
     /// Size of `long`, used as the pointer size (BTF does not record one).
     long_size: Option<u32>,
 }
@@ -158,6 +162,7 @@ impl Btf {
             types: Vec::new(),
             strings: (0, 0),
             aggregates: HashMap::new(),
+            enums: HashMap::new(),
             long_size: None,
         };
         if btf.data.len() < HEADER_LEN {
@@ -224,6 +229,10 @@ impl Btf {
                     let name = self.str_at(ty.name_off)?;
                     self.aggregates.entry(name.into()).or_default().push(id);
                 }
+                KIND_ENUM if ty.name_off != 0 => {
+                    let name = self.str_at(ty.name_off)?;
+                    self.enums.entry(name.into()).or_insert(id);
+                }
                 KIND_INT if self.long_size.is_none() => {
                     // GCC's names, and clang's (kernels built with LLVM=1).
                     let name = self.str_at(ty.name_off)?;
@@ -258,6 +267,37 @@ impl Btf {
                 type_name: type_name.into(),
                 member: field.into(),
             })
+    }
+
+    /// The value of `enumerator` in the (32-bit) enum `enum_name`.
+    pub fn enum_value(&self, enum_name: &str, enumerator: &str) -> Result<i64, BtfError> {
+        let id = *self
+            .enums
+            .get(enum_name.as_bytes())
+            .ok_or_else(|| BtfError::NoSuchEnum {
+                enum_name: enum_name.into(),
+            })?;
+        let ty = self.type_by_id(id)?;
+        for i in 0..ty.vlen as usize {
+            let at = ty.at + TYPE_LEN + 8 * i;
+            if self.str_at(self.u32_at(at))? == enumerator.as_bytes() {
+                let value = self.u32_at(at + 4);
+                return Ok(if ty.kind_flag {
+                    i64::from(value as i32)
+                } else {
+                    i64::from(value)
+                });
+            }
+        }
+        Err(BtfError::NoSuchMember {
+            type_name: enum_name.into(),
+            member: enumerator.into(),
+        })
+    }
+
+    /// Whether struct `type_name` has a member `field`.
+    pub fn has_member(&self, type_name: &str, field: &str) -> bool {
+        self.find_unique(type_name, field).is_ok()
     }
 
     /// Looks `field` up in every struct named `type_name`; all that have it must agree.
@@ -500,22 +540,26 @@ const PT_REGS_SYSCALL: Option<[(&str, u32); 2]> = Some([("syscallno", 4), ("orig
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 const PT_REGS_SYSCALL: Option<[(&str, u32); 2]> = None;
 
+/// The offset of a member that must be `expected` bytes long, as the programs read it.
+fn sized_offset(btf: &Btf, type_name: &str, field: &str, expected: u32) -> Result<u32, BtfError> {
+    let found = btf.member_size(type_name, field)?;
+    if found != expected {
+        return Err(BtfError::SizeMismatch {
+            type_name: type_name.into(),
+            member: field.into(),
+            expected,
+            found,
+        });
+    }
+    btf.member_offset(type_name, field)
+}
+
 /// Resolves every offset the eBPF programs use, checking each member has the
 /// size the programs read.
 pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
     const PTR: u32 = 8;
-    let at = |type_name: &str, field: &str, expected: u32| {
-        let found = btf.member_size(type_name, field)?;
-        if found != expected {
-            return Err(BtfError::SizeMismatch {
-                type_name: type_name.into(),
-                member: field.into(),
-                expected,
-                found,
-            });
-        }
-        btf.member_offset(type_name, field)
-    };
+    let at =
+        |type_name: &str, field: &str, expected: u32| sized_offset(btf, type_name, field, expected);
     let (pt_regs_syscall_nr, pt_regs_arg0) = match PT_REGS_SYSCALL {
         Some([(nr, nr_size), (arg0, arg0_size)]) => {
             (at("pt_regs", nr, nr_size)?, at("pt_regs", arg0, arg0_size)?)
@@ -539,6 +583,54 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         pt_regs_syscall_nr,
         pt_regs_arg0,
     })
+}
+
+/// The offsets the pod cgroup filter of the termination probes reads.
+pub fn cgroup_offsets(btf: &Btf) -> Result<CgroupOffsets, BtfError> {
+    const PTR: u32 = 8;
+    let at =
+        |type_name: &str, field: &str, expected: u32| sized_offset(btf, type_name, field, expected);
+    // Linux 6.1 replaced the ids of a cgroup's ancestors by pointers to them; both are
+    // flexible arrays indexed by level, so only their offset is checked.
+    let (cgroup_ancestors, ancestors_are_ids) = if btf.has_member("cgroup", "ancestors") {
+        (btf.member_offset("cgroup", "ancestors")?, 0)
+    } else {
+        (btf.member_offset("cgroup", "ancestor_ids")?, 1)
+    };
+    Ok(CgroupOffsets {
+        task_struct_pid: at("task_struct", "pid", 4)?,
+        task_struct_tgid: at("task_struct", "tgid", 4)?,
+        task_struct_comm: at("task_struct", "comm", 16)?,
+        task_struct_real_parent: at("task_struct", "real_parent", PTR)?,
+        task_struct_cgroups: at("task_struct", "cgroups", PTR)?,
+        css_set_dfl_cgrp: at("css_set", "dfl_cgrp", PTR)?,
+        css_set_subsys: btf.member_offset("css_set", "subsys")?,
+        cgroup_subsys_state_cgroup: at("cgroup_subsys_state", "cgroup", PTR)?,
+        cgroup_level: at("cgroup", "level", 4)?,
+        cgroup_kn: at("cgroup", "kn", PTR)?,
+        cgroup_ancestors,
+        ancestors_are_ids,
+        kernfs_node_id: at("kernfs_node", "id", 8)?,
+        kernfs_node_name: at("kernfs_node", "name", PTR)?,
+        kernel_siginfo_code: at("kernel_siginfo", "si_code", 4)?,
+        task_struct_thread_pid: at("task_struct", "thread_pid", PTR)?,
+        pid_level: at("pid", "level", 4)?,
+        pid_numbers: btf.member_offset("pid", "numbers")?,
+        // `struct upid { int nr; struct pid_namespace *ns; }`: `numbers` is a flexible array
+        // (an array of one before 6.x), so the element size is not the member's.
+        upid_size: at("upid", "ns", PTR)? + PTR,
+    })
+}
+
+/// The `css_set.subsys` index of the v1 controller `name` (`memory`, `pids`, ...): its
+/// `cgroup_subsys_id`, if the array has room for it.
+pub fn cgroup_subsys_id(btf: &Btf, name: &str) -> Result<u32, BtfError> {
+    let id = btf.enum_value("cgroup_subsys_id", &format!("{name}_cgrp_id"))?;
+    let slots = btf.member_size("css_set", "subsys")? / 8;
+    u32::try_from(id)
+        .ok()
+        .filter(|&id| id < slots)
+        .ok_or_else(|| malformed(format!("cgroup_subsys_id {id} of {name} out of range")))
 }
 
 #[cfg(test)]
@@ -968,6 +1060,91 @@ mod tests {
             kernel_offsets(&fake_kernel(1)).unwrap_err().to_string(),
             r#"struct "sock": member "sk_protocol" is 1 bytes, the eBPF code reads 2"#
         );
+    }
+
+    /// The cgroup structures, with `ancestors` (6.1+) or `ancestor_ids` (older).
+    fn fake_cgroups(ancestors: &str) -> Btf {
+        let mut b = Builder::new();
+        let long = b.int("long int", 8, 64);
+        let int = b.int("int", 4, 32);
+        let ptr = b.ty("", KIND_PTR, false, 0, 0, &[]);
+        let comm = b.ty("", KIND_ARRAY, false, 0, 0, &[long, long, 2]);
+        let subsys = b.ty("", KIND_ARRAY, false, 0, 0, &[ptr, long, 14]);
+        let flexible = b.ty("", KIND_ARRAY, false, 0, 0, &[ptr, long, 0]);
+        b.strukt(
+            "task_struct",
+            128,
+            &[
+                ("pid", int, 0),
+                ("tgid", int, 32),
+                ("comm", comm, 64),
+                ("real_parent", ptr, 192),
+                ("cgroups", ptr, 256),
+                ("thread_pid", ptr, 320),
+            ],
+        );
+        let upids = b.ty("", KIND_ARRAY, false, 0, 0, &[long, long, 0]);
+        b.strukt("pid", 16, &[("level", int, 0), ("numbers", upids, 64)]);
+        b.strukt("upid", 16, &[("nr", int, 0), ("ns", ptr, 64)]);
+        b.strukt(
+            "css_set",
+            128,
+            &[("subsys", subsys, 0), ("dfl_cgrp", ptr, 896)],
+        );
+        b.strukt("cgroup_subsys_state", 8, &[("cgroup", ptr, 0)]);
+        b.strukt(
+            "cgroup",
+            24,
+            &[
+                ("level", int, 0),
+                ("kn", ptr, 64),
+                (ancestors, flexible, 128),
+            ],
+        );
+        b.strukt("kernfs_node", 16, &[("id", long, 0), ("name", ptr, 64)]);
+        let fields = b.strukt(
+            "",
+            12,
+            &[
+                ("si_signo", int, 0),
+                ("si_errno", int, 32),
+                ("si_code", int, 64),
+            ],
+        );
+        b.strukt("kernel_siginfo", 12, &[("", fields, 0)]);
+        let memory = b.name("memory_cgrp_id");
+        let pids = b.name("pids_cgrp_id");
+        b.ty(
+            "cgroup_subsys_id",
+            KIND_ENUM,
+            false,
+            2,
+            4,
+            &[memory, 4, pids, 11],
+        );
+        Btf::parse(b.build()).unwrap()
+    }
+
+    #[test]
+    fn cgroup_offsets_of_both_ancestor_layouts() {
+        let new = cgroup_offsets(&fake_cgroups("ancestors")).unwrap();
+        assert_eq!((new.cgroup_ancestors, new.ancestors_are_ids), (16, 0));
+        assert_eq!((new.task_struct_cgroups, new.css_set_dfl_cgrp), (32, 112));
+        assert_eq!((new.kernfs_node_name, new.kernel_siginfo_code), (8, 8));
+        assert_eq!(
+            (new.task_struct_thread_pid, new.pid_numbers, new.upid_size),
+            (40, 8, 16)
+        );
+        let old = cgroup_offsets(&fake_cgroups("ancestor_ids")).unwrap();
+        assert_eq!((old.cgroup_ancestors, old.ancestors_are_ids), (16, 1));
+        assert!(cgroup_offsets(&fake_cgroups("neither")).is_err());
+        let btf = fake_cgroups("ancestors");
+        assert_eq!(cgroup_subsys_id(&btf, "memory").unwrap(), 4);
+        assert_eq!(cgroup_subsys_id(&btf, "pids").unwrap(), 11);
+        assert!(matches!(
+            cgroup_subsys_id(&btf, "xattr"),
+            Err(BtfError::NoSuchMember { .. })
+        ));
     }
 
     fn set_u32(blob: &mut [u8], at: usize, v: u32) {

@@ -25,7 +25,7 @@ use std::{
 
 use aya::maps::{Array, MapData, RingBuf};
 use lastgasp_common::{PanicCall, PanicProbe};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 
 use super::{
     count_agent_drop,
@@ -33,6 +33,7 @@ use super::{
     kallsyms::Kallsyms,
     last_gasp::{LastGasp, Sent},
     records::{Record, c_text},
+    terminations::console_lines::{ConsoleFact, Joiner},
 };
 use crate::{
     kernel_log::{self, KernelEventKind},
@@ -55,6 +56,10 @@ pub struct ConsoleWatcher {
     pub panic_ack: Array<MapData, u64>,
     pub events: broadcast::Sender<AgentEvent>,
     pub metrics: Arc<AgentMetrics>,
+    /// Where faults and OOM kills the console tells of go, when terminations are tracked.
+    pub terminations: Option<mpsc::Sender<ConsoleFact>>,
+    /// Joins the pieces of those lines.
+    pub joiner: Joiner,
 }
 
 impl ConsoleWatcher {
@@ -88,6 +93,7 @@ impl ConsoleWatcher {
                         for line in lines {
                             self.on_context(line);
                         }
+                        self.note_termination_facts(line.header.tid, &text);
                     }
                     Ok(Record::PanicCall(call, probe)) => {
                         let source = match probe {
@@ -106,6 +112,27 @@ impl ConsoleWatcher {
                         self.count_drop("bad_record");
                     }
                 }
+            }
+            let held = self.joiner.on_drained();
+            self.send_termination_facts(held);
+        }
+    }
+
+    /// Faults and OOM kills, for the terminations tracker: any line of the record.
+    fn note_termination_facts(&mut self, tid: u32, text: &str) {
+        if self.terminations.is_some() {
+            let facts = self.joiner.on_record(tid, text);
+            self.send_termination_facts(facts);
+        }
+    }
+
+    fn send_termination_facts(&self, facts: impl IntoIterator<Item = ConsoleFact>) {
+        let Some(terminations) = &self.terminations else {
+            return;
+        };
+        for fact in facts {
+            if terminations.try_send(fact).is_err() {
+                self.count_drop("console_facts_full");
             }
         }
     }

@@ -4,7 +4,11 @@ use std::{io::Write, time::SystemTime};
 
 use serde::Serialize;
 
-use super::{pods::ContainerRef, pstore::DumpReason};
+use super::{
+    pods::ContainerRef,
+    pstore::DumpReason,
+    terminations::{Cause, Sender, Termination},
+};
 use crate::{
     kernel_log::KernelEventKind,
     telemetry::LogFormat,
@@ -150,6 +154,7 @@ pub enum AgentEvent {
     CniCallStuck(CniCallStuck),
     Kernel(KernelEvent),
     PreviousBootPanic(PreviousBootPanic),
+    ContainerTermination(Box<Termination>),
 }
 
 impl AgentEvent {
@@ -162,6 +167,7 @@ impl AgentEvent {
             Self::CniCallStuck(_) => "cni_call_stuck",
             Self::Kernel(event) => ReportKind::from(event.kind).as_str(),
             Self::PreviousBootPanic(_) => "previous_boot_panic",
+            Self::ContainerTermination(_) => "container_termination",
         }
     }
 
@@ -236,7 +242,79 @@ impl AgentEvent {
                     (None, _) => "not archived, left in pstore".to_owned(),
                 }
             ),
+            Self::ContainerTermination(t) => format!(
+                "{} {} ({}) in {}: {}",
+                if t.main_process {
+                    "container process"
+                } else {
+                    "child process"
+                },
+                t.pid,
+                t.comm,
+                match &t.container {
+                    Some(c) => format!("pod {}/{} container {}", c.namespace, c.pod, c.container),
+                    None => format!("container {}", t.container_id),
+                },
+                cause_summary(&t.cause)
+            ),
         }
+    }
+}
+
+fn cause_summary(cause: &Cause) -> String {
+    match cause {
+        Cause::Exited { code } => format!("exited with code {code}"),
+        Cause::Crashed {
+            signal,
+            core_dumped,
+            fault,
+        } => format!(
+            "crashed with signal {signal}{}{}",
+            if *core_dumped { " (core dumped)" } else { "" },
+            fault.as_ref().map_or(String::new(), |fault| format!(
+                ": {} in {}",
+                fault.kind,
+                fault.location.as_deref().unwrap_or("an unknown mapping")
+            ))
+        ),
+        Cause::OomKilled(oom) => format!(
+            "killed by the OOM killer ({:?} limit{}{})",
+            oom.scope,
+            oom.limit_bytes
+                .map_or(String::new(), |limit| format!(" {limit} bytes")),
+            oom.rss_bytes
+                .map_or(String::new(), |rss| format!(", rss {rss} bytes"))
+        ),
+        Cause::Killed { signal, sender } => format!(
+            "killed by signal {signal} from {}",
+            match sender {
+                Sender::Runtime {
+                    pid,
+                    comm,
+                    grace_period_expired: true,
+                    grace_seconds,
+                } => format!(
+                    "the runtime ({comm}, pid {pid}) after the grace period ran out ({:.1}s)",
+                    grace_seconds.unwrap_or_default()
+                ),
+                Sender::Runtime { pid, comm, .. } => format!("the runtime ({comm}, pid {pid})"),
+                Sender::SamePod { pid, comm, .. } => format!("{comm} (pid {pid}) of the same pod"),
+                Sender::OtherPod {
+                    pid,
+                    comm,
+                    container,
+                    container_id,
+                } => match container {
+                    Some(c) => format!("{comm} (pid {pid}) of pod {}/{}", c.namespace, c.pod),
+                    None => format!("{comm} (pid {pid}) of container {container_id}"),
+                },
+                Sender::Host { pid, comm, cgroup } => {
+                    format!("host process {comm} (pid {pid}, cgroup {cgroup})")
+                }
+                Sender::Kernel => "the kernel".to_owned(),
+                Sender::Unknown => "an unseen sender".to_owned(),
+            }
+        ),
     }
 }
 
@@ -279,6 +357,7 @@ impl EventLog {
         match event {
             AgentEvent::CniCall(call) if call.result == "success" => "INFO",
             AgentEvent::NetlinkHangCleared(_) => "INFO",
+            AgentEvent::ContainerTermination(t) if t.cause == (Cause::Exited { code: 0 }) => "INFO",
             AgentEvent::Kernel(kernel) if kernel.kind.is_fatal() => "ERROR",
             AgentEvent::PreviousBootPanic(previous) if previous.failure.is_fatal() => "ERROR",
             _ => "WARN",

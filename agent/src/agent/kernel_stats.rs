@@ -104,6 +104,7 @@ fn drop_reason(kind: Drop) -> &'static str {
         Drop::KernelLogRingFull => "kernel_log_ring_full",
         Drop::RecvSlotBusy => "recv_slot_busy",
         Drop::CniCallsFull => "cni_calls_map_full",
+        Drop::TerminationsRingFull => "terminations_ring_full",
     }
 }
 

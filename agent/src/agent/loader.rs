@@ -5,15 +5,18 @@ use std::{fmt, path::PathBuf, time::Duration};
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{FEntry, FExit, KProbe, ProgramType, TracePoint},
+    programs::{BtfTracePoint, FEntry, FExit, KProbe, ProgramType, TracePoint},
     sys::{BpfHelper, is_helper_supported},
 };
 use clap::ValueEnum;
-use lastgasp_common::{CNI_DIR_LEN, CNI_DIRS, CniDir, ProbeConfig, RecvSyscallNumbers, helpers};
+use lastgasp_common::{
+    CNI_DIR_LEN, CNI_DIRS, CniDir, OomVictimFields, POD_CGROUP_ROOTS, PodCgroupRoot, PodCgroups,
+    ProbeConfig, RecvSyscallNumbers, helpers,
+};
 use serde::Serialize;
 use thiserror::Error;
 
-use super::btf;
+use super::{btf, terminations::cgroupfs::PodRoots, tracepoint_format};
 
 /// The probes, as compiled by `agent/build.rs` from `agent-ebpf/`.
 static PROBES_OBJECT: &[u8] =
@@ -43,6 +46,9 @@ pub enum LoadError {
 #[serde(rename_all = "snake_case")]
 pub enum AttachMode {
     Tracepoint,
+    /// A BTF tracepoint (`tp_btf`): a tracepoint whose program gets the tracepoint's
+    /// arguments (kernel pointers included) instead of its formatted record.
+    BtfTracepoint,
     Kprobe,
     Fentry,
 }
@@ -51,6 +57,7 @@ impl AttachMode {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Tracepoint => "tracepoint",
+            Self::BtfTracepoint => "tp_btf",
             Self::Kprobe => "kprobe",
             Self::Fentry => "fentry",
         }
@@ -247,6 +254,9 @@ impl fmt::Display for ProbeStatus {
 pub struct LoadedProbes {
     pub ebpf: Ebpf,
     pub status: Vec<ProbeStatus>,
+    /// The pod cgroup roots the termination probes filter on, when they are known (the exit
+    /// probe records pod processes from then on, with or without the signal probe).
+    pub pod_roots: Option<PodRoots>,
 }
 
 /// What the probes need to know before they are verified.
@@ -259,11 +269,23 @@ pub struct ProbeSettings<'a> {
     pub netlink_probe: NetlinkProbeMode,
     /// Helpers to treat as missing even if the kernel has them (to exercise the fallbacks).
     pub ignore_helpers: &'a [OptionalHelper],
+    /// The pod cgroup roots for the termination probes; empty: kubelet's defaults that exist.
+    pub pod_cgroup_roots: &'a [PathBuf],
 }
 
 pub fn load(settings: &ProbeSettings<'_>) -> Result<LoadedProbes, LoadError> {
     mount_tracefs();
-    let offsets = btf::Btf::from_sys_fs().and_then(|btf| btf::kernel_offsets(&btf));
+    let kernel_btf = btf::Btf::from_sys_fs();
+    let offsets = kernel_btf
+        .as_ref()
+        .map_err(|error| error.to_string())
+        .and_then(|btf| btf::kernel_offsets(btf).map_err(|error| error.to_string()));
+    let pod_cgroups = kernel_btf
+        .as_ref()
+        .map_err(|error| error.to_string())
+        .and_then(|btf| pod_cgroups(btf, settings.pod_cgroup_roots));
+    drop(kernel_btf);
+    let oom_victim = oom_victim_fields();
     let helpers = Helpers::probe(settings.ignore_helpers);
     let config = ProbeConfig {
         offsets: offsets.as_ref().copied().unwrap_or_default(),
@@ -272,6 +294,14 @@ pub fn load(settings: &ProbeSettings<'_>) -> Result<LoadedProbes, LoadError> {
         panic_hold_ns: u64::try_from(settings.panic_hold.as_nanos()).unwrap_or(u64::MAX),
         cni_dirs: cni_dirs(settings.cni_bin_dirs)?,
         recv_syscalls: recv_syscall_numbers(),
+        pod_cgroups: pod_cgroups
+            .as_ref()
+            .map(|(config, _)| *config)
+            .unwrap_or_default(),
+        oom_victim: oom_victim
+            .as_ref()
+            .copied()
+            .unwrap_or(OomVictimFields::NONE),
     };
     // The programs carry no CO-RE relocations (offsets come through CONFIG), so the loader
     // need not parse the kernel's BTF a second time.
@@ -316,9 +346,102 @@ pub fn load(settings: &ProbeSettings<'_>) -> Result<LoadedProbes, LoadError> {
         &[("console", "printk", "console")],
     ));
     status.push(attach_panic(&mut ebpf, &mut kernel_btf, &helpers));
+    let signal = match &pod_cgroups {
+        Ok(_) => attach_signal(&mut ebpf, &mut kernel_btf),
+        Err(error) => unavailable("signal", error),
+    };
+    let signal_attached = signal.mode.is_some();
+    status.push(signal);
+    status.push(match (&oom_victim, signal_attached) {
+        (Ok(_), true) => tracepoints(&mut ebpf, "oom", &[("mark_victim", "oom", "mark_victim")]),
+        (Ok(_), false) => unavailable("oom", "needs the signal probe"),
+        (Err(error), _) => unavailable("oom", error),
+    });
     drop(kernel_btf);
     release_freed_memory();
-    Ok(LoadedProbes { ebpf, status })
+    Ok(LoadedProbes {
+        ebpf,
+        status,
+        pod_roots: pod_cgroups.ok().map(|(_, roots)| roots),
+    })
+}
+
+fn unavailable(probe: &'static str, why: impl fmt::Display) -> ProbeStatus {
+    ProbeStatus {
+        probe,
+        mode: None,
+        detail: Some(why.to_string()),
+        degraded: Vec::new(),
+    }
+}
+
+/// The termination probes' filter: the pod cgroup roots, and the kernel's offsets to test a
+/// task against them.
+fn pod_cgroups(btf: &btf::Btf, wanted: &[PathBuf]) -> Result<(PodCgroups, PodRoots), String> {
+    let roots = PodRoots::resolve(wanted).map_err(|error| error.to_string())?;
+    let offsets = btf::cgroup_offsets(btf).map_err(|error| format!("needs kernel BTF: {error}"))?;
+    let hierarchy = if roots.mount.unified {
+        0
+    } else {
+        // The first controller of the hierarchy the kernel has an id for.
+        let id = roots
+            .mount
+            .options
+            .iter()
+            .find_map(|controller| btf::cgroup_subsys_id(btf, controller).ok())
+            .ok_or_else(|| {
+                format!(
+                    "pod cgroup roots in {:?}: a v1 hierarchy without a known controller",
+                    roots.mount.mount_point
+                )
+            })?;
+        id + 1
+    };
+    let mut slots = [PodCgroupRoot::default(); POD_CGROUP_ROOTS];
+    for (slot, root) in slots.iter_mut().zip(&roots.roots) {
+        *slot = *root;
+    }
+    Ok((
+        PodCgroups {
+            offsets,
+            hierarchy,
+            count: roots.roots.len() as u32,
+            roots: slots,
+        },
+        roots,
+    ))
+}
+
+/// The fields of `oom:mark_victim` on this kernel, from its format file.
+fn oom_victim_fields() -> Result<OomVictimFields, String> {
+    let path = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .iter()
+        .map(|tracefs| std::path::Path::new(tracefs).join("events/oom/mark_victim/format"))
+        .find(|path| path.exists())
+        .ok_or("no tracepoint oom:mark_victim under tracefs")?;
+    let format = std::fs::read_to_string(&path)
+        .map_err(|error| format!("reading {}: {error}", path.display()))?;
+    tracepoint_format::oom_victim_fields(&format)
+        .map_err(|error| format!("{}: {error}", path.display()))
+}
+
+/// `signal:signal_generate` as a BTF tracepoint: it hands the program the target task.
+fn attach_signal(ebpf: &mut Ebpf, btf: &mut KernelBtf) -> ProbeStatus {
+    let attached = btf.get().and_then(|btf| {
+        let program: &mut BtfTracePoint = program(ebpf, "signal_generate")?;
+        program.load("signal_generate", btf)?;
+        program.attach()?;
+        Ok(())
+    });
+    match attached {
+        Ok(()) => ProbeStatus {
+            probe: "signal",
+            mode: Some(AttachMode::BtfTracepoint),
+            detail: None,
+            degraded: Vec::new(),
+        },
+        Err(error) => unavailable("signal", one_line(&error)),
+    }
 }
 
 /// Tracepoints are attached by their ids under tracefs; a host (or a fresh container's
@@ -498,6 +621,7 @@ fn attach_netlink_recv(
         let attached = match candidate {
             AttachMode::Fentry => attach_netlink_fentry(ebpf, btf),
             AttachMode::Kprobe => attach_netlink_kprobe(ebpf),
+            AttachMode::BtfTracepoint => Err(anyhow::anyhow!("no BTF tracepoint for netlink recv")),
             AttachMode::Tracepoint => attach_tracepoints(
                 ebpf,
                 &[
@@ -559,7 +683,7 @@ fn netlink_degraded(mode: AttachMode, helpers: &Helpers) -> Vec<Degraded> {
             })
         }
         // The fd argument is the tracepoint's; its file is found by walking the task's table.
-        AttachMode::Tracepoint => {
+        AttachMode::Tracepoint | AttachMode::BtfTracepoint => {
             missing(&[OptionalHelper::CurrentTaskBtf]).map(|missing| Degraded {
                 feature: "fd_lookup",
                 effect: "each recv syscall walks the file table with bpf_probe_read_kernel \

@@ -18,6 +18,7 @@ pub mod pods;
 pub mod pstore;
 pub mod records;
 pub mod terminations;
+pub mod tracepoint_format;
 
 use std::{
     net::{IpAddr, SocketAddr, SocketAddrV4},
@@ -61,7 +62,9 @@ use self::{
     terminations::{
         Termination,
         backoff::KubeletBackoff,
+        cgroupfs::PodRoots,
         report::{self, ReportConfig},
+        track::TerminationTracker,
     },
 };
 use crate::{
@@ -107,6 +110,9 @@ pub struct AgentConfig {
     pub pstore: Option<PstoreConfig>,
     /// In a cluster: the node's kubelet's restart back-off, for the termination reports.
     pub kubelet_backoff: KubeletBackoff,
+    /// The pod cgroup roots whose processes' terminations are explained; empty: kubelet's
+    /// defaults (`kubepods`, `kubepods.slice`) that exist.
+    pub pod_cgroup_roots: Vec<PathBuf>,
 }
 
 /// A running agent. Dropping it without [`Agent::shutdown`] also detaches the probes.
@@ -242,6 +248,9 @@ struct ProbeMaps {
     /// Whether `panic()` itself is probed.
     panic_probe: bool,
     netlink_mode: Option<AttachMode>,
+    terminations: RingBuf<MapData>,
+    /// The pod cgroup roots, when the termination probes filter on them.
+    pod_roots: Option<PodRoots>,
 }
 
 /// In a cluster: this node's pods, and where the events loop publishes what the node signals
@@ -273,6 +282,7 @@ impl Start {
             panic_hold: panic_hold(config),
             netlink_probe: config.netlink_probe,
             ignore_helpers: &config.ignore_helpers,
+            pod_cgroup_roots: &config.pod_cgroup_roots,
         })?;
         let mut ebpf = loaded.ebpf;
         for status in &loaded.status {
@@ -335,6 +345,8 @@ impl Start {
             panic_ack: take_map(&mut ebpf, "PANIC_ACK")?,
             panic_probe: mode_of("panic").is_some(),
             netlink_mode: mode_of("netlink_recv"),
+            terminations: take_map(&mut ebpf, "TERMINATIONS")?,
+            pod_roots: loaded.pod_roots.clone(),
         };
         Ok(Probes {
             ebpf,
@@ -483,12 +495,32 @@ impl Start {
             )
             .flatten();
         let stop = Arc::new(AtomicBool::new(false));
+        let console_facts = match maps.pod_roots {
+            Some(roots) => {
+                let (facts, received) = mpsc::channel(256);
+                let tracker = TerminationTracker::new(roots, signals.pods.clone());
+                let outputs = terminations::Outputs {
+                    events: events.clone(),
+                    metrics: self.metrics.clone(),
+                    writer: signals.terminations.clone(),
+                };
+                self.tasks.spawn(
+                    "terminations",
+                    Lifetime::Required,
+                    terminations::run(async_fd(maps.terminations)?, received, tracker, outputs),
+                );
+                Some(facts)
+            }
+            None => None,
+        };
         let console = ConsoleWatcher {
             last_gasp,
             kallsyms,
             panic_ack: maps.panic_ack,
             events: events.clone(),
             metrics: self.metrics.clone(),
+            terminations: console_facts,
+            joiner: Default::default(),
         }
         .spawn(maps.kernel_log, stop.clone(), &mut self.tasks)?;
 

@@ -3,7 +3,8 @@
 use std::mem::size_of;
 
 use lastgasp_common::{
-    CniExec, CniExit, ConsoleLine, EventHeader, EventKind, PanicCall, PanicProbe, SlowRecv,
+    CniExec, CniExit, ConsoleLine, EventHeader, EventKind, OomVictim, PanicCall, PanicProbe,
+    ProcessExit, SignalSent, SlowRecv,
 };
 use thiserror::Error;
 
@@ -29,6 +30,9 @@ pub enum Record {
     CniExit(CniExit),
     ConsoleLine(Box<ConsoleLine>),
     PanicCall(Box<PanicCall>, PanicProbe),
+    SignalSent(Box<SignalSent>),
+    OomVictim(OomVictim),
+    ProcessExit(Box<ProcessExit>),
 }
 
 impl Record {
@@ -49,6 +53,9 @@ impl Record {
                 };
                 Self::PanicCall(Box::new(call), probe)
             }
+            EventKind::SignalSent => Self::SignalSent(Box::new(read(kind, bytes)?)),
+            EventKind::OomVictim => Self::OomVictim(read(kind, bytes)?),
+            EventKind::ProcessExit => Self::ProcessExit(Box::new(read(kind, bytes)?)),
         })
     }
 }

@@ -7,12 +7,18 @@
 
 pub mod backoff;
 pub mod report;
+pub mod cgroupfs;
+pub mod console_lines;
+mod pipeline;
+pub mod track;
 
 use std::time::SystemTime;
 
 use serde::Serialize;
 
 use super::pods::ContainerRef;
+
+pub use self::pipeline::{Outputs, run};
 
 /// One process of a pod's container that ended, and why.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -146,6 +152,9 @@ pub enum Sender {
     },
     /// The kernel itself (`SI_KERNEL`), other than the OOM killer.
     Kernel,
+    /// The signal's sending was not seen: sent before the agent started, or lost when the
+    /// probes' ring was full.
+    Unknown,
 }
 
 /// `SystemTime` as RFC 3339 in JSON.

@@ -890,6 +890,7 @@ fn sender_name(sender: &Sender) -> String {
             format!("host process {comm} (pid {pid}, cgroup {cgroup})")
         }
         Sender::Kernel => "the kernel".to_owned(),
+        Sender::Unknown => "a sender lastgasp did not see (before it started, or lost)".to_owned(),
     }
 }
 
