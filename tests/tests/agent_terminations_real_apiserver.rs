@@ -237,7 +237,7 @@ async fn terminations_become_events_annotations_and_back_off_on_the_pod() {
         sender: Sender::Host {
             pid: 900,
             comm: "pkill".into(),
-            cgroup: "/system.slice/ssh.service".into(),
+            cgroup: Some("/system.slice/ssh.service".into()),
         },
     };
     queue

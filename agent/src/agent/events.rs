@@ -7,7 +7,7 @@ use serde::Serialize;
 use super::{
     pods::ContainerRef,
     pstore::DumpReason,
-    terminations::{Cause, Sender, Termination},
+    terminations::{Cause, Termination},
 };
 use crate::{
     kernel_log::KernelEventKind,
@@ -255,66 +255,9 @@ impl AgentEvent {
                     Some(c) => format!("pod {}/{} container {}", c.namespace, c.pod, c.container),
                     None => format!("container {}", t.container_id),
                 },
-                cause_summary(&t.cause)
+                super::terminations::report::what_happened(&t.cause)
             ),
         }
-    }
-}
-
-fn cause_summary(cause: &Cause) -> String {
-    match cause {
-        Cause::Exited { code } => format!("exited with code {code}"),
-        Cause::Crashed {
-            signal,
-            core_dumped,
-            fault,
-        } => format!(
-            "crashed with signal {signal}{}{}",
-            if *core_dumped { " (core dumped)" } else { "" },
-            fault.as_ref().map_or(String::new(), |fault| format!(
-                ": {} in {}",
-                fault.kind,
-                fault.location.as_deref().unwrap_or("an unknown mapping")
-            ))
-        ),
-        Cause::OomKilled(oom) => format!(
-            "killed by the OOM killer ({:?} limit{}{})",
-            oom.scope,
-            oom.limit_bytes
-                .map_or(String::new(), |limit| format!(" {limit} bytes")),
-            oom.rss_bytes
-                .map_or(String::new(), |rss| format!(", rss {rss} bytes"))
-        ),
-        Cause::Killed { signal, sender } => format!(
-            "killed by signal {signal} from {}",
-            match sender {
-                Sender::Runtime {
-                    pid,
-                    comm,
-                    grace_period_expired: true,
-                    grace_seconds,
-                } => format!(
-                    "the runtime ({comm}, pid {pid}) after the grace period ran out ({:.1}s)",
-                    grace_seconds.unwrap_or_default()
-                ),
-                Sender::Runtime { pid, comm, .. } => format!("the runtime ({comm}, pid {pid})"),
-                Sender::SamePod { pid, comm, .. } => format!("{comm} (pid {pid}) of the same pod"),
-                Sender::OtherPod {
-                    pid,
-                    comm,
-                    container,
-                    container_id,
-                } => match container {
-                    Some(c) => format!("{comm} (pid {pid}) of pod {}/{}", c.namespace, c.pod),
-                    None => format!("{comm} (pid {pid}) of container {container_id}"),
-                },
-                Sender::Host { pid, comm, cgroup } => {
-                    format!("host process {comm} (pid {pid}, cgroup {cgroup})")
-                }
-                Sender::Kernel => "the kernel".to_owned(),
-                Sender::Unknown => "an unseen sender".to_owned(),
-            }
-        ),
     }
 }
 

@@ -6,10 +6,10 @@
 //! writes it onto the Pod (Event, annotation), the log and the metrics.
 
 pub mod backoff;
-pub mod report;
 pub mod cgroupfs;
 pub mod console_lines;
 mod pipeline;
+pub mod report;
 pub mod track;
 
 use std::time::SystemTime;
@@ -148,7 +148,9 @@ pub enum Sender {
     Host {
         pid: u32,
         comm: String,
-        cgroup: String,
+        /// Its cgroup path; `None` when it exited before the agent could read it.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cgroup: Option<String>,
     },
     /// The kernel itself (`SI_KERNEL`), other than the OOM killer.
     Kernel,

@@ -795,7 +795,9 @@ fn what_kubelet_does(restart: &Restart, rules: KubeletBackoff) -> String {
     said
 }
 
-fn what_happened(cause: &Cause) -> String {
+/// How a process ended, in words: `killed by the OOM killer (container limit 256Mi, rss
+/// 255Mi)`, `killed by SIGKILL from host process kill (pid 4242, ...)`.
+pub fn what_happened(cause: &Cause) -> String {
     match cause {
         Cause::Exited { code } => format!("exited with code {code}"),
         Cause::Crashed {
@@ -886,9 +888,10 @@ fn sender_name(sender: &Sender) -> String {
                 format!("{comm} (pid {pid}) in another pod's container {id}")
             }
         },
-        Sender::Host { pid, comm, cgroup } => {
-            format!("host process {comm} (pid {pid}, cgroup {cgroup})")
-        }
+        Sender::Host { pid, comm, cgroup } => match cgroup {
+            Some(cgroup) => format!("host process {comm} (pid {pid}, cgroup {cgroup})"),
+            None => format!("host process {comm} (pid {pid}, exited before its cgroup was read)"),
+        },
         Sender::Kernel => "the kernel".to_owned(),
         Sender::Unknown => "a sender lastgasp did not see (before it started, or lost)".to_owned(),
     }
@@ -1530,7 +1533,7 @@ mod tests {
             what(kill(Sender::Host {
                 pid: 900,
                 comm: "pkill".into(),
-                cgroup: "/system.slice/ssh.service".into(),
+                cgroup: Some("/system.slice/ssh.service".into()),
             })),
             "host process pkill (pid 900, cgroup /system.slice/ssh.service)"
         );
@@ -1970,7 +1973,7 @@ mod tests {
         let sender = Sender::Host {
             pid: 900,
             comm: "pkill".into(),
-            cgroup: "/system.slice/ssh.service".into(),
+            cgroup: Some("/system.slice/ssh.service".into()),
         };
         let stays = Restart {
             restart_count: 0,
