@@ -22,6 +22,7 @@ fn help_describes_every_agent_flag() {
         "--netlink-hang-threshold",
         "--cni-bin-dir",
         "--cni-stuck-threshold",
+        "--pod-cgroup-root",
         "--netconsole-target",
         "--pstore-dir",
         "--state-dir",

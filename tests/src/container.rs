@@ -42,6 +42,12 @@ impl ContainerCgroup {
         cgroup
     }
 
+    /// In the unified (cgroup v2) hierarchy: `/sys/fs/cgroup/unified` on a hybrid host, else
+    /// `/sys/fs/cgroup`.
+    pub fn create_unified(container_id: &str) -> Self {
+        Self::create_in(&["/sys/fs/cgroup/unified", "/sys/fs/cgroup"], container_id)
+    }
+
     /// In the first of `roots` that is a cgroup hierarchy.
     fn create_in(roots: &[&str], container_id: &str) -> Self {
         let root = roots

@@ -1,6 +1,7 @@
 //! Shared test support: the real kube-apiserver fixture, its fault proxy, the VM harness and
 //! helpers used by tests/tests/.
 
+pub mod bench;
 pub mod blocking;
 pub mod container;
 pub mod faults;

@@ -112,6 +112,34 @@ async fn a_sigkill_from_a_host_process_names_the_sender() {
     agent.shutdown().await;
 }
 
+/// The filter on the unified hierarchy (`css_set.dfl_cgrp`), as on a cgroup v2 host; on a
+/// hybrid host the v2 hierarchy without controllers.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_unified_hierarchy_finds_pod_processes_too() {
+    let cgroup = ContainerCgroup::create_unified(&container_id(0x2));
+    let agent = start_agent(&cgroup).await;
+    let mut events = agent.subscribe();
+    let mut child = cgroup.run_sh("exec sleep 30");
+    joined(&cgroup, &child);
+    send_from("lg-killer", child.id(), libc::SIGKILL);
+    child.wait().unwrap();
+
+    let termination = termination_of(&mut events, child.id(), Duration::from_secs(5)).await;
+    assert_eq!(termination.container_id, container_id(0x2));
+    assert!(
+        matches!(
+            &termination.cause,
+            Cause::Killed {
+                signal: 9,
+                sender: Sender::Host { comm, .. }
+            } if comm == "lg-killer"
+        ),
+        "{:?}",
+        termination.cause
+    );
+    agent.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_oom_kill_by_the_container_limit_has_the_limit_and_rss() {
     const LIMIT: u64 = 64 << 20;

@@ -110,23 +110,18 @@ pub struct PodCgroupRoot {
     pub _pad: u32,
 }
 
-/// Where the `oom:mark_victim` tracepoint keeps its fields, from its format file at load
-/// time: only `pid` up to Linux 6.8, the victim's comm, memory and score since 6.9. A missing
-/// field is [`NO_FIELD`].
+/// Where the `oom:mark_victim` tracepoint keeps the fields the probe reads, from its format
+/// file at load time: only `pid` up to Linux 6.8, the victim's memory and score since 6.9 (with
+/// its comm, uid, total_vm and pgtables, which the agent does not need). A missing field is
+/// [`NO_FIELD`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OomVictimFields {
     pub pid: u32,
-    /// A `__data_loc char[]`.
-    pub comm: u32,
     /// `unsigned long`s, in kB.
-    pub total_vm: u32,
     pub anon_rss: u32,
     pub file_rss: u32,
     pub shmem_rss: u32,
-    pub pgtables: u32,
-    /// `uid_t`.
-    pub uid: u32,
     /// `short`.
     pub oom_score_adj: u32,
     pub _pad: u32,
@@ -135,13 +130,9 @@ pub struct OomVictimFields {
 impl OomVictimFields {
     pub const NONE: Self = Self {
         pid: NO_FIELD,
-        comm: NO_FIELD,
-        total_vm: NO_FIELD,
         anon_rss: NO_FIELD,
         file_rss: NO_FIELD,
         shmem_rss: NO_FIELD,
-        pgtables: NO_FIELD,
-        uid: NO_FIELD,
         oom_score_adj: NO_FIELD,
         _pad: 0,
     };
@@ -457,23 +448,16 @@ pub struct OomVictim {
     pub tgid: u32,
     /// [`oom_present`] bits.
     pub present: u32,
-    pub uid: u32,
-    pub total_vm_kb: u64,
+    pub oom_score_adj: i32,
     pub anon_rss_kb: u64,
     pub file_rss_kb: u64,
     pub shmem_rss_kb: u64,
-    pub pgtables_kb: u64,
-    pub oom_score_adj: i32,
-    pub _pad: u32,
-    pub comm: [u8; TASK_COMM_LEN],
 }
 
 /// Bits of [`OomVictim::present`].
 pub mod oom_present {
     pub const RSS: u32 = 1 << 0;
-    pub const UID: u32 = 1 << 1;
-    pub const SCORE_ADJ: u32 = 1 << 2;
-    pub const COMM: u32 = 1 << 3;
+    pub const SCORE_ADJ: u32 = 1 << 1;
 }
 
 /// The exit of a pod process's thread-group leader, from `sched:sched_process_exit`: every
@@ -539,7 +523,7 @@ mod user {
     // SAFETY: #[repr(C)], the Pod types above and two u32 (80 + 8 bytes before the 8-aligned
     // roots), no padding; any bytes are a valid value.
     unsafe impl aya::Pod for PodCgroups {}
-    // SAFETY: #[repr(C)], ten u32 and no padding; any bytes are a valid value.
+    // SAFETY: #[repr(C)], six u32 and no padding; any bytes are a valid value.
     unsafe impl aya::Pod for OomVictimFields {}
     // SAFETY: #[repr(C)], made of the Pod types above, integers and `_pad` (which fills the
     // gap before the u64s), so no padding; any bytes are a valid value.

@@ -1,20 +1,17 @@
 //! OOM victims that are processes of pods, from the `oom:mark_victim` tracepoint.
 //!
 //! The tracepoint's fields changed with Linux 6.9 (only `pid` before; comm, memory, uid and
-//! `oom_score_adj` since): the agent reads their offsets from the tracepoint's format file and
+//! `oom_score_adj` since; the probe reads the RSS and the score): the agent reads their offsets from the tracepoint's format file and
 //! passes them in `CONFIG`. The filter is the signal probe's: the OOM killer sends its SIGKILL
 //! before it marks the victim, and the signal probe notes the pod processes it went to.
 
 use aya_ebpf::{
-    EbpfContext,
     bindings::BPF_RB_NO_WAKEUP,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::tracepoint,
     programs::TracePointContext,
 };
-use lastgasp_common::{
-    Drop, EventHeader, EventKind, NO_FIELD, OomVictim, TASK_COMM_LEN, oom_present,
-};
+use lastgasp_common::{Drop, EventHeader, EventKind, NO_FIELD, OomVictim, oom_present};
 
 use crate::{
     config::config,
@@ -57,47 +54,24 @@ fn try_mark_victim(ctx: &TracePointContext) -> Option<()> {
     victim.tid = tid;
     victim.tgid = tgid;
     victim.present = 0;
-    victim._pad = 0;
+    victim.anon_rss_kb = 0;
+    victim.file_rss_kb = 0;
+    victim.shmem_rss_kb = 0;
     let rss = (
-        field::<u64>(ctx, fields.total_vm),
         field::<u64>(ctx, fields.anon_rss),
         field::<u64>(ctx, fields.file_rss),
         field::<u64>(ctx, fields.shmem_rss),
-        field::<u64>(ctx, fields.pgtables),
     );
-    (
-        victim.total_vm_kb,
-        victim.anon_rss_kb,
-        victim.file_rss_kb,
-        victim.shmem_rss_kb,
-        victim.pgtables_kb,
-    ) = (0, 0, 0, 0, 0);
-    if let (Some(total_vm), Some(anon), Some(file), Some(shmem), Some(pgtables)) = rss {
+    if let (Some(anon), Some(file), Some(shmem)) = rss {
         victim.present |= oom_present::RSS;
-        victim.total_vm_kb = total_vm;
         victim.anon_rss_kb = anon;
         victim.file_rss_kb = file;
         victim.shmem_rss_kb = shmem;
-        victim.pgtables_kb = pgtables;
-    }
-    victim.uid = 0;
-    if let Some(uid) = field::<u32>(ctx, fields.uid) {
-        victim.present |= oom_present::UID;
-        victim.uid = uid;
     }
     victim.oom_score_adj = 0;
     if let Some(adj) = field::<i16>(ctx, fields.oom_score_adj) {
         victim.present |= oom_present::SCORE_ADJ;
         victim.oom_score_adj = adj as i32;
-    }
-    victim.comm = [0; TASK_COMM_LEN];
-    // A `__data_loc`: low 16 bits the string's offset in the record.
-    if let Some(loc) = field::<u32>(ctx, fields.comm) {
-        let at = ctx.as_ptr() as usize + (loc & 0xffff) as usize;
-        // SAFETY: reads the tracepoint record's string with fault handling.
-        if unsafe { bpf_probe_read_kernel_str_bytes(at as *const u8, &mut victim.comm) }.is_ok() {
-            victim.present |= oom_present::COMM;
-        }
     }
     // No wake-up: the agent drains this ring on a timer (see `maps::TERMINATIONS`).
     event.submit(BPF_RB_NO_WAKEUP as u64);

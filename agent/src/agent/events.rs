@@ -307,3 +307,70 @@ impl EventLog {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+    use crate::agent::terminations::{OomKill, OomScope};
+
+    fn termination(cause: Cause) -> AgentEvent {
+        AgentEvent::ContainerTermination(Box::new(Termination {
+            at: UNIX_EPOCH + Duration::from_millis(1_764_531_667_151),
+            container_id: "abc".into(),
+            container: Some(ContainerRef {
+                namespace: "shop".into(),
+                pod: "web-0".into(),
+                container: "app".into(),
+            }),
+            pid: 7,
+            comm: "app".into(),
+            main_process: true,
+            cause,
+        }))
+    }
+
+    #[test]
+    fn container_terminations_as_log_lines() {
+        let killed = termination(Cause::Killed {
+            signal: 9,
+            sender: Sender::Runtime {
+                pid: 51,
+                comm: "runc".into(),
+                grace_period_expired: true,
+                grace_seconds: Some(30.0),
+            },
+        });
+        let json = killed.to_json();
+        assert_eq!(json["kind"], "container_termination");
+        assert_eq!(json["at"], "2025-11-30T19:41:07.151Z");
+        assert_eq!(json["pod_name"], "web-0");
+        assert_eq!(json["cause"]["cause"], "killed");
+        assert_eq!(json["cause"]["sender"]["kind"], "runtime");
+        assert_eq!(json["cause"]["sender"]["grace_seconds"], 30.0);
+        assert_eq!(
+            killed.summary(),
+            "container process 7 (app) in pod shop/web-0 container app: killed by signal 9 from \
+             the runtime (runc, pid 51) after the grace period ran out (30.0s)"
+        );
+        let log = EventLog::new(LogFormat::Json);
+        assert_eq!(log.level(&killed), "WARN");
+        assert_eq!(log.level(&termination(Cause::Exited { code: 0 })), "INFO");
+        let oom = termination(Cause::OomKilled(Box::new(OomKill {
+            scope: OomScope::Container,
+            rss_bytes: Some(1 << 20),
+            oom_score_adj: Some(0),
+            limit_bytes: Some(2 << 20),
+            memory_events: None,
+        })));
+        assert_eq!(oom.to_json()["cause"]["scope"], "container");
+        assert!(
+            oom.summary().ends_with(
+                "killed by the OOM killer (Container limit 2097152 bytes, rss 1048576 bytes)"
+            ),
+            "{}",
+            oom.summary()
+        );
+    }
+}

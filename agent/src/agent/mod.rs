@@ -497,6 +497,11 @@ impl Start {
         let stop = Arc::new(AtomicBool::new(false));
         let console_facts = match maps.pod_roots {
             Some(roots) => {
+                tracing::info!(
+                    roots = ?roots.paths,
+                    hierarchy = %roots.mount.mount_point.display(),
+                    "explaining the terminations of the processes under the pod cgroup roots"
+                );
                 let (facts, received) = mpsc::channel(256);
                 let tracker = TerminationTracker::new(roots, signals.pods.clone());
                 let outputs = terminations::Outputs {

@@ -64,13 +64,9 @@ pub fn oom_victim_fields(format: &str) -> Result<OomVictimFields, FormatError> {
     let optional = |name: &'static str, expected: u32| find(name, expected).unwrap_or(NO_FIELD);
     Ok(OomVictimFields {
         pid: find("pid", 4)?,
-        comm: optional("comm", 4),
-        total_vm: optional("total_vm", 8),
         anon_rss: optional("anon_rss", 8),
         file_rss: optional("file_rss", 8),
         shmem_rss: optional("shmem_rss", 8),
-        pgtables: optional("pgtables", 8),
-        uid: optional("uid", 4),
         oom_score_adj: optional("oom_score_adj", 2),
         _pad: 0,
     })
@@ -113,12 +109,12 @@ print fmt: \"pid=%d\", REC->pid
     #[test]
     fn both_layouts_of_mark_victim() {
         let new = oom_victim_fields(NEW).unwrap();
-        assert_eq!((new.pid, new.comm, new.total_vm), (8, 12, 16));
-        assert_eq!((new.pgtables, new.uid, new.oom_score_adj), (56, 48, 64));
+        assert_eq!((new.pid, new.anon_rss, new.file_rss), (8, 24, 32));
+        assert_eq!((new.shmem_rss, new.oom_score_adj), (40, 64));
         let old = oom_victim_fields(OLD).unwrap();
         assert_eq!(old.pid, 8);
         assert_eq!(
-            [old.comm, old.anon_rss, old.uid, old.oom_score_adj],
+            [old.anon_rss, old.file_rss, old.shmem_rss, old.oom_score_adj],
             [NO_FIELD; 4]
         );
     }

@@ -863,15 +863,10 @@ mod tests {
             tid: 42,
             tgid: 42,
             present: oom_present::RSS | oom_present::SCORE_ADJ,
-            uid: 0,
-            total_vm_kb: 1 << 20,
+            oom_score_adj: 999,
             anon_rss_kb: 60 << 10,
             file_rss_kb: 3 << 10,
             shmem_rss_kb: 1 << 10,
-            pgtables_kb: 100,
-            oom_score_adj: 999,
-            _pad: 0,
-            comm: bytes::<TASK_COMM_LEN>("app"),
         };
         for (memcg, scope) in [
             (Some("/kubepods/burstable/pod1/c1"), OomScope::Container),
