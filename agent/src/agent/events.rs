@@ -313,7 +313,7 @@ mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
-    use crate::agent::terminations::{OomKill, OomScope};
+    use crate::agent::terminations::{OomKill, OomScope, Sender};
 
     fn termination(cause: Cause) -> AgentEvent {
         AgentEvent::ContainerTermination(Box::new(Termination {
@@ -351,8 +351,8 @@ mod tests {
         assert_eq!(json["cause"]["sender"]["grace_seconds"], 30.0);
         assert_eq!(
             killed.summary(),
-            "container process 7 (app) in pod shop/web-0 container app: killed by signal 9 from \
-             the runtime (runc, pid 51) after the grace period ran out (30.0s)"
+            "container process 7 (app) in pod shop/web-0 container app: killed by SIGKILL from \
+             runc (pid 51), the container runtime: the 30s grace period after its SIGTERM ran out"
         );
         let log = EventLog::new(LogFormat::Json);
         assert_eq!(log.level(&killed), "WARN");
@@ -366,9 +366,8 @@ mod tests {
         })));
         assert_eq!(oom.to_json()["cause"]["scope"], "container");
         assert!(
-            oom.summary().ends_with(
-                "killed by the OOM killer (Container limit 2097152 bytes, rss 1048576 bytes)"
-            ),
+            oom.summary()
+                .ends_with("killed by the OOM killer (container limit 2Mi, rss 1Mi)"),
             "{}",
             oom.summary()
         );
