@@ -17,7 +17,7 @@ use kube::{
 };
 use lastgasp::{
     agent::{
-        pods::ContainerRef,
+        pods::{ContainerRef, PodIndex},
         terminations::{
             Cause, OomKill, OomScope, Sender, Termination,
             backoff::KubeletBackoff,
@@ -146,6 +146,7 @@ async fn terminations_become_events_annotations_and_back_off_on_the_pod() {
         ReportConfig {
             node: "node-a".into(),
             backoff: KubeletBackoff::default(),
+            pods: PodIndex::default(),
         },
         queued,
         metrics.clone(),

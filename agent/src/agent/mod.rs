@@ -458,6 +458,7 @@ impl Start {
         let report = ReportConfig {
             node: self.config.node_name.clone(),
             backoff: self.config.kubelet_backoff,
+            pods: pods.clone(),
         };
         let terminations = report::spawn(&mut self.tasks, client, report, self.metrics.clone());
         ClusterSignals {

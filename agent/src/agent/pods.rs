@@ -127,7 +127,9 @@ fn key(pod: &Pod) -> (String, String) {
     (pod.namespace().unwrap_or_default(), pod.name_any())
 }
 
-/// Every container of the pod that has an id: `<runtime>://<id>` in its status.
+/// Every container of the pod that has an id: `<runtime>://<id>` in its status, for its
+/// current run and for the last one that ended (a restarted container's previous id, which a
+/// termination reported late still carries).
 fn containers(pod: &Pod) -> Vec<(String, ContainerRef)> {
     let Some(status) = &pod.status else {
         return Vec::new();
@@ -140,17 +142,26 @@ fn containers(pod: &Pod) -> Vec<(String, ContainerRef)> {
     .into_iter()
     .flatten()
     .flatten()
-    .filter_map(|container| {
-        let id = container.container_id.as_deref()?;
-        let (_runtime, id) = id.split_once("://")?;
-        Some((
-            id.to_owned(),
-            ContainerRef {
-                namespace: pod.namespace().unwrap_or_default(),
-                pod: pod.name_any(),
-                container: container.name.clone(),
-            },
-        ))
+    .flat_map(|container| {
+        let last = container
+            .last_state
+            .as_ref()
+            .and_then(|state| state.terminated.as_ref())
+            .and_then(|terminated| terminated.container_id.as_deref());
+        [container.container_id.as_deref(), last]
+            .into_iter()
+            .flatten()
+            .filter_map(|id| {
+                let (_runtime, id) = id.split_once("://")?;
+                Some((
+                    id.to_owned(),
+                    ContainerRef {
+                        namespace: pod.namespace().unwrap_or_default(),
+                        pod: pod.name_any(),
+                        container: container.name.clone(),
+                    },
+                ))
+            })
     })
     .collect()
 }
@@ -165,7 +176,8 @@ mod tests {
             "metadata": { "name": "web-0", "namespace": "shop" },
             "status": {
                 "containerStatuses": [
-                    { "name": "app", "containerID": "containerd://aaaa", "image": "", "imageID": "", "ready": true, "restartCount": 0 },
+                    { "name": "app", "containerID": "containerd://aaaa", "image": "", "imageID": "", "ready": true, "restartCount": 1,
+                      "lastState": { "terminated": { "containerID": "containerd://9999", "exitCode": 137 } } },
                     { "name": "starting", "image": "", "imageID": "", "ready": false, "restartCount": 0 }
                 ],
                 "initContainerStatuses": [
@@ -175,8 +187,9 @@ mod tests {
         }))
         .unwrap();
         let found: HashMap<_, _> = containers(&pod).into_iter().collect();
-        assert_eq!(found.len(), 2);
+        assert_eq!(found.len(), 3);
         assert_eq!(found["aaaa"].container, "app");
+        assert_eq!(found["9999"].container, "app");
         assert_eq!(found["bbbb"].pod, "web-0");
         assert_eq!(found["bbbb"].namespace, "shop");
     }

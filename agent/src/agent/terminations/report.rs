@@ -48,7 +48,7 @@ use super::{
 use crate::{
     agent::{
         node_signals::{FIELD_MANAGER, REPORTING_CONTROLLER},
-        pods::ContainerRef,
+        pods::{ContainerRef, PodIndex},
     },
     kube_events::NewEvent,
     kube_retry::{self, Backoff, Ended, OnConflict},
@@ -82,7 +82,15 @@ pub struct ReportConfig {
     /// `reportingInstance` of the Events.
     pub node: String,
     pub backoff: KubeletBackoff,
+    /// This node's pods, to name the container of a termination the tracker could not.
+    pub pods: PodIndex,
 }
+
+/// How long a termination whose container the pod watch does not know yet waits for it: a
+/// container that dies within moments of starting (a crash loop's usual case) ends before
+/// kubelet has put its id in the Pod's status.
+const NAMING_WAIT: Duration = Duration::from_secs(10);
+const NAMING_POLL: Duration = Duration::from_millis(100);
 
 /// Starts [`write`] as a task of `tasks`; returns its queue, of [`QUEUE`] terminations.
 pub fn spawn(
@@ -143,10 +151,22 @@ struct Writer {
 }
 
 impl Writer {
-    async fn report(&mut self, termination: Termination) {
-        // The tracker logs and counts terminations of processes it could not place in a pod.
-        let Some(container) = termination.container.clone() else {
-            return;
+    async fn report(&mut self, mut termination: Termination) {
+        let container = match termination.container.clone() {
+            Some(container) => container,
+            None => match self.named(&termination.container_id).await {
+                Some(container) => {
+                    termination.container = Some(container.clone());
+                    container
+                }
+                None => {
+                    tracing::debug!(
+                        container_id = %termination.container_id,
+                        "termination in no pod of this node's: not written"
+                    );
+                    return;
+                }
+            },
         };
         let Some(reason) = reason(&termination) else {
             return;
@@ -158,6 +178,20 @@ impl Writer {
         } else {
             self.process_died(&pods, &termination, &container, reason)
                 .await;
+        }
+    }
+
+    /// The container `id` once the pod watch knows it, within [`NAMING_WAIT`].
+    async fn named(&self, id: &str) -> Option<ContainerRef> {
+        let deadline = Instant::now() + NAMING_WAIT;
+        loop {
+            if let Some(container) = self.config.pods.container(id) {
+                return Some(container);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(NAMING_POLL).await;
         }
     }
 
@@ -2021,6 +2055,7 @@ mod tests {
         let config = ReportConfig {
             node: "worker-3".into(),
             backoff: KubeletBackoff::default(),
+            pods: PodIndex::default(),
         };
         let writer = tokio::spawn(write(client, config, queued, metrics.clone()));
         let started = Instant::now();
@@ -2116,6 +2151,7 @@ mod tests {
         let config = ReportConfig {
             node: "worker-3".into(),
             backoff: KubeletBackoff::default(),
+            pods: PodIndex::default(),
         };
         let writer = tokio::spawn(write(client, config, queued, metrics));
         let started = Instant::now();
