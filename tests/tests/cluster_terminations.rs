@@ -128,6 +128,39 @@ async fn note_with(client: &Client, pod: &str, reason: &str, marker: &str) -> Op
         .find(|note| note.contains(marker))
 }
 
+/// [`note_with`] once it is there; after `within`, fails with every Event of the pod and the
+/// agent's `container_termination` lines.
+async fn wait_note(client: &Client, pod: &str, reason: &str, marker: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some(note) = note_with(client, pod, reason, marker).await {
+            return note;
+        }
+        if std::time::Instant::now() > deadline {
+            let seen: Vec<String> = Api::<Event>::namespaced(client.clone(), TEAM)
+                .list(&ListParams::default())
+                .await
+                .map(|list| list.items)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(pod))
+                .map(|e| format!("{:?}: {:?}", e.reason, e.note))
+                .collect();
+            let log = agent_log(client).await;
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|line| line.contains("container_termination"))
+                .collect();
+            panic!(
+                "no {reason} Event about {pod} with {marker:?}; its Events: {seen:#?}\n\
+                 the agent's terminations:\n{}",
+                lines.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn time(text: &str) -> Timestamp {
     text.parse().unwrap()
 }
@@ -234,12 +267,7 @@ async fn container_kills_and_ooms_on_a_real_kubelet_are_explained_on_their_pods(
     .await;
     let status = app_status(&restarted).unwrap();
     let actual = restart_delay(&status);
-    eventually("both kills' Events", Duration::from_secs(30), || async {
-        note_with(&admin, "killed", "ContainerKilled", "restart 2 ")
-            .await
-            .is_some()
-    })
-    .await;
+    wait_note(&admin, "killed", "ContainerKilled", "restart 2 ").await;
     let first = note_with(&admin, "killed", "ContainerKilled", "restart 1 ")
         .await
         .expect("restart 1's Event");
@@ -280,14 +308,12 @@ async fn container_kills_and_ooms_on_a_real_kubelet_are_explained_on_their_pods(
     assert_eq!(annotation["sender"]["comm"], "kill", "{annotation}");
 
     // OOM-killed by its memory limit: kubelet says OOMKilled; lastgasp adds the limit and RSS.
-    let oom_note = eventually_some("the OOM kill's Event", Duration::from_secs(90), || {
-        note_with(
-            &admin,
-            "oom",
-            "ContainerOOMKilled",
-            "killed by the OOM killer",
-        )
-    })
+    let oom_note = wait_note(
+        &admin,
+        "oom",
+        "ContainerOOMKilled",
+        "killed by the OOM killer",
+    )
     .await;
     assert!(
         // The pod's cgroup has the same 32Mi limit plus the sandbox's few pages: the kernel
@@ -304,17 +330,11 @@ async fn container_kills_and_ooms_on_a_real_kubelet_are_explained_on_their_pods(
     assert_eq!(kubelet_reason.as_deref(), Some("OOMKilled"), "{oom_pod:?}");
 
     // A child OOM-killed while the container lives: kubelet shows nothing, lastgasp does.
-    let child_note = eventually_some(
-        "the child's OOM kill Event",
-        Duration::from_secs(90),
-        || {
-            note_with(
-                &admin,
-                "child-oom",
-                "ProcessOOMKilled",
-                "the container keeps running",
-            )
-        },
+    let child_note = wait_note(
+        &admin,
+        "child-oom",
+        "ProcessOOMKilled",
+        "the container keeps running",
     )
     .await;
     assert!(child_note.contains("process memhog (pid "), "{child_note}");

@@ -19,7 +19,7 @@
 
 use std::{
     borrow::Cow,
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, VecDeque},
     fmt::Write as _,
     sync::Arc,
     time::{Duration, SystemTime},
@@ -123,13 +123,42 @@ pub async fn write(
         gauges: BackoffGauges::default(),
         metrics,
     };
+    // Terminations whose container the pod watch does not know yet, with their deadlines:
+    // they wait here, not in front of the others.
+    let mut unnamed: VecDeque<(Instant, Termination)> = VecDeque::new();
     loop {
         let expiry = writer.gauges.next_expiry();
+        let retry = (!unnamed.is_empty()).then(|| Instant::now() + NAMING_POLL);
         tokio::select! {
             termination = terminations.recv() => match termination {
+                Some(termination) if termination.container.is_none() => {
+                    if unnamed.len() == QUEUE {
+                        unnamed.pop_front();
+                        count(&writer.metrics, "event", "dropped");
+                    }
+                    unnamed.push_back((Instant::now() + NAMING_WAIT, termination));
+                }
                 Some(termination) => writer.report(termination).await,
                 None => return,
             },
+            () = sleep_until(retry) => {
+                let now = Instant::now();
+                let mut waiting = VecDeque::with_capacity(unnamed.len());
+                for (deadline, mut termination) in unnamed.drain(..) {
+                    match writer.config.pods.container(&termination.container_id) {
+                        Some(container) => {
+                            termination.container = Some(container);
+                            writer.report(termination).await;
+                        }
+                        None if now < deadline => waiting.push_back((deadline, termination)),
+                        None => tracing::debug!(
+                            container_id = %termination.container_id,
+                            "termination in no pod of this node's: not written"
+                        ),
+                    }
+                }
+                unnamed = waiting;
+            }
             () = sleep_until(expiry) => writer.gauges.expire(Instant::now(), &writer.metrics),
         }
     }
@@ -151,22 +180,10 @@ struct Writer {
 }
 
 impl Writer {
-    async fn report(&mut self, mut termination: Termination) {
-        let container = match termination.container.clone() {
-            Some(container) => container,
-            None => match self.named(&termination.container_id).await {
-                Some(container) => {
-                    termination.container = Some(container.clone());
-                    container
-                }
-                None => {
-                    tracing::debug!(
-                        container_id = %termination.container_id,
-                        "termination in no pod of this node's: not written"
-                    );
-                    return;
-                }
-            },
+    /// Writes a termination whose container is known.
+    async fn report(&mut self, termination: Termination) {
+        let Some(container) = termination.container.clone() else {
+            return;
         };
         let Some(reason) = reason(&termination) else {
             return;
@@ -178,20 +195,6 @@ impl Writer {
         } else {
             self.process_died(&pods, &termination, &container, reason)
                 .await;
-        }
-    }
-
-    /// The container `id` once the pod watch knows it, within [`NAMING_WAIT`].
-    async fn named(&self, id: &str) -> Option<ContainerRef> {
-        let deadline = Instant::now() + NAMING_WAIT;
-        loop {
-            if let Some(container) = self.config.pods.container(id) {
-                return Some(container);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(NAMING_POLL).await;
         }
     }
 

@@ -247,6 +247,9 @@ impl TerminationTracker {
             cgroup: (&exit.cgroup).into(),
         };
         let state = self.processes.remove(&seen.tgid).unwrap_or_default();
+        if is_runtime_stage(&seen.comm) {
+            return None;
+        }
         if seen.exit_code & 0x7f == 0 {
             // Only a container's end is news when clean (the probe sends no other).
             return seen.main_process.then(|| self.termination(&seen, &state));
@@ -538,6 +541,13 @@ impl<K: Copy + Eq + Hash, V> Capped<K, V> {
     }
 }
 
+/// runc's set-up stages (`runc:[0:PARENT]`, `runc:[1:CHILD]`) join the container's cgroup
+/// before its process starts, from outside its pid namespace, and exit when it has: their ends
+/// are the runtime's, not the container's (known by name, like the runtime's signals).
+fn is_runtime_stage(comm: &str) -> bool {
+    comm.starts_with("runc:[")
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -647,6 +657,17 @@ mod tests {
             (42, CONTAINER)
         );
         termination.cause
+    }
+
+    #[test]
+    fn the_runtimes_set_up_stages_are_not_the_container() {
+        let mut tracker = tracker();
+        for stage in ["runc:[0:PARENT]", "runc:[1:CHILD]"] {
+            let mut ended = exit(SECOND, 0, true);
+            ended.comm = bytes::<TASK_COMM_LEN>(stage);
+            assert_eq!(tracker.on_exit(&ended), None, "{stage}");
+        }
+        assert!(tracker.flush(10 * SECOND).is_empty());
     }
 
     #[test]
