@@ -496,6 +496,183 @@ echo c > /proc/sysrq-trigger
     );
 }
 
+/// What one crashed boot of [`reboots_after_sysrq_with_and_without_lastgasp`] came to.
+#[derive(Default)]
+struct RebootCount {
+    boots: u32,
+    /// Killed 60 s after the crash without `Rebooting in` on the console.
+    hung: u32,
+    /// qemu exited (a reset) before `Rebooting in`.
+    exited: u32,
+    last_gasps: u32,
+    /// Boots whose netconsole stream carried the panic line.
+    netconsole_panics: u32,
+    /// Netconsole datagrams from the sysrq line on, over all boots.
+    netconsole_lines: usize,
+}
+
+/// Not a test but a count: does a panicking guest always reboot, with lastgasp and without?
+/// `LASTGASP_SYSRQ_BOOTS` (30) boots of `LASTGASP_SYSRQ_KERNEL` (6.1) in each of two
+/// configurations, alternating, each crashed with `echo c > /proc/sysrq-trigger` (`panic=1`,
+/// so a kernel that finishes panicking prints `Rebooting in 1 seconds..` and qemu exits):
+///
+/// - with lastgasp: the agent runs with a controller address on the host, configures a
+///   netconsole target to the host and holds the panicking CPU (`--panic-hold`, 200 ms);
+/// - without: no agent, the netconsole module unloaded.
+///
+/// A boot whose console does not show `Rebooting in` within 60 s of the crash is killed and
+/// counted, with its last console lines and whether it got as far as `Kernel Offset:`; with
+/// lastgasp, the agent's datagrams and the netconsole lines that reached the host are counted
+/// too. Nothing is asserted: the outcome is a race, and the numbers are what the README reports.
+///
+/// `LASTGASP_SYSRQ_KERNEL=6.12 cargo test -p lastgasp-tests --features vm,kube --test
+/// vm_scenarios -- --ignored reboots_after_sysrq_with_and_without_lastgasp --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement over many boots; run by hand"]
+async fn reboots_after_sysrq_with_and_without_lastgasp() {
+    let env = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.into());
+    let version: KernelVersion = env("LASTGASP_SYSRQ_KERNEL", "6.1").parse().unwrap();
+    let boots: u32 = env("LASTGASP_SYSRQ_BOOTS", "30").parse().unwrap();
+    let kernel = fetch(version);
+    let reports = UdpSocket::bind("127.0.0.1:0").unwrap();
+    reports
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let report_port = reports.local_addr().unwrap().port();
+    let netconsole = Collector::start();
+    let mut counts = [RebootCount::default(), RebootCount::default()];
+    for run in 1..=boots {
+        for (lastgasp, count) in [true, false].into_iter().zip(&mut counts) {
+            let started = Instant::now();
+            let (name, setup) = if lastgasp {
+                (
+                    "with",
+                    format!(
+                        "run_agent agent --node-name {NODE} --controller {host}:{report_port} \
+    --netconsole-target {host}:{netconsole_port}
+await_log 'netconsole target lastgasp-.* (created|not configured)|netconsole is unavailable'
+await_log 'panic: (attached|unavailable)'
+",
+                        host = guest::HOST,
+                        netconsole_port = netconsole.port,
+                    ),
+                )
+            } else {
+                ("without", "rmmod netconsole\n".to_owned())
+            };
+            let script = format!(
+                "{setup}sleep 1
+echo \"{CRASH_MARKER}\"
+echo c > /proc/sysrq-trigger
+"
+            );
+            let vm = boot(
+                &kernel,
+                &format!("reboots-{name}-{run}"),
+                netconsole.port,
+                &script,
+            );
+            let crash = console(&vm, CRASH_MARKER);
+            if lastgasp && run == 1 {
+                let log = vm.console_log();
+                for line in log.lines().filter(|line| {
+                    line.contains("netconsole target lastgasp-") || line.contains("panic: ")
+                }) {
+                    println!("{version}: {}", line.trim());
+                }
+            }
+            let rebooting = tokio::task::block_in_place(|| {
+                vm.wait_for_console("Rebooting in", Duration::from_secs(60))
+            });
+            let outcome = match &rebooting {
+                Ok(line) => format!(
+                    "`Rebooting in` {:.2} s after the crash marker",
+                    millis_between(crash.at, line.at) / 1e3
+                ),
+                Err(_) => {
+                    let log = vm.console_log();
+                    let tail: Vec<&str> = log.lines().rev().take(3).collect();
+                    if vm.exited() {
+                        count.exited += 1;
+                    } else {
+                        count.hung += 1;
+                    }
+                    format!(
+                        "NO `Rebooting in` ({}; `Kernel Offset:` {}reached; last lines {tail:?}; \
+                         console log {})",
+                        if vm.exited() {
+                            "qemu exited"
+                        } else {
+                            "killed after 60 s"
+                        },
+                        if log.contains("Kernel Offset:") {
+                            ""
+                        } else {
+                            "not "
+                        },
+                        vm.log_path.display()
+                    )
+                }
+            };
+            // Datagrams in flight through qemu get a moment before the guest goes.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            drop(vm);
+            count.boots += 1;
+            let mut gasp = None;
+            let mut buf = [0u8; 65536];
+            while let Ok(len) = reports.recv(&mut buf) {
+                if let Ok(report) = wire::decode(&buf[..len], &AuthKey::None)
+                    && report.kind == ReportKind::KernelPanic
+                {
+                    gasp.get_or_insert(report.source);
+                }
+            }
+            let received = netconsole.take();
+            let lines = received
+                .iter()
+                .position(|datagram| datagram.contains("Trigger a crash"))
+                .map_or(0, |first| received.len() - first);
+            let panic_line = received.iter().any(|datagram| datagram.contains(PANIC));
+            let channels = if lastgasp {
+                count.last_gasps += u32::from(gasp.is_some());
+                count.netconsole_panics += u32::from(panic_line);
+                count.netconsole_lines += lines;
+                format!(
+                    "; last gasp {}; netconsole: {lines} lines from the sysrq line on, \
+                     panic line {}",
+                    gasp.map_or("lost".to_owned(), |source| format!("via {source:?}")),
+                    if panic_line { "in" } else { "missing" }
+                )
+            } else {
+                String::new()
+            };
+            println!(
+                "{version} {name} lastgasp: boot {run}/{boots}: {outcome}{channels} ({:.1} s)",
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    for (name, count) in ["with", "without"].into_iter().zip(&counts) {
+        let channels = if name == "with" {
+            format!(
+                "; the last gasp arrived in {}, netconsole's panic line in {} ({} netconsole \
+                 lines from the sysrq line on)",
+                count.last_gasps, count.netconsole_panics, count.netconsole_lines
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "{version} {name} lastgasp: {} sysrq boots, {} did not reach `Rebooting in` within \
+             60 s ({} hung, {} qemu exited){channels}",
+            count.boots,
+            count.hung + count.exited,
+            count.hung,
+            count.exited
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn agent_configured_netconsole_reports_a_sysrq_crash_5_10() {
     agent_sysrq_crash(KernelVersion::Debian510).await;
@@ -527,6 +704,11 @@ impl Collector {
             }
         });
         Self { port, received }
+    }
+
+    /// The datagrams received so far, leaving none.
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.received.lock().unwrap())
     }
 
     fn contains(&self, text: &str) -> bool {
