@@ -197,6 +197,16 @@ fn last_write(cluster: &Cluster) -> Instant {
         .expect("the controller wrote")
 }
 
+/// From one console line to another in milliseconds, by the kernel's timestamps on them.
+fn kernel_millis_between(from: &ConsoleLine, to: &ConsoleLine) -> f64 {
+    let stamp = |line: &ConsoleLine| -> f64 {
+        let text = line.text.trim_start();
+        let inner = &text[text.find('[').unwrap() + 1..text.find(']').unwrap()];
+        inner.trim().parse().unwrap()
+    };
+    (stamp(to) - stamp(from)) * 1000.0
+}
+
 /// `to - from` in milliseconds, negative when `to` came first.
 fn millis_between(from: Instant, to: Instant) -> f64 {
     match to.checked_duration_since(from) {
@@ -389,8 +399,9 @@ async fn agent_configured_netconsole_reports_a_sysrq_crash() {
 
 /// Not a test but a count: `LASTGASP_SYSRQ_BOOTS` (20) boots of `LASTGASP_SYSRQ_KERNEL` (5.10),
 /// each crashed with sysrq while the agent runs with a controller address, counting the boots
-/// whose last-gasp datagram reached the host before the guest died. Nothing is asserted: the
-/// outcome is a race, and the numbers are what the README reports.
+/// whose last-gasp datagram reached the host before the guest died; each boot's line gives the
+/// time from the sysrq line to the panic line by the kernel's clock (mostly the panic hold).
+/// Nothing is asserted: the outcome is a race, and the numbers are what the README reports.
 ///
 /// `cargo test -p lastgasp-tests --features vm,kube --test vm_scenarios -- --ignored
 /// last_gasp_over_sysrq_boots --nocapture`
@@ -418,9 +429,10 @@ echo c > /proc/sysrq-trigger
 ",
             host = guest::HOST,
         );
-        let vm = boot(&kernel, "sysrq-count", 0, &script);
+        let vm = boot(&kernel, &format!("sysrq-count-{run}"), 0, &script);
         let probe = console(&vm, "panic: ");
-        console(&vm, PANIC);
+        let sysrq = console(&vm, "sysrq: Trigger a crash");
+        let panic = console(&vm, PANIC);
         // The guest is dead or dying; give a datagram in flight through qemu a moment.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let mut source = None;
@@ -438,11 +450,13 @@ echo c > /proc/sysrq-trigger
         arrived += u32::from(source.is_some());
         not_rebooting += u32::from(!rebooting);
         println!(
-            "{version}: boot {run}/{boots}: last gasp {}{} ({})",
+            "{version}: boot {run}/{boots}: last gasp {}{}; {:.1} ms from the sysrq line to the \
+             panic line ({})",
             source.map_or("lost".to_owned(), |source| format!(
                 "arrived via {source:?}"
             )),
             if rebooting { "" } else { "; no `Rebooting in`" },
+            kernel_millis_between(&sysrq, &panic),
             probe.text.trim()
         );
     }
@@ -483,15 +497,10 @@ echo c > /proc/sysrq-trigger
     println!("{version}: {}", console(&vm, "panic: ").text.trim());
     let sysrq = console(&vm, "sysrq: Trigger a crash");
     let panic = console(&vm, PANIC);
-    let stamp = |line: &ConsoleLine| -> f64 {
-        let text = line.text.trim_start();
-        let inner = &text[text.find('[').unwrap() + 1..text.find(']').unwrap()];
-        inner.trim().parse().unwrap()
-    };
     println!(
         "{version}: unacknowledged hold: {:.1} ms from the sysrq line to the panic line \
          (kernel clock), {:.1} ms on the host's",
-        (stamp(&panic) - stamp(&sysrq)) * 1000.0,
+        kernel_millis_between(&sysrq, &panic),
         millis_between(sysrq.at, panic.at)
     );
 }
@@ -507,6 +516,8 @@ struct RebootCount {
     last_gasps: u32,
     /// Boots whose netconsole stream carried the panic line.
     netconsole_panics: u32,
+    /// Boots whose netconsole stream went on to `Rebooting in`.
+    netconsole_whole: u32,
     /// Netconsole datagrams from the sysrq line on, over all boots.
     netconsole_lines: usize,
 }
@@ -523,7 +534,9 @@ struct RebootCount {
 /// A boot whose console does not show `Rebooting in` within 60 s of the crash is killed and
 /// counted, with its last console lines and whether it got as far as `Kernel Offset:`; with
 /// lastgasp, the agent's datagrams and the netconsole lines that reached the host are counted
-/// too. Nothing is asserted: the outcome is a race, and the numbers are what the README reports.
+/// too, and a netconsole stream that stops short of `Rebooting in` is shown with its last
+/// line. Nothing is asserted: the outcome is a race, and the numbers are what the README
+/// reports.
 ///
 /// `LASTGASP_SYSRQ_KERNEL=6.12 cargo test -p lastgasp-tests --features vm,kube --test
 /// vm_scenarios -- --ignored reboots_after_sysrq_with_and_without_lastgasp --nocapture`
@@ -633,15 +646,27 @@ echo c > /proc/sysrq-trigger
                 .position(|datagram| datagram.contains("Trigger a crash"))
                 .map_or(0, |first| received.len() - first);
             let panic_line = received.iter().any(|datagram| datagram.contains(PANIC));
+            let whole = received
+                .iter()
+                .any(|datagram| datagram.contains("Rebooting in"));
             let channels = if lastgasp {
                 count.last_gasps += u32::from(gasp.is_some());
                 count.netconsole_panics += u32::from(panic_line);
                 count.netconsole_lines += lines;
+                count.netconsole_whole += u32::from(whole);
                 format!(
                     "; last gasp {}; netconsole: {lines} lines from the sysrq line on, \
-                     panic line {}",
+                     panic line {}, {}",
                     gasp.map_or("lost".to_owned(), |source| format!("via {source:?}")),
-                    if panic_line { "in" } else { "missing" }
+                    if panic_line { "in" } else { "missing" },
+                    if whole {
+                        "`Rebooting in` in".to_owned()
+                    } else {
+                        format!(
+                            "no `Rebooting in`: the stream ended with {:?}",
+                            received.last().map_or("", |last| last.trim())
+                        )
+                    }
                 )
             } else {
                 String::new()
@@ -655,9 +680,12 @@ echo c > /proc/sysrq-trigger
     for (name, count) in ["with", "without"].into_iter().zip(&counts) {
         let channels = if name == "with" {
             format!(
-                "; the last gasp arrived in {}, netconsole's panic line in {} ({} netconsole \
-                 lines from the sysrq line on)",
-                count.last_gasps, count.netconsole_panics, count.netconsole_lines
+                "; the last gasp arrived in {}, netconsole's panic line in {}, its \
+                 `Rebooting in` in {} ({} netconsole lines from the sysrq line on)",
+                count.last_gasps,
+                count.netconsole_panics,
+                count.netconsole_whole,
+                count.netconsole_lines
             )
         } else {
             String::new()
