@@ -431,8 +431,9 @@ echo c > /proc/sysrq-trigger
         );
         let vm = boot(&kernel, &format!("sysrq-count-{run}"), 0, &script);
         let probe = console(&vm, "panic: ");
-        let sysrq = console(&vm, "sysrq: Trigger a crash");
-        let panic = console(&vm, PANIC);
+        // The kernel's own lines, with their timestamps (the agent logs the panic line too).
+        let sysrq = console(&vm, "] sysrq: Trigger a crash");
+        let panic = console(&vm, &format!("] {PANIC}"));
         // The guest is dead or dying; give a datagram in flight through qemu a moment.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let mut source = None;
