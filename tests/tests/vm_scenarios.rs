@@ -524,19 +524,20 @@ struct RebootCount {
 }
 
 /// Not a test but a count: does a panicking guest always reboot, with lastgasp and without?
-/// `LASTGASP_SYSRQ_BOOTS` (30) boots of `LASTGASP_SYSRQ_KERNEL` (6.1) in each of two
-/// configurations, alternating, each crashed with `echo c > /proc/sysrq-trigger` (`panic=1`,
-/// so a kernel that finishes panicking prints `Rebooting in 1 seconds..` and qemu exits):
+/// `LASTGASP_SYSRQ_BOOTS` (30) boots of `LASTGASP_SYSRQ_KERNEL` (6.1) in each of three
+/// configurations, in turn, each crashed with `echo c > /proc/sysrq-trigger` (`panic=1`, so a
+/// kernel that finishes panicking prints `Rebooting in 1 seconds..` and qemu exits):
 ///
 /// - with lastgasp: the agent runs with a controller address on the host, configures a
 ///   netconsole target to the host and holds the panicking CPU (`--panic-hold`, 200 ms);
-/// - without: no agent, the netconsole module unloaded.
+/// - netconsole only: the agent configures the same target and exits (the target stays), so
+///   the kernel's netconsole runs without the agent's last gasp and hold;
+/// - without lastgasp: no agent, the netconsole module unloaded.
 ///
 /// A boot whose console does not show `Rebooting in` within 60 s of the crash is killed and
-/// counted, with its last console lines and whether it got as far as `Kernel Offset:`; with
-/// lastgasp, the agent's datagrams and the netconsole lines that reached the host are counted
-/// too, and a netconsole stream that stops short of `Rebooting in` is shown with its last
-/// line. Nothing is asserted: the outcome is a race, and the numbers are what the README
+/// counted, with its last console lines and whether it got as far as `Kernel Offset:`; the
+/// agent's datagrams and the netconsole lines that reached the host are counted too, and a
+/// netconsole stream that stops short of `Rebooting in` is shown with its last line. Nothing is asserted: the outcome is a race, and the numbers are what the README
 /// reports.
 ///
 /// `LASTGASP_SYSRQ_KERNEL=6.12 cargo test -p lastgasp-tests --features vm,kube --test
@@ -554,25 +555,31 @@ async fn reboots_after_sysrq_with_and_without_lastgasp() {
         .unwrap();
     let report_port = reports.local_addr().unwrap().port();
     let netconsole = Collector::start();
-    let mut counts = [RebootCount::default(), RebootCount::default()];
+    let configurations = ["with lastgasp", "netconsole only", "without lastgasp"];
+    let mut counts: [RebootCount; 3] = Default::default();
     for run in 1..=boots {
-        for (lastgasp, count) in [true, false].into_iter().zip(&mut counts) {
+        for (name, count) in configurations.into_iter().zip(&mut counts) {
             let started = Instant::now();
-            let (name, setup) = if lastgasp {
-                (
-                    "with",
-                    format!(
-                        "run_agent agent --node-name {NODE} --controller {host}:{report_port} \
-    --netconsole-target {host}:{netconsole_port}
+            let agent = name == "with lastgasp";
+            let with_netconsole = name != "without lastgasp";
+            let host = guest::HOST;
+            let target = format!(
+                "--netconsole-target {host}:{}
 await_log 'netconsole target lastgasp-.* (created|not configured)|netconsole is unavailable'
-await_log 'panic: (attached|unavailable)'
 ",
-                        host = guest::HOST,
-                        netconsole_port = netconsole.port,
-                    ),
-                )
-            } else {
-                ("without", "rmmod netconsole\n".to_owned())
+                netconsole.port
+            );
+            let setup = match name {
+                "with lastgasp" => format!(
+                    "run_agent agent --node-name {NODE} --controller {host}:{report_port} \
+                     {target}await_log 'panic: (attached|unavailable)'
+"
+                ),
+                "netconsole only" => format!(
+                    "run_agent agent --node-name {NODE} {target}stop_agent TERM
+"
+                ),
+                _ => "rmmod netconsole\n".to_owned(),
             };
             let script = format!(
                 "{setup}sleep 1
@@ -582,12 +589,12 @@ echo c > /proc/sysrq-trigger
             );
             let vm = boot(
                 &kernel,
-                &format!("reboots-{name}-{run}"),
+                &format!("reboots-{}-{run}", name.replace(' ', "-")),
                 netconsole.port,
                 &script,
             );
             let crash = console(&vm, CRASH_MARKER);
-            if lastgasp && run == 1 {
+            if agent && run == 1 {
                 let log = vm.console_log();
                 for line in log.lines().filter(|line| {
                     line.contains("netconsole target lastgasp-") || line.contains("panic: ")
@@ -650,15 +657,19 @@ echo c > /proc/sysrq-trigger
             let whole = received
                 .iter()
                 .any(|datagram| datagram.contains("Rebooting in"));
-            let channels = if lastgasp {
-                count.last_gasps += u32::from(gasp.is_some());
+            count.last_gasps += u32::from(gasp.is_some());
+            let mut channels = if agent {
+                let gasp = gasp.map_or("lost".to_owned(), |source| format!("via {source:?}"));
+                format!("; last gasp {gasp}")
+            } else {
+                String::new()
+            };
+            if with_netconsole {
                 count.netconsole_panics += u32::from(panic_line);
                 count.netconsole_lines += lines;
                 count.netconsole_whole += u32::from(whole);
-                format!(
-                    "; last gasp {}; netconsole: {lines} lines from the sysrq line on, \
-                     panic line {}, {}",
-                    gasp.map_or("lost".to_owned(), |source| format!("via {source:?}")),
+                channels += &format!(
+                    "; netconsole: {lines} lines from the sysrq line on, panic line {}, {}",
                     if panic_line { "in" } else { "missing" },
                     if whole {
                         "`Rebooting in` in".to_owned()
@@ -668,18 +679,18 @@ echo c > /proc/sysrq-trigger
                             received.last().map_or("", |last| last.trim())
                         )
                     }
-                )
-            } else {
-                String::new()
-            };
+                );
+            }
             println!(
-                "{version} {name} lastgasp: boot {run}/{boots}: {outcome}{channels} ({:.1} s)",
+                "{version} {name}: boot {run}/{boots}: {outcome}{channels} ({:.1} s)",
                 started.elapsed().as_secs_f64()
             );
         }
     }
-    for (name, count) in ["with", "without"].into_iter().zip(&counts) {
-        let channels = if name == "with" {
+    for (name, count) in configurations.into_iter().zip(&counts) {
+        let channels = if name == "without lastgasp" {
+            String::new()
+        } else {
             format!(
                 "; the last gasp arrived in {}, netconsole's panic line in {}, its \
                  `Rebooting in` in {} ({} netconsole lines from the sysrq line on)",
@@ -688,11 +699,9 @@ echo c > /proc/sysrq-trigger
                 count.netconsole_whole,
                 count.netconsole_lines
             )
-        } else {
-            String::new()
         };
         println!(
-            "{version} {name} lastgasp: {} sysrq boots, {} did not reach `Rebooting in` within \
+            "{version} {name}: {} sysrq boots, {} did not reach `Rebooting in` within \
              60 s ({} hung, {} qemu exited){channels}",
             count.boots,
             count.hung + count.exited,
