@@ -593,7 +593,8 @@ echo c > /proc/sysrq-trigger
                 netconsole.port,
                 &script,
             );
-            let crash = console(&vm, CRASH_MARKER);
+            // The kernel's line: the shell's marker before it can be cut short by it.
+            let crash = console(&vm, "] sysrq: Trigger a crash");
             if agent && run == 1 {
                 let log = vm.console_log();
                 for line in log.lines().filter(|line| {
@@ -607,7 +608,7 @@ echo c > /proc/sysrq-trigger
             });
             let outcome = match &rebooting {
                 Ok(line) => format!(
-                    "`Rebooting in` {:.2} s after the crash marker",
+                    "`Rebooting in` {:.2} s after the sysrq line",
                     millis_between(crash.at, line.at) / 1e3
                 ),
                 Err(_) => {
