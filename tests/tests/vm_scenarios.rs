@@ -197,6 +197,16 @@ fn last_write(cluster: &Cluster) -> Instant {
         .expect("the controller wrote")
 }
 
+/// From one console line to another in milliseconds, by the kernel's timestamps on them.
+fn kernel_millis_between(from: &ConsoleLine, to: &ConsoleLine) -> f64 {
+    let stamp = |line: &ConsoleLine| -> f64 {
+        let text = line.text.trim_start();
+        let inner = &text[text.find('[').unwrap() + 1..text.find(']').unwrap()];
+        inner.trim().parse().unwrap()
+    };
+    (stamp(to) - stamp(from)) * 1000.0
+}
+
 /// `to - from` in milliseconds, negative when `to` came first.
 fn millis_between(from: Instant, to: Instant) -> f64 {
     match to.checked_duration_since(from) {
@@ -389,8 +399,9 @@ async fn agent_configured_netconsole_reports_a_sysrq_crash() {
 
 /// Not a test but a count: `LASTGASP_SYSRQ_BOOTS` (20) boots of `LASTGASP_SYSRQ_KERNEL` (5.10),
 /// each crashed with sysrq while the agent runs with a controller address, counting the boots
-/// whose last-gasp datagram reached the host before the guest died. Nothing is asserted: the
-/// outcome is a race, and the numbers are what the README reports.
+/// whose last-gasp datagram reached the host before the guest died; each boot's line gives the
+/// time from the sysrq line to the panic line by the kernel's clock (mostly the panic hold).
+/// Nothing is asserted: the outcome is a race, and the numbers are what the README reports.
 ///
 /// `cargo test -p lastgasp-tests --features vm,kube --test vm_scenarios -- --ignored
 /// last_gasp_over_sysrq_boots --nocapture`
@@ -418,9 +429,11 @@ echo c > /proc/sysrq-trigger
 ",
             host = guest::HOST,
         );
-        let vm = boot(&kernel, "sysrq-count", 0, &script);
+        let vm = boot(&kernel, &format!("sysrq-count-{run}"), 0, &script);
         let probe = console(&vm, "panic: ");
-        console(&vm, PANIC);
+        // The kernel's own lines, with their timestamps (the agent logs the panic line too).
+        let sysrq = console(&vm, "] sysrq: Trigger a crash");
+        let panic = console(&vm, &format!("] {PANIC}"));
         // The guest is dead or dying; give a datagram in flight through qemu a moment.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let mut source = None;
@@ -438,11 +451,13 @@ echo c > /proc/sysrq-trigger
         arrived += u32::from(source.is_some());
         not_rebooting += u32::from(!rebooting);
         println!(
-            "{version}: boot {run}/{boots}: last gasp {}{} ({})",
+            "{version}: boot {run}/{boots}: last gasp {}{}; {:.1} ms from the sysrq line to the \
+             panic line ({})",
             source.map_or("lost".to_owned(), |source| format!(
                 "arrived via {source:?}"
             )),
             if rebooting { "" } else { "; no `Rebooting in`" },
+            kernel_millis_between(&sysrq, &panic),
             probe.text.trim()
         );
     }
@@ -483,17 +498,218 @@ echo c > /proc/sysrq-trigger
     println!("{version}: {}", console(&vm, "panic: ").text.trim());
     let sysrq = console(&vm, "sysrq: Trigger a crash");
     let panic = console(&vm, PANIC);
-    let stamp = |line: &ConsoleLine| -> f64 {
-        let text = line.text.trim_start();
-        let inner = &text[text.find('[').unwrap() + 1..text.find(']').unwrap()];
-        inner.trim().parse().unwrap()
-    };
     println!(
         "{version}: unacknowledged hold: {:.1} ms from the sysrq line to the panic line \
          (kernel clock), {:.1} ms on the host's",
-        (stamp(&panic) - stamp(&sysrq)) * 1000.0,
+        kernel_millis_between(&sysrq, &panic),
         millis_between(sysrq.at, panic.at)
     );
+}
+
+/// What one crashed boot of [`reboots_after_sysrq_with_and_without_lastgasp`] came to.
+#[derive(Default)]
+struct RebootCount {
+    boots: u32,
+    /// Killed 60 s after the crash without `Rebooting in` on the console.
+    hung: u32,
+    /// qemu exited (a reset) before `Rebooting in`.
+    exited: u32,
+    last_gasps: u32,
+    /// Boots whose netconsole stream carried the panic line.
+    netconsole_panics: u32,
+    /// Boots whose netconsole stream went on to `Rebooting in`.
+    netconsole_whole: u32,
+    /// Netconsole datagrams from the sysrq line on, over all boots.
+    netconsole_lines: usize,
+}
+
+/// Not a test but a count: does a panicking guest always reboot, with lastgasp and without?
+/// `LASTGASP_SYSRQ_BOOTS` (30) boots of `LASTGASP_SYSRQ_KERNEL` (6.1) in each of three
+/// configurations, in turn, each crashed with `echo c > /proc/sysrq-trigger` (`panic=1`, so a
+/// kernel that finishes panicking prints `Rebooting in 1 seconds..` and qemu exits):
+///
+/// - with lastgasp: the agent runs with a controller address on the host, configures a
+///   netconsole target to the host and holds the panicking CPU (`--panic-hold`, 200 ms);
+/// - netconsole only: the agent configures the same target and exits (the target stays), so
+///   the kernel's netconsole runs without the agent's last gasp and hold;
+/// - without lastgasp: no agent, the netconsole module unloaded.
+///
+/// A boot whose console does not show `Rebooting in` within 60 s of the crash is killed and
+/// counted, with its last console lines and whether it got as far as `Kernel Offset:`; the
+/// agent's datagrams and the netconsole lines that reached the host are counted too, and a
+/// netconsole stream that stops short of `Rebooting in` is shown with its last line. Nothing is asserted: the outcome is a race, and the numbers are what the README
+/// reports.
+///
+/// `LASTGASP_SYSRQ_KERNEL=6.12 cargo test -p lastgasp-tests --features vm,kube --test
+/// vm_scenarios -- --ignored reboots_after_sysrq_with_and_without_lastgasp --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement over many boots; run by hand"]
+async fn reboots_after_sysrq_with_and_without_lastgasp() {
+    let env = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.into());
+    let version: KernelVersion = env("LASTGASP_SYSRQ_KERNEL", "6.1").parse().unwrap();
+    let boots: u32 = env("LASTGASP_SYSRQ_BOOTS", "30").parse().unwrap();
+    let kernel = fetch(version);
+    let reports = UdpSocket::bind("127.0.0.1:0").unwrap();
+    reports
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let report_port = reports.local_addr().unwrap().port();
+    let netconsole = Collector::start();
+    let configurations = ["with lastgasp", "netconsole only", "without lastgasp"];
+    let mut counts: [RebootCount; 3] = Default::default();
+    for run in 1..=boots {
+        for (name, count) in configurations.into_iter().zip(&mut counts) {
+            let started = Instant::now();
+            let agent = name == "with lastgasp";
+            let with_netconsole = name != "without lastgasp";
+            let host = guest::HOST;
+            let target = format!(
+                "--netconsole-target {host}:{}
+await_log 'netconsole target lastgasp-.* (created|not configured)|netconsole is unavailable'
+",
+                netconsole.port
+            );
+            let setup = match name {
+                "with lastgasp" => format!(
+                    "run_agent agent --node-name {NODE} --controller {host}:{report_port} \
+                     {target}await_log 'panic: (attached|unavailable)'
+"
+                ),
+                "netconsole only" => format!(
+                    "run_agent agent --node-name {NODE} {target}stop_agent TERM
+"
+                ),
+                _ => "rmmod netconsole\n".to_owned(),
+            };
+            let script = format!(
+                "{setup}sleep 1
+echo \"{CRASH_MARKER}\"
+echo c > /proc/sysrq-trigger
+"
+            );
+            let vm = boot(
+                &kernel,
+                &format!("reboots-{}-{run}", name.replace(' ', "-")),
+                netconsole.port,
+                &script,
+            );
+            // The kernel's line: the shell's marker before it can be cut short by it.
+            let crash = console(&vm, "] sysrq: Trigger a crash");
+            if agent && run == 1 {
+                let log = vm.console_log();
+                for line in log.lines().filter(|line| {
+                    line.contains("netconsole target lastgasp-") || line.contains("panic: ")
+                }) {
+                    println!("{version}: {}", line.trim());
+                }
+            }
+            let rebooting = tokio::task::block_in_place(|| {
+                vm.wait_for_console("Rebooting in", Duration::from_secs(60))
+            });
+            let outcome = match &rebooting {
+                Ok(line) => format!(
+                    "`Rebooting in` {:.2} s after the sysrq line",
+                    millis_between(crash.at, line.at) / 1e3
+                ),
+                Err(_) => {
+                    let log = vm.console_log();
+                    let tail: Vec<&str> = log.lines().rev().take(3).collect();
+                    if vm.exited() {
+                        count.exited += 1;
+                    } else {
+                        count.hung += 1;
+                    }
+                    format!(
+                        "NO `Rebooting in` ({}; `Kernel Offset:` {}reached; last lines {tail:?}; \
+                         console log {})",
+                        if vm.exited() {
+                            "qemu exited"
+                        } else {
+                            "killed after 60 s"
+                        },
+                        if log.contains("Kernel Offset:") {
+                            ""
+                        } else {
+                            "not "
+                        },
+                        vm.log_path.display()
+                    )
+                }
+            };
+            // Datagrams in flight through qemu get a moment before the guest goes.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            drop(vm);
+            count.boots += 1;
+            let mut gasp = None;
+            let mut buf = [0u8; 65536];
+            while let Ok(len) = reports.recv(&mut buf) {
+                if let Ok(report) = wire::decode(&buf[..len], &AuthKey::None)
+                    && report.kind == ReportKind::KernelPanic
+                {
+                    gasp.get_or_insert(report.source);
+                }
+            }
+            let received = netconsole.take();
+            let lines = received
+                .iter()
+                .position(|datagram| datagram.contains("Trigger a crash"))
+                .map_or(0, |first| received.len() - first);
+            let panic_line = received.iter().any(|datagram| datagram.contains(PANIC));
+            let whole = received
+                .iter()
+                .any(|datagram| datagram.contains("Rebooting in"));
+            count.last_gasps += u32::from(gasp.is_some());
+            let mut channels = if agent {
+                let gasp = gasp.map_or("lost".to_owned(), |source| format!("via {source:?}"));
+                format!("; last gasp {gasp}")
+            } else {
+                String::new()
+            };
+            if with_netconsole {
+                count.netconsole_panics += u32::from(panic_line);
+                count.netconsole_lines += lines;
+                count.netconsole_whole += u32::from(whole);
+                channels += &format!(
+                    "; netconsole: {lines} lines from the sysrq line on, panic line {}, {}",
+                    if panic_line { "in" } else { "missing" },
+                    if whole {
+                        "`Rebooting in` in".to_owned()
+                    } else {
+                        format!(
+                            "no `Rebooting in`: the stream ended with {:?}",
+                            received.last().map_or("", |last| last.trim())
+                        )
+                    }
+                );
+            }
+            println!(
+                "{version} {name}: boot {run}/{boots}: {outcome}{channels} ({:.1} s)",
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    for (name, count) in configurations.into_iter().zip(&counts) {
+        let channels = if name == "without lastgasp" {
+            String::new()
+        } else {
+            format!(
+                "; the last gasp arrived in {}, netconsole's panic line in {}, its \
+                 `Rebooting in` in {} ({} netconsole lines from the sysrq line on)",
+                count.last_gasps,
+                count.netconsole_panics,
+                count.netconsole_whole,
+                count.netconsole_lines
+            )
+        };
+        println!(
+            "{version} {name}: {} sysrq boots, {} did not reach `Rebooting in` within \
+             60 s ({} hung, {} qemu exited){channels}",
+            count.boots,
+            count.hung + count.exited,
+            count.hung,
+            count.exited
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -527,6 +743,11 @@ impl Collector {
             }
         });
         Self { port, received }
+    }
+
+    /// The datagrams received so far, leaving none.
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.received.lock().unwrap())
     }
 
     fn contains(&self, text: &str) -> bool {
