@@ -172,6 +172,20 @@ fn parse_btime(stat: &str) -> Option<u64> {
         .and_then(|secs| secs.trim().parse().ok())
 }
 
+/// Whether a netconsole console is registered (`netcon0`, `netcon_ext1`, ... in
+/// `/proc/consoles`), whoever configured it. An unreadable file counts as yes: the answer
+/// decides whether sending more risks the panicking CPU's netconsole writes.
+pub fn netconsole_registered() -> bool {
+    fs::read_to_string("/proc/consoles").map_or(true, |consoles| has_netconsole(&consoles))
+}
+
+fn has_netconsole(consoles: &str) -> bool {
+    consoles
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .any(|name| name.starts_with("netcon"))
+}
+
 fn read_trimmed(path: &Path) -> io::Result<String> {
     Ok(fs::read_to_string(path)?.trim().to_owned())
 }
@@ -190,6 +204,18 @@ pub fn monotonic_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn netconsole_is_found_among_the_consoles() {
+        let serial =
+            "ttyS0                -W- (EC p a)    4:64\ntty0                 -WU (E  p  )    4:7\n";
+        assert!(!has_netconsole(serial));
+        assert!(has_netconsole(&format!(
+            "{serial}netcon0              -W- (E     )\n"
+        )));
+        assert!(has_netconsole("netcon_ext1          -W- (E     )\n"));
+        assert!(!has_netconsole(""));
+    }
 
     const ID: &str = "4d3f0c5a1b2e4f6a8b9c0d1e2f3a4b5c6d7e8f9a0b1c2d3e4f5a6b7c8d9e0f1a";
 

@@ -1,5 +1,13 @@
 //! The last-gasp report: the moment the kernel starts to panic, one UDP datagram to the
-//! controller, then one more for each context line that follows, while the machine lasts.
+//! controller, then one more for each context line that follows, while the machine lasts,
+//! unless a netconsole console is registered.
+//!
+//! With netconsole, the panicking CPU itself sends the console's lines through the network
+//! driver once it has stopped the other CPUs. A CPU stopped while sending one of our
+//! datagrams can be left holding the transmit queue's lock, and netpoll's poll of the device
+//! then spins on it for ever: the node never reboots. So with netconsole the agent sends one
+//! datagram per panic (two when a console panic line came before the kernel's own call) and
+//! withholds the rest; netconsole carries the lines that follow.
 
 use std::{
     io,
@@ -41,6 +49,8 @@ pub struct Sent {
     pub failed: usize,
     /// A report was due but no controller endpoint was known.
     pub no_destination: bool,
+    /// Reports not sent because the panicking CPU's netconsole needs the network to itself.
+    pub withheld: usize,
 }
 
 /// Sends this node's reports to the controller. Clones share the sockets and the sequence, so
@@ -201,6 +211,7 @@ impl Sent {
             ("sent", self.sent),
             ("error", self.failed),
             ("no_destination", usize::from(self.no_destination)),
+            ("withheld_for_netconsole", self.withheld),
         ] {
             if count > 0 {
                 metrics
@@ -223,6 +234,9 @@ struct Incident {
     frames: Vec<String>,
     /// Opened by a probe, the message is now the console's printed line.
     printed: bool,
+    /// Whether later datagrams are withheld, decided at the first of them (after the last
+    /// gasp is out: reading `/proc/consoles` must not delay it).
+    quiet: Option<bool>,
 }
 
 impl Incident {
@@ -234,6 +248,7 @@ impl Incident {
             context: Vec::new(),
             frames,
             printed: false,
+            quiet: None,
         }
     }
 }
@@ -241,13 +256,16 @@ impl Incident {
 pub struct LastGasp {
     sender: ReportSender,
     incident: Option<Incident>,
+    /// Whether a netconsole console is registered (see the module's comment).
+    netconsole_registered: fn() -> bool,
 }
 
 impl LastGasp {
-    pub fn new(sender: ReportSender) -> Self {
+    pub fn new(sender: ReportSender, netconsole_registered: fn() -> bool) -> Self {
         Self {
             sender,
             incident: None,
+            netconsole_registered,
         }
     }
 
@@ -255,7 +273,7 @@ impl LastGasp {
     /// console text can be forged (a first line is all the watcher can check), so a panic
     /// line from the console earlier in the boot must not suppress the kernel's own call.
     /// The console line that follows a probe's call replaces the message (a format string)
-    /// with the printed text once; the source stays the probe's.
+    /// with the printed text once; the source stays the probe's (withheld under netconsole).
     /// A probe's `frames` (its named stack) go with every datagram of the incident.
     pub fn on_panic(&mut self, message: &str, source: KernelSource, frames: Vec<String>) -> Sent {
         let from_console = source == KernelSource::Console;
@@ -271,6 +289,7 @@ impl LastGasp {
             {
                 incident.message = message.to_owned();
                 incident.printed = true;
+                return self.send_more();
             }
             Some(_) => return Sent::default(),
         }
@@ -288,6 +307,21 @@ impl LastGasp {
             return Sent::default();
         }
         incident.context.push(line.to_owned());
+        self.send_more()
+    }
+
+    /// A datagram after the incident's first: withheld while netconsole is registered.
+    fn send_more(&mut self) -> Sent {
+        let netconsole_registered = self.netconsole_registered;
+        let Some(incident) = &mut self.incident else {
+            return Sent::default();
+        };
+        if *incident.quiet.get_or_insert_with(netconsole_registered) {
+            return Sent {
+                withheld: 1,
+                ..Sent::default()
+            };
+        }
         self.send()
     }
 
@@ -360,7 +394,7 @@ mod tests {
     }
 
     /// A last gasp sending to a local socket; returns both.
-    fn last_gasp() -> (LastGasp, UdpSocket) {
+    fn last_gasp(netconsole_registered: fn() -> bool) -> (LastGasp, UdpSocket) {
         let controller = UdpSocket::bind("127.0.0.1:0").unwrap();
         controller
             .set_read_timeout(Some(Duration::from_secs(2)))
@@ -373,7 +407,7 @@ mod tests {
             kernel_release: None,
         };
         let sender = ReportSender::new(endpoints, None, AuthKey::None, identity).unwrap();
-        (LastGasp::new(sender), controller)
+        (LastGasp::new(sender, netconsole_registered), controller)
     }
 
     fn received(controller: &UdpSocket) -> Report {
@@ -384,7 +418,7 @@ mod tests {
 
     #[test]
     fn a_probed_panic_is_sent_after_a_console_panic() {
-        let (mut gasp, controller) = last_gasp();
+        let (mut gasp, controller) = last_gasp(|| false);
         let forged = "Kernel panic - not syncing: forged";
         assert_eq!(
             gasp.on_panic(forged, KernelSource::Console, Vec::new())
@@ -430,5 +464,66 @@ mod tests {
             gasp.on_panic(format, KernelSource::Kprobe, Vec::new()),
             Sent::default()
         );
+    }
+
+    #[test]
+    fn without_netconsole_the_lines_that_follow_go_as_context() {
+        let (mut gasp, controller) = last_gasp(|| false);
+        let format = "Kernel panic - not syncing: %s";
+        gasp.on_panic(format, KernelSource::Kprobe, vec!["panic+0x10".into()]);
+        assert!(received(&controller).context.is_empty());
+        assert_eq!(gasp.on_line("CPU: 1 PID: 1 Comm: sh").sent, 1);
+        let context = received(&controller);
+        assert_eq!(context.context, ["CPU: 1 PID: 1 Comm: sh"]);
+        assert_eq!(context.frames, ["panic+0x10"]);
+    }
+
+    #[test]
+    fn with_netconsole_nothing_follows_the_last_gasp() {
+        let (mut gasp, controller) = last_gasp(|| true);
+        let format = "Kernel panic - not syncing: %s";
+        assert_eq!(
+            gasp.on_panic(format, KernelSource::Kprobe, vec!["panic+0x10".into()])
+                .sent,
+            1
+        );
+        assert_eq!(received(&controller).frames, ["panic+0x10"]);
+        let withheld = Sent {
+            withheld: 1,
+            ..Sent::default()
+        };
+        let printed = "Kernel panic - not syncing: sysrq triggered crash";
+        assert_eq!(
+            gasp.on_panic(printed, KernelSource::Console, Vec::new()),
+            withheld
+        );
+        assert_eq!(gasp.on_line("CPU: 1 PID: 1 Comm: sh"), withheld);
+        controller
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut datagram = [0u8; 4096];
+        assert!(
+            controller.recv(&mut datagram).is_err(),
+            "a datagram after the last gasp"
+        );
+    }
+
+    #[test]
+    fn with_netconsole_a_probe_still_follows_a_console_panic_line() {
+        let (mut gasp, controller) = last_gasp(|| true);
+        let forged = "Kernel panic - not syncing: forged";
+        assert_eq!(
+            gasp.on_panic(forged, KernelSource::Console, Vec::new())
+                .sent,
+            1
+        );
+        assert_eq!(received(&controller).source, ReportSource::Console);
+        assert_eq!(gasp.on_line("context").withheld, 1);
+        let format = "Kernel panic - not syncing: %s";
+        assert_eq!(
+            gasp.on_panic(format, KernelSource::Fentry, Vec::new()).sent,
+            1
+        );
+        assert_eq!(received(&controller).source, ReportSource::Fentry);
     }
 }

@@ -476,7 +476,7 @@ impl Start {
         signals: ClusterSignals,
     ) -> anyhow::Result<Readers> {
         let (events, _) = broadcast::channel(4096);
-        let last_gasp = sender.map(LastGasp::new);
+        let last_gasp = sender.map(|sender| LastGasp::new(sender, procfs::netconsole_registered));
         // Only a panic() probe takes stacks to name, and only a last gasp carries them.
         let kallsyms = (maps.panic_probe && last_gasp.is_some())
             .then(
