@@ -8,6 +8,7 @@ pub mod faults;
 pub mod fixtures;
 pub mod kube;
 pub mod vm;
+pub mod vm_console;
 
 /// The body of `GET /metrics` from an agent or controller, over plain HTTP/1.1.
 pub async fn scrape(addr: std::net::SocketAddr) -> String {

@@ -18,8 +18,9 @@
 
 use std::{collections::BTreeSet, time::Duration};
 
-use lastgasp_tests::vm::{
-    Initramfs, Kernel, KernelVersion, Vm, VmOptions, guest_tool, static_agent,
+use lastgasp_tests::{
+    vm::{Initramfs, Kernel, KernelVersion, Vm, VmOptions, guest_tool, static_agent},
+    vm_console::{AGENT_FUNCTIONS, agent_log, events, metric, section},
 };
 use serde_json::Value;
 
@@ -27,59 +28,6 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 /// From boot to the end of a scenario's script, under TCG.
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(400);
 const DONE: &str = "lastgasp-vm: scenario done";
-
-/// Shell functions for the scenarios' scripts.
-const FUNCTIONS: &str = r#"mkdir -p /sys/fs/bpf /run
-mount -t bpf bpf /sys/fs/bpf
-mount -t debugfs debugfs /sys/kernel/debug
-# wait_count PATTERN N SECONDS: until the agent's log has N lines with PATTERN; fails early
-# if the agent is gone.
-wait_count() {
-    tries=0
-    while [ "$(grep -c "$1" /tmp/agent.log)" -lt "$2" ]; do
-        tries=$((tries + 1))
-        if ! kill -0 "$agent" 2> /dev/null; then
-            echo "lastgasp-vm: the agent exited while waiting for $1"
-            return 1
-        fi
-        if [ "$tries" -gt $(($3 * 10)) ]; then
-            echo "lastgasp-vm: timed out waiting for $2 lines of $1 in the agent log"
-            return 1
-        fi
-        sleep 0.1
-    done
-}
-# wait_log PATTERN SECONDS: until the agent's log has PATTERN.
-wait_log() {
-    wait_count "$1" 1 "$2"
-}
-# metrics TAG: the agent's metrics, each line prefixed with "metrics[TAG]: ".
-metrics() {
-    wget -qO- http://127.0.0.1:9465/metrics | grep '^lastgasp_' | sed "s/^/metrics[$1]: /"
-}
-# start_agent ARGS...: the agent in the background, its JSON log in /tmp/agent.log. The log
-# is emptied here, before the agent starts, and the agent appends to it: nothing truncates it
-# once a wait may be reading it.
-start_agent() {
-    : > /tmp/agent.log
-    /bin/lastgasp --log-format json agent --standalone --node-name vm-node \
-        --metrics-addr 127.0.0.1:9465 "$@" >> /tmp/agent.log 2>&1 &
-    agent=$!
-    wait_log 'serving metrics' 120
-}
-# stop_agent TAG: SIGTERM, then its log with each line prefixed with "agent-log[TAG]: ".
-stop_agent() {
-    kill "$agent" 2> /dev/null
-    wait "$agent"
-    sed "s/^/agent-log[$1]: /" /tmp/agent.log
-}
-# fail TAG: the run went wrong; show the agent's log and end the run.
-fail() {
-    metrics "$1-failed"
-    stop_agent "$1"
-    echo "lastgasp-vm: end $1"
-}
-"#;
 
 /// Scenario 4 with the netlink probe in `--netlink-probe $1`.
 const NETLINK_RUN: &str = r#"
@@ -172,7 +120,7 @@ fn run_guest(version: KernelVersion, name: &str, script: &str) -> String {
     let block_recv = guest_tool("block-recv").unwrap();
     let recv_cost = guest_tool("recv-cost").unwrap();
     let kernel = fetch(version);
-    let script = format!("{FUNCTIONS}{script}\necho \"{DONE}\"\n");
+    let script = format!("{AGENT_FUNCTIONS}{script}\necho \"{DONE}\"\n");
     let initramfs = Initramfs::build(
         &kernel,
         &script,
@@ -196,59 +144,6 @@ fn run_guest(version: KernelVersion, name: &str, script: &str) -> String {
     let done = vm.wait_for_console(DONE, SCRIPT_TIMEOUT).unwrap();
     println!("{version}: {name} took {:?} after boot", done.at - ready.at);
     vm.console_log()
-}
-
-/// The console lines between `lastgasp-vm: begin <tag>` and `lastgasp-vm: end <tag>`.
-fn section<'a>(console: &'a str, tag: &str) -> Vec<&'a str> {
-    let begin = format!("lastgasp-vm: begin {tag}");
-    let end = format!("lastgasp-vm: end {tag}");
-    let lines: Vec<&str> = console.lines().collect();
-    let start = lines
-        .iter()
-        .position(|line| line.ends_with(&begin))
-        .unwrap_or_else(|| panic!("no {begin:?} on the console:\n{console}"));
-    let stop = lines[start..]
-        .iter()
-        .position(|line| line.ends_with(&end))
-        .unwrap_or_else(|| panic!("no {end:?} on the console:\n{console}"));
-    lines[start..start + stop].to_vec()
-}
-
-/// The agent's JSON log lines of a run (`agent-log[<tag>]: ` on the console).
-fn agent_log(lines: &[&str], tag: &str) -> Vec<Value> {
-    let prefix = format!("agent-log[{tag}]: ");
-    lines
-        .iter()
-        .filter_map(|line| line.split_once(&prefix).map(|(_, json)| json))
-        .filter_map(|json| serde_json::from_str(json).ok())
-        .collect()
-}
-
-fn events<'a>(log: &'a [Value], kind: &str) -> Vec<&'a Value> {
-    log.iter().filter(|entry| entry["kind"] == kind).collect()
-}
-
-/// The sum of metric `name` over its series with all of `labels` in the scrape tagged `tag`;
-/// `None` when it has no such series.
-fn metric(lines: &[&str], tag: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let prefix = format!("metrics[{tag}]: ");
-    lines
-        .iter()
-        .filter_map(|line| line.split_once(&prefix).map(|(_, sample)| sample))
-        .filter_map(|sample| {
-            let (series, value) = sample.rsplit_once(' ')?;
-            let (series_name, series_labels) = series.split_once('{').unwrap_or((series, ""));
-            let matches = series_name == name
-                && labels
-                    .iter()
-                    .all(|(key, value)| series_labels.contains(&format!("{key}=\"{value}\"")));
-            if matches {
-                value.parse::<f64>().ok()
-            } else {
-                None
-            }
-        })
-        .reduce(|sum, value| sum + value)
 }
 
 /// `block-recv: <what> key=value ...` lines of a run, as (key → value) lists.

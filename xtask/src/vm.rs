@@ -39,8 +39,8 @@ pub enum VmTask {
         #[arg(long)]
         crash_module: bool,
     },
-    /// Fetch, then run the VM scenarios (tests/tests/vm_scenarios.rs, vm_pstore.rs, vm_hangs.rs
-    /// and vm_crashes.rs).
+    /// Fetch, then run the VM scenarios (tests/tests/vm_scenarios.rs, vm_pstore.rs, vm_hangs.rs,
+    /// vm_crashes.rs and vm_terminations.rs).
     Test {
         /// Arguments for the test binary, e.g. a test name.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -78,6 +78,8 @@ pub fn main(task: VmTask) -> anyhow::Result<()> {
                         "vm_hangs",
                         "--test",
                         "vm_crashes",
+                        "--test",
+                        "vm_terminations",
                         "--",
                     ])
                     .args(args),

@@ -10,8 +10,8 @@ use aya::{
 };
 use clap::ValueEnum;
 use lastgasp_common::{
-    CNI_DIR_LEN, CNI_DIRS, CniDir, OomVictimFields, POD_CGROUP_ROOTS, PodCgroupRoot, PodCgroups,
-    ProbeConfig, RecvSyscallNumbers, helpers,
+    CNI_DIR_LEN, CNI_DIRS, CniDir, NO_FIELD, OomVictimFields, POD_CGROUP_ROOTS, PodCgroupRoot,
+    PodCgroups, ProbeConfig, RecvSyscallNumbers, helpers,
 };
 use serde::Serialize;
 use thiserror::Error;
@@ -353,7 +353,18 @@ pub fn load(settings: &ProbeSettings<'_>) -> Result<LoadedProbes, LoadError> {
     let signal_attached = signal.mode.is_some();
     status.push(signal);
     status.push(match (&oom_victim, signal_attached) {
-        (Ok(_), true) => tracepoints(&mut ebpf, "oom", &[("mark_victim", "oom", "mark_victim")]),
+        (Ok(fields), true) => {
+            let mut status =
+                tracepoints(&mut ebpf, "oom", &[("mark_victim", "oom", "mark_victim")]);
+            if status.mode.is_some() && fields.anon_rss == NO_FIELD {
+                status.detail = Some(
+                    "oom:mark_victim has the pid only (before Linux 6.9): the victim's RSS and \
+                     oom_score_adj come from the console's `Killed process` line"
+                        .into(),
+                );
+            }
+            status
+        }
         (Ok(_), false) => unavailable("oom", "needs the signal probe"),
         (Err(error), _) => unavailable("oom", error),
     });
@@ -397,6 +408,15 @@ fn pod_cgroups(btf: &btf::Btf, wanted: &[PathBuf]) -> Result<(PodCgroups, PodRoo
             })?;
         id + 1
     };
+    tracing::info!(
+        ancestors = if offsets.ancestors_are_ids != 0 {
+            "cgroup.ancestor_ids"
+        } else {
+            "cgroup.ancestors"
+        },
+        hierarchy,
+        "pod cgroup filter: a task's cgroup at each root's level must be that root"
+    );
     let mut slots = [PodCgroupRoot::default(); POD_CGROUP_ROOTS];
     for (slot, root) in slots.iter_mut().zip(&roots.roots) {
         *slot = *root;
