@@ -2,8 +2,10 @@
 //! (`lastgasp_tests::kube::node`) with `deploy/overlays/test-cluster` applied. A container
 //! SIGKILLed by a host process twice (restarted by kubelet at once, then after its back-off), a
 //! container OOM-killed by its `resources.limits.memory`, and a child process OOM-killed while
-//! its container runs on: each gets the agent's Event on its Pod, naming who or what killed
-//! it, and the restart's back-off is compared with the one kubelet actually used.
+//! its container runs on, and a container that sleeps through SIGTERM, stopped by kubelet
+//! after a failed liveness probe: each gets the agent's Event on its Pod, naming who or what
+//! killed it (for the last, the runtime once the grace period ran out), and the restart's
+//! back-off is compared with the one kubelet actually used.
 //!
 //! Needs what `cluster_deploy.rs` needs; runs about two minutes.
 
@@ -53,6 +55,24 @@ fn pod(name: &str, command: &[&str]) -> Pod {
         },
     }))
     .unwrap()
+}
+
+/// A pod whose container ignores SIGTERM and fails its liveness probe (nothing listens on
+/// its port): kubelet stops it with SIGTERM, then SIGKILL once the 2 s grace period is over.
+fn slow_stop_pod() -> Pod {
+    let mut pod = pod("slow-stop", &["/pause", "ignore-term"]);
+    let spec = pod.spec.as_mut().unwrap();
+    spec.termination_grace_period_seconds = Some(2);
+    spec.containers[0].liveness_probe = Some(
+        serde_json::from_value(json!({
+            "tcpSocket": { "port": 9 },
+            "initialDelaySeconds": 2,
+            "periodSeconds": 2,
+            "failureThreshold": 1,
+        }))
+        .unwrap(),
+    );
+    pod
 }
 
 fn app_status(pod: &Pod) -> Option<ContainerStatus> {
@@ -235,6 +255,7 @@ async fn container_kills_and_ooms_on_a_real_kubelet_are_explained_on_their_pods(
         pod("killed", &["/pause"]),
         pod("oom", &["/memhog"]),
         pod("child-oom", &["/memhog", "child"]),
+        slow_stop_pod(),
     ] {
         eventually("a test pod created", Duration::from_secs(30), || async {
             pods.create(&PostParams::default(), &pod).await.is_ok()
@@ -344,5 +365,32 @@ async fn container_kills_and_ooms_on_a_real_kubelet_are_explained_on_their_pods(
     );
     let child_pod = pods.get("child-oom").await.unwrap();
     assert!(running_with_restarts(&child_pod, 0), "{child_pod:?}");
-    eprintln!("kill: {second}\nOOM: {oom_note}\nchild OOM: {child_note}");
+
+    // Stopped by kubelet: SIGTERM ignored, SIGKILL from the runtime after the grace period.
+    let stop_note = wait_note(
+        &admin,
+        "slow-stop",
+        "ContainerKilled",
+        "grace period after its SIGTERM ran out",
+    )
+    .await;
+    assert!(stop_note.contains("the container runtime"), "{stop_note}");
+    let annotation = eventually_some(
+        "the slow-stop annotation",
+        Duration::from_secs(30),
+        || async {
+            let pod = pods.get("slow-stop").await.ok()?;
+            let annotation = pod.annotations().get("lastgasp.io/last-termination.app")?;
+            serde_json::from_str::<Value>(annotation).ok()
+        },
+    )
+    .await;
+    let sender = &annotation["sender"];
+    assert_eq!(sender["kind"], "runtime", "{annotation}");
+    assert_eq!(sender["grace_period_expired"], true, "{annotation}");
+    let grace = sender["grace_seconds"]
+        .as_f64()
+        .expect("the grace period seen");
+    assert!((1.5..5.0).contains(&grace), "{annotation}");
+    eprintln!("kill: {second}\nOOM: {oom_note}\nchild OOM: {child_note}\nslow stop: {stop_note}");
 }

@@ -193,7 +193,8 @@ pub fn workspace_root() -> anyhow::Result<PathBuf> {
 
 /// The sandbox ("pause") image of the test cluster's containerd, tagged [`PAUSE_IMAGE`], `FROM
 /// scratch` with static C programs: `/pause` sleeps in `pause()`, reaps children and exits on
-/// SIGINT or SIGTERM; for the tests' containers, `/netlink-recv` blocks a thread in
+/// SIGINT or SIGTERM (`/pause ignore-term`: not on SIGTERM, as a container that does not stop
+/// within its grace period); for the tests' containers, `/netlink-recv` blocks a thread in
 /// NETLINK_ROUTE `recvfrom` (nothing is ever sent to its socket) until SIGTERM, and
 /// `/memhog` touches memory until the OOM killer stops it (`/memhog child`: a child does, while
 /// the first process waits). Its OCI archive is cached beside the Kubernetes binaries.
@@ -256,6 +257,7 @@ use crate::kube::bin_dir::PAUSE_IMAGE;
 
 const PAUSE_C: &str = r#"#include <signal.h>
 #include <stddef.h>
+#include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -267,9 +269,10 @@ static void reap(int sig) {
     }
 }
 
-int main(void) {
+int main(int argc, char **argv) {
+    int ignore_term = argc > 1 && strcmp(argv[1], "ignore-term") == 0;
     signal(SIGINT, stop);
-    signal(SIGTERM, stop);
+    signal(SIGTERM, ignore_term ? SIG_IGN : stop);
     signal(SIGCHLD, reap);
     for (;;) pause();
 }

@@ -104,6 +104,16 @@ impl PodIndex {
             .insert((namespace.into(), name.into()), uid.into());
     }
 
+    /// For tests: a container the watch would have seen.
+    #[cfg(test)]
+    pub(crate) fn insert_container(&self, container_id: &str, container: ContainerRef) {
+        self.index
+            .write()
+            .expect("pod index lock")
+            .by_container
+            .insert(container_id.into(), container);
+    }
+
     /// The uid of this node's pod `namespace/name`, if the watch has seen it.
     pub fn uid(&self, namespace: &str, name: &str) -> Option<String> {
         self.index

@@ -25,11 +25,12 @@ pub const KUBE_CONTROLLER_MANAGER: &str = "kube-controller-manager";
 /// The test cluster's one local image besides lastgasp's (`cargo xtask cluster`), an OCI
 /// archive in [`cache_root`]: `/pause`, the sandbox containerd's CRI plugin runs, and for the
 /// tests' containers `/netlink-recv`, a process blocked in NETLINK_ROUTE `recvfrom`, and
-/// `/memhog [child]`, which touches memory until the OOM killer stops it (or its child).
+/// `/memhog [child]`, which touches memory until the OOM killer stops it (or its child);
+/// `/pause ignore-term` sleeps through SIGTERM.
 /// The tag changes with its content, so a cached archive of an older one is rebuilt.
-pub const PAUSE_ARCHIVE: &str = "pause-3.oci.tar";
+pub const PAUSE_ARCHIVE: &str = "pause-4.oci.tar";
 /// The name that image is imported under.
-pub const PAUSE_IMAGE: &str = "localhost/lastgasp-pause:3";
+pub const PAUSE_IMAGE: &str = "localhost/lastgasp-pause:4";
 
 /// `$LASTGASP_KUBE_BIN_DIR` if set, else `kubernetes-<version>` in the per-user cache:
 /// `$XDG_CACHE_HOME/lastgasp/`, else `$HOME/.cache/lastgasp/`. Outside `target/`, so

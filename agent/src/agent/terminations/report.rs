@@ -2147,6 +2147,85 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn an_unnamed_container_waits_for_the_pod_watch_beside_the_queue() {
+        let (client, mut server) = kube_mock::client();
+        let metrics = AgentMetrics::register(&mut Registry::default());
+        let (queue, queued) = mpsc::channel(QUEUE);
+        let pods = PodIndex::default();
+        let config = ReportConfig {
+            node: "worker-3".into(),
+            backoff: KubeletBackoff::default(),
+            pods: pods.clone(),
+        };
+        let writer = tokio::spawn(write(client, config, queued, metrics));
+        let started = Instant::now();
+        // Children's deaths in two containers the pod watch does not know yet, then one in a
+        // known container.
+        let unnamed = |container_id: &str| Termination {
+            at: SystemTime::now(),
+            container_id: container_id.into(),
+            container: None,
+            ..termination(false, killed(libc::SIGKILL, Sender::Kernel))
+        };
+        queue.send(unnamed("fresh")).await.unwrap();
+        queue.send(unnamed("never")).await.unwrap();
+        queue
+            .send(Termination {
+                at: SystemTime::now(),
+                ..termination(false, killed(libc::SIGKILL, Sender::Kernel))
+            })
+            .await
+            .unwrap();
+
+        // The known one is written at once: the unnamed ones wait beside the queue.
+        let web = |name: &str| {
+            serde_json::json!({
+                "metadata": { "name": name, "namespace": "shop", "uid": format!("uid-{name}") },
+                "spec": { "containers": [{ "name": "app", "image": "app" }] },
+            })
+        };
+        let read = server.next().await;
+        assert_eq!(read.path(), "/api/v1/namespaces/shop/pods/web-0");
+        read.respond(200, web("web-0"));
+        let event = server.next().await;
+        assert_eq!(event.body["regarding"]["name"], "web-0");
+        event.ok();
+        assert!(started.elapsed() < NAMING_POLL, "{:?}", started.elapsed());
+
+        // The watch learns of the first container 2 s later: it is written within a poll.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let web_1 = ContainerRef {
+            pod: "web-1".into(),
+            ..app()
+        };
+        pods.insert_container("fresh", web_1);
+        let read = server.next().await;
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(2) && waited <= Duration::from_secs(2) + NAMING_POLL,
+            "{waited:?}"
+        );
+        assert_eq!(read.path(), "/api/v1/namespaces/shop/pods/web-1");
+        read.respond(200, web("web-1"));
+        let event = server.next().await;
+        assert_eq!(event.body["reason"], "ProcessKilled");
+        assert_eq!(event.body["regarding"]["uid"], "uid-web-1");
+        event.ok();
+
+        // The other is given up once the wait is over: a watch that learns of it later
+        // writes nothing.
+        tokio::time::sleep_until(started + NAMING_WAIT + NAMING_POLL).await;
+        let web_2 = ContainerRef {
+            pod: "web-2".into(),
+            ..app()
+        };
+        pods.insert_container("never", web_2);
+        assert!(server.next_within(Duration::from_secs(60)).await.is_none());
+        drop(queue);
+        writer.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_status_that_never_shows_the_exit_is_read_until_the_bounded_wait_ends() {
         let (client, mut server) = kube_mock::client();
         let metrics = AgentMetrics::register(&mut Registry::default());
