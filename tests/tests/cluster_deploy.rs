@@ -70,25 +70,49 @@ fn running(pod: &Pod) -> bool {
 
 /// The agent pod's log so far.
 async fn agent_log(client: &Client) -> String {
+    logs(client, "lastgasp-agent-").await
+}
+
+/// The logs so far of lastgasp's pods whose names start with `prefix`, one after another.
+async fn logs(client: &Client, prefix: &str) -> String {
     let api = Api::<Pod>::namespaced(client.clone(), LASTGASP_NAMESPACE);
-    let Some(pod) = pods(client, LASTGASP_NAMESPACE)
+    let mut logs = String::new();
+    for pod in pods(client, LASTGASP_NAMESPACE).await {
+        let name = pod.metadata.name.unwrap_or_default();
+        if name.starts_with(prefix) {
+            let log = api.logs(&name, &LogParams::default()).await;
+            logs += &format!("--- {name}\n{}\n", log.unwrap_or_else(|e| e.to_string()));
+        }
+    }
+    logs
+}
+
+/// [`eventually`], and on a timeout the agent's and the controllers' logs in the failure.
+async fn eventually_or_logs<F, Fut>(client: &Client, what: &str, within: Duration, done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    if tokio::time::timeout(within, wait_until(done))
         .await
-        .into_iter()
-        .find(|pod| {
-            pod.metadata
-                .name
-                .as_deref()
-                .is_some_and(|name| name.starts_with("lastgasp-agent-"))
-        })
-    else {
-        return String::new();
-    };
-    api.logs(
-        pod.metadata.name.as_deref().unwrap_or_default(),
-        &LogParams::default(),
-    )
-    .await
-    .unwrap_or_default()
+        .is_err()
+    {
+        panic!(
+            "timed out waiting for {what}\n{}{}",
+            logs(client, "lastgasp-agent-").await,
+            logs(client, "lastgasp-controller-").await
+        );
+    }
+}
+
+async fn wait_until<F, Fut>(mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    while !done().await {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn scrape_agent() -> String {
@@ -276,7 +300,8 @@ async fn deploy_runs_on_a_real_node_and_a_panic_line_marks_it() {
     // last gasp to the leader's pod address; the leader marks the Node and the pods on it.
     fs_write_kmsg("<0>Kernel panic - not syncing: lastgasp cluster test\n");
     let nodes = Api::<Node>::all(admin.clone());
-    eventually("the Node marked", Duration::from_secs(60), || async {
+    let marked = Duration::from_secs(60);
+    eventually_or_logs(&admin, "the Node marked", marked, || async {
         nodes.get(NODE_NAME).await.is_ok_and(|node| {
             node.metadata
                 .annotations
@@ -285,7 +310,7 @@ async fn deploy_runs_on_a_real_node_and_a_panic_line_marks_it() {
         })
     })
     .await;
-    eventually("the test pod marked", Duration::from_secs(60), || async {
+    eventually_or_logs(&admin, "the test pod marked", marked, || async {
         team.get("victim").await.is_ok_and(|pod| {
             let annotated = pod
                 .metadata

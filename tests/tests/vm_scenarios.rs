@@ -387,6 +387,15 @@ echo c > /proc/sysrq-trigger
             vm.console_log()
         );
     }
+    // With netconsole registered, the last gasp is the agent's only datagram: the lines after
+    // the panic are netconsole's to send (see agent/src/agent/last_gasp.rs).
+    let reports = r#"lastgasp_controller_datagrams_received_total{channel="report"}"#;
+    let metrics = scrape(controller.metrics_addr()).await;
+    let received: Vec<&str> = metrics
+        .lines()
+        .filter(|line| line.starts_with(reports))
+        .collect();
+    assert_eq!(received, [format!("{reports} 1")], "{metrics}");
     assert_other_untouched(&cluster).await;
     println!("{version}: scenario took {:?}", started.elapsed());
     controller.shutdown();
