@@ -412,7 +412,16 @@ fn netlink_hang_in_fentry_and_kprobe_modes_6_12() {
 
 #[test]
 fn cni_pile_up_of_20_stuck_calls() {
-    let console = run_guest(KernelVersion::Debian61, "cni-pile-up", CNI_PILE_UP);
+    cni_pile_up(KernelVersion::Debian61);
+}
+
+#[test]
+fn cni_pile_up_of_20_stuck_calls_5_10() {
+    cni_pile_up(KernelVersion::Debian510);
+}
+
+fn cni_pile_up(version: KernelVersion) {
+    let console = run_guest(version, "cni-pile-up", CNI_PILE_UP);
     let lines = section(&console, "cni");
     let log = agent_log(&lines, "cni");
     let context = || lines.join("\n");

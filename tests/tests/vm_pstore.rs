@@ -313,6 +313,11 @@ async fn pstore_record_of_an_unreported_panic_marks_node_and_pods_after_reboot()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pstore_record_of_an_unreported_panic_marks_node_and_pods_after_reboot_5_10() {
+    pstore_recovery(KernelVersion::Debian510).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pstore_record_of_an_unreported_panic_marks_node_and_pods_after_reboot_6_12() {
     pstore_recovery(KernelVersion::Debian612).await;
 }
