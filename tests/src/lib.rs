@@ -9,6 +9,7 @@ pub mod fixtures;
 pub mod kube;
 pub mod vm;
 pub mod vm_console;
+pub mod vm_diagnose;
 
 /// The body of `GET /metrics` from an agent or controller, over plain HTTP/1.1.
 pub async fn scrape(addr: std::net::SocketAddr) -> String {

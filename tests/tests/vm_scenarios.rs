@@ -30,6 +30,7 @@ use lastgasp_tests::{
     kube::{User, cluster::Cluster},
     scrape,
     vm::{ConsoleLine, Initramfs, Kernel, KernelVersion, Vm, VmOptions, guest, static_agent},
+    vm_diagnose::{self, KallsymsReceiver, Symbols, TcpSink},
 };
 use serde_json::{Value, json};
 
@@ -111,6 +112,66 @@ fn boot(kernel: &Kernel, name: &str, netconsole_port: u16, script: &str) -> Vm {
         ready.at - vm.started
     );
     vm
+}
+
+/// Where each vCPU of a guest that stopped making progress is, one line each, named from the
+/// symbols the guest sent.
+fn where_cpus_are(vm: &Vm, symbols: &Symbols) -> anyhow::Result<Vec<String>> {
+    Ok(vm_diagnose::cpu_states(&vm.qmp_path, symbols)?
+        .into_iter()
+        .map(|cpu| {
+            format!(
+                "CPU {}{}: at {}; stack words: {}",
+                cpu.cpu,
+                if cpu.halted { " (halted)" } else { "" },
+                cpu.rip,
+                cpu.stack.join(" ")
+            )
+        })
+        .collect())
+}
+
+/// The harness's view of a guest that no longer makes progress: a kernel that panicked with
+/// `panic=0` spins in `panic()` on one CPU for ever, and has stopped the other.
+#[test]
+fn a_stopped_guest_shows_where_each_cpu_is() {
+    let kernel = fetch(KernelVersion::Debian612);
+    let kallsyms = KallsymsReceiver::start();
+    let script = format!(
+        "{}{}echo \"{CRASH_MARKER}\"\necho c > /proc/sysrq-trigger\n",
+        guest::NETWORK_UP,
+        vm_diagnose::send_kallsyms(guest::HOST, kallsyms.port)
+    );
+    let initramfs = Initramfs::build(&kernel, &script, &[]).unwrap();
+    let options = VmOptions {
+        name: format!("stopped-{}", kernel.version),
+        cpus: 2,
+        ..VmOptions::default()
+    };
+    // The last `panic=` wins: the kernel loops in panic() instead of rebooting.
+    let (vm, _) = Vm::boot_to_init(&kernel, &initramfs, "panic=0", &options, BOOT_TIMEOUT).unwrap();
+    vm.wait_for_console("end Kernel panic", BOOT_TIMEOUT)
+        .unwrap();
+    let symbols = kallsyms.take().expect("the guest's kallsyms");
+    println!("{} text symbols from the guest", symbols.len());
+    let cpus = where_cpus_are(&vm, &symbols).unwrap();
+    for cpu in &cpus {
+        println!("{cpu}");
+    }
+    assert_eq!(cpus.len(), 2);
+    assert!(
+        cpus.iter().any(|cpu| cpu.contains(" panic+")),
+        "one CPU spins in panic(): {cpus:#?}"
+    );
+    // Stopped by the panicking CPU's IPI while idle: the IPI's frames on the IRQ stack, then
+    // the idle task's.
+    assert!(
+        cpus.iter().any(|cpu| cpu.contains("(halted)")
+            && cpu.contains("stop_this_cpu")
+            && cpu.contains(" | ")
+            && cpu.contains("do_idle")),
+        "the other was stopped: {cpus:#?}"
+    );
 }
 
 /// Blocks this worker thread (the controller runs on the others) until the console shows `pattern`.
@@ -515,6 +576,10 @@ echo c > /proc/sysrq-trigger
     );
 }
 
+/// The suffix of a configuration of [`reboots_after_sysrq_with_and_without_lastgasp`] whose
+/// guest streams TCP from its other CPU while it crashes.
+const UNDER_TRAFFIC: &str = " under traffic";
+
 /// What one crashed boot of [`reboots_after_sysrq_with_and_without_lastgasp`] came to.
 #[derive(Clone, Default)]
 struct RebootCount {
@@ -543,8 +608,12 @@ struct RebootCount {
 ///   the kernel's netconsole runs without the agent's last gasp and hold;
 /// - without lastgasp: no agent, the netconsole module unloaded.
 ///
+/// Each may run `under traffic`: the guest streams TCP to a sink on the host from its second
+/// CPU (`yes | nc`) while the first one crashes, as a node with traffic would.
+///
 /// A boot whose console does not show `Rebooting in` within 60 s of the crash is killed and
-/// counted, with its last console lines and whether it got as far as `Kernel Offset:`; the
+/// counted, with its last console lines, whether it got as far as `Kernel Offset:` and where
+/// each vCPU is (named from the `/proc/kallsyms` each guest sends first); the
 /// agent's datagrams and the netconsole lines that reached the host are counted too, and a
 /// netconsole stream that stops short of `Rebooting in` is shown with its last line. Nothing is asserted: the outcome is a race, and the numbers are what the README
 /// reports.
@@ -571,15 +640,20 @@ async fn reboots_after_sysrq_with_and_without_lastgasp() {
     let chosen = env("LASTGASP_SYSRQ_CONFIGURATIONS", &all.join(","));
     let configurations: Vec<&str> = chosen.split(',').map(str::trim).collect();
     assert!(
-        configurations.iter().all(|name| all.contains(name)),
-        "LASTGASP_SYSRQ_CONFIGURATIONS: {chosen:?}; known: {all:?}"
+        configurations
+            .iter()
+            .all(|name| all.contains(&name.trim_end_matches(UNDER_TRAFFIC))),
+        "LASTGASP_SYSRQ_CONFIGURATIONS: {chosen:?}; known: {all:?}, each also{UNDER_TRAFFIC}"
     );
+    let kallsyms = KallsymsReceiver::start();
+    let sink = TcpSink::start();
     let mut counts = vec![RebootCount::default(); configurations.len()];
     for run in 1..=boots {
         for (&name, count) in configurations.iter().zip(&mut counts) {
             let started = Instant::now();
-            let agent = name == "with lastgasp";
-            let with_netconsole = name != "without lastgasp";
+            let base = name.trim_end_matches(UNDER_TRAFFIC);
+            let agent = base == "with lastgasp";
+            let with_netconsole = base != "without lastgasp";
             let host = guest::HOST;
             let target = format!(
                 "--netconsole-target {host}:{}
@@ -587,7 +661,7 @@ await_log 'netconsole target lastgasp-.* (created|not configured)|netconsole is 
 ",
                 netconsole.port
             );
-            let setup = match name {
+            let setup = match base {
                 "with lastgasp" => format!(
                     "run_agent agent --node-name {NODE} --controller {host}:{report_port} \
                      {target}await_log 'panic: (attached|unavailable)'
@@ -599,11 +673,17 @@ await_log 'netconsole target lastgasp-.* (created|not configured)|netconsole is 
                 ),
                 _ => "rmmod netconsole\n".to_owned(),
             };
+            let traffic = if name == base {
+                String::new()
+            } else {
+                format!("taskset 2 sh -c 'yes | nc {host} {}' &\n", sink.port)
+            };
             let script = format!(
-                "{setup}sleep 1
+                "{}{setup}{traffic}sleep 1
 echo \"{CRASH_MARKER}\"
-echo c > /proc/sysrq-trigger
-"
+taskset 1 sh -c 'echo c > /proc/sysrq-trigger'
+",
+                vm_diagnose::send_kallsyms(host, kallsyms.port)
             );
             let vm = boot(
                 &kernel,
@@ -636,6 +716,18 @@ echo c > /proc/sysrq-trigger
                         count.exited += 1;
                     } else {
                         count.hung += 1;
+                        let cpus = kallsyms
+                            .take()
+                            .ok_or_else(|| anyhow::anyhow!("the guest sent no kallsyms"))
+                            .and_then(|symbols| where_cpus_are(&vm, &symbols));
+                        match cpus {
+                            Ok(cpus) => {
+                                for cpu in cpus {
+                                    println!("{version} {name}: boot {run}: {cpu}");
+                                }
+                            }
+                            Err(error) => println!("{version} {name}: boot {run}: {error:#}"),
+                        }
                     }
                     format!(
                         "NO `Rebooting in` ({}; `Kernel Offset:` {}reached; last lines {tail:?}; \
@@ -707,7 +799,7 @@ echo c > /proc/sysrq-trigger
         }
     }
     for (name, count) in configurations.into_iter().zip(&counts) {
-        let channels = if name == "without lastgasp" {
+        let channels = if name.trim_end_matches(UNDER_TRAFFIC) == "without lastgasp" {
             String::new()
         } else {
             format!(

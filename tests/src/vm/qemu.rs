@@ -1,6 +1,6 @@
 //! QEMU (TCG: KVM is not usable on the machines this runs on) with the serial console on
-//! stdio, user-mode networking (the host's 127.0.0.1 is 10.0.2.2 to the guest) and one
-//! virtio-net card.
+//! stdio, user-mode networking (the host's 127.0.0.1 is 10.0.2.2 to the guest), one
+//! virtio-net card, and a QMP socket to look at a guest that stopped making progress.
 
 use std::{
     io::{BufRead as _, BufReader, Read, Write as _},
@@ -63,6 +63,8 @@ pub struct Vm {
     console: Arc<(Mutex<Console>, Condvar)>,
     pub started: Instant,
     pub log_path: PathBuf,
+    /// qemu's QMP socket (JSON commands; see `lastgasp_tests::vm_diagnose`).
+    pub qmp_path: PathBuf,
 }
 
 impl Vm {
@@ -82,7 +84,16 @@ impl Vm {
         // comes with a new Debian kernel says so.
         println!("{}: booting {}", options.name, kernel.identity());
         writeln!(log, "lastgasp-vm harness: booting {}", kernel.identity())?;
+        // Under the temporary directory: a socket's path is limited to 108 bytes.
+        static BOOTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let boot = BOOTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let qmp_path =
+            std::env::temp_dir().join(format!("lastgasp-qmp-{}-{boot}", std::process::id()));
         let mut child = command(kernel, initramfs, cmdline_extra, options)?
+            .args([
+                "-qmp",
+                &format!("unix:{},server=on,wait=off", qmp_path.display()),
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -132,6 +143,7 @@ impl Vm {
             console,
             started,
             log_path,
+            qmp_path,
         })
     }
 
@@ -247,6 +259,7 @@ impl Drop for Vm {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.qmp_path);
     }
 }
 
