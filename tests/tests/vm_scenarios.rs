@@ -676,7 +676,13 @@ await_log 'netconsole target lastgasp-.* (created|not configured)|netconsole is 
             let traffic = if name == base {
                 String::new()
             } else {
-                format!("taskset 2 sh -c 'yes | nc {host} {}' &\n", sink.port)
+                format!(
+                    "taskset 2 sh -c 'yes | nc {host} {}' &
+sleep 1
+echo \"lastgasp-vm: eth0 tx_bytes $(cat /sys/class/net/eth0/statistics/tx_bytes)\"
+",
+                    sink.port
+                )
             };
             let script = format!(
                 "{}{setup}{traffic}sleep 1
