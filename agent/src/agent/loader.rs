@@ -275,6 +275,7 @@ pub struct ProbeSettings<'a> {
 
 pub fn load(settings: &ProbeSettings<'_>) -> Result<LoadedProbes, LoadError> {
     mount_tracefs();
+    lift_memlock_limit();
     let kernel_btf = btf::Btf::from_sys_fs();
     let offsets = kernel_btf
         .as_ref()
@@ -487,6 +488,41 @@ fn mount_tracefs() {
     } else {
         let error = std::io::Error::last_os_error();
         tracing::warn!(%error, "tracefs is not mounted and mounting it at {TRACEFS} failed: tracepoints cannot attach");
+    }
+}
+
+/// Linux before 5.11 charges eBPF maps and programs to the loader's `RLIMIT_MEMLOCK`, 64 KiB by
+/// default there: less than the agent's ring buffers. Lifts it to unlimited (raising the hard
+/// limit needs CAP_SYS_RESOURCE). Later kernels, and Debian's 5.10.262, charge the memory
+/// cgroup instead, where this changes nothing the agent allocates.
+fn lift_memlock_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } != 0
+        || limit.rlim_cur == libc::RLIM_INFINITY
+    {
+        return;
+    }
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit only reads the struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } == 0 {
+        tracing::info!(
+            was_bytes = limit.rlim_cur,
+            "lifted RLIMIT_MEMLOCK: kernels before 5.11 charge eBPF maps to it"
+        );
+    } else {
+        let error = std::io::Error::last_os_error();
+        tracing::warn!(
+            %error,
+            bytes = limit.rlim_cur,
+            "RLIMIT_MEMLOCK could not be lifted: on kernels before 5.11 the probes' maps may not fit in it"
+        );
     }
 }
 
