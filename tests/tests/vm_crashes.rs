@@ -9,8 +9,9 @@
 //! `lastgasp.io/crash-title` (syzkaller's convention, `<kind> in <function>`) and
 //! `lastgasp.io/crash-culprit` (the function).
 //!
-//! Needs what `cargo xtask vm fetch` installs and downloads (qemu, busybox-static, gcc-12, both
-//! kernels and their headers), and builds the static agent.
+//! On 5.10, 6.1 and 6.12. Needs what `cargo xtask vm fetch` installs and downloads (qemu,
+//! busybox-static, gcc-12, the kernels and their headers, and for 5.10 its gcc-10 from
+//! bullseye), and builds the static agent.
 
 use std::time::{Duration, Instant};
 
@@ -365,6 +366,11 @@ async fn crash_and_name_it(version: KernelVersion, crash: Crash) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn null_pointer_dereference_is_named_5_10() {
+    crash_and_name_it(KernelVersion::Debian510, NULL_DEREF).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn null_pointer_dereference_is_named_6_1() {
     crash_and_name_it(KernelVersion::Debian61, NULL_DEREF).await;
 }
@@ -372,6 +378,11 @@ async fn null_pointer_dereference_is_named_6_1() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn null_pointer_dereference_is_named_6_12() {
     crash_and_name_it(KernelVersion::Debian612, NULL_DEREF).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kernel_bug_is_named_5_10() {
+    crash_and_name_it(KernelVersion::Debian510, BUG).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -385,6 +396,11 @@ async fn kernel_bug_is_named_6_12() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn warning_with_panic_on_warn_is_named_5_10() {
+    crash_and_name_it(KernelVersion::Debian510, WARN).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn warning_with_panic_on_warn_is_named_6_1() {
     crash_and_name_it(KernelVersion::Debian61, WARN).await;
 }
@@ -392,6 +408,11 @@ async fn warning_with_panic_on_warn_is_named_6_1() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn warning_with_panic_on_warn_is_named_6_12() {
     crash_and_name_it(KernelVersion::Debian612, WARN).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hung_task_with_hung_task_panic_is_named_5_10() {
+    crash_and_name_it(KernelVersion::Debian510, HANG).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use super::{Kernel, KernelVersion, cache_dir, kernel::apt, output, require_tool};
+use super::{Kernel, KernelVersion, cache_dir, find_program, kernel::apt, output, require_tool};
 
 /// The module's source files, compiled in so xtask and the tests build the same module.
 const SOURCES: &[(&str, &str)] = &[
@@ -89,7 +89,7 @@ impl CrashModule {
             None
         } else {
             let started = Instant::now();
-            build_module(&kernel.release, &tree, &dir)?;
+            build_module(kernel.version, &kernel.release, &tree, &dir)?;
             Some(started.elapsed())
         };
         Ok(Self {
@@ -168,40 +168,10 @@ fn fetch_headers(
     root: &Path,
     tree: &Path,
 ) -> anyhow::Result<()> {
-    require_tool("dpkg")?;
     let packages = header_packages(version, release)?;
     let work = work_dir(root, release)?;
-    output(
-        apt(version, "apt-get")?
-            .arg("download")
-            .args(&packages)
-            .current_dir(&work),
-    )
-    .with_context(|| format!("downloading {}", packages.join(" ")))?;
+    let identities = download_and_unpack_all(version, &packages, &work)?;
     let unpacked = work.join("tree");
-    let mut identities = Vec::new();
-    for entry in std::fs::read_dir(&work)? {
-        let deb = entry?.path();
-        if deb.extension().is_none_or(|ext| ext != "deb") {
-            continue;
-        }
-        let fields = output(
-            Command::new("dpkg-deb")
-                .arg("--show")
-                .arg("--showformat=${Package} ${Version}")
-                .arg(&deb),
-        )?;
-        identities.push(String::from_utf8_lossy(&fields).trim().to_owned());
-        output(Command::new("dpkg").arg("-x").arg(&deb).arg(&unpacked))
-            .with_context(|| format!("unpacking {}", deb.display()))?;
-    }
-    identities.sort();
-    if identities.len() != packages.len() {
-        bail!(
-            "apt-get download {} left {identities:?}",
-            packages.join(" ")
-        );
-    }
     // The per-flavour Makefile includes the common one by its absolute path under /usr/src;
     // make runs in the per-flavour directory (`make -C`), so a relative path finds it in this
     // tree wherever the tree is. The scripts and tools symlinks are relative already.
@@ -223,6 +193,90 @@ fn fetch_headers(
     Ok(())
 }
 
+/// Downloads `packages` from the suite `version` comes from into `work` and unpacks them all
+/// into `work/tree`; returns `<package> <version>` of each, sorted.
+fn download_and_unpack_all(
+    version: KernelVersion,
+    packages: &[String],
+    work: &Path,
+) -> anyhow::Result<Vec<String>> {
+    require_tool("dpkg")?;
+    output(
+        apt(version, "apt-get")?
+            .arg("download")
+            .args(packages)
+            .current_dir(work),
+    )
+    .with_context(|| format!("downloading {}", packages.join(" ")))?;
+    let unpacked = work.join("tree");
+    let mut identities = Vec::new();
+    for entry in std::fs::read_dir(work)? {
+        let deb = entry?.path();
+        if deb.extension().is_none_or(|ext| ext != "deb") {
+            continue;
+        }
+        let fields = output(
+            Command::new("dpkg-deb")
+                .arg("--show")
+                .arg("--showformat=${Package} ${Version}")
+                .arg(&deb),
+        )?;
+        identities.push(String::from_utf8_lossy(&fields).trim().to_owned());
+        output(Command::new("dpkg").arg("-x").arg(&deb).arg(&unpacked))
+            .with_context(|| format!("unpacking {}", deb.display()))?;
+    }
+    identities.sort();
+    if identities.len() != packages.len() {
+        bail!(
+            "apt-get download {} left {identities:?}",
+            packages.join(" ")
+        );
+    }
+    Ok(identities)
+}
+
+/// A directory whose `usr/bin` has `compiler` (`gcc-<N>`, maybe target-prefixed) when this
+/// host lacks it: Debian's packages of that gcc from the suite `version` comes from,
+/// unpacked into the cache once (5.10 was built with gcc-10, which bookworm does not ship).
+/// The unpacked driver finds its own `cc1` relative to itself; it runs on the host's
+/// libraries (gmp, mpfr, mpc, isl, zstd), which the check below proves present.
+fn foreign_compiler(version: KernelVersion, compiler: &str) -> anyhow::Result<Option<PathBuf>> {
+    if find_program(compiler).is_some() {
+        return Ok(None);
+    }
+    let name = compiler.trim_start_matches("x86_64-linux-gnu-");
+    let Some(major) = name
+        .strip_prefix("gcc-")
+        .filter(|major| major.bytes().all(|b| b.is_ascii_digit()))
+    else {
+        require_tool(compiler)?;
+        return Ok(None);
+    };
+    let root = cache_dir().join("compilers");
+    let dir = root.join(name);
+    let driver = dir.join("usr/bin").join(compiler);
+    if !dir.is_dir() {
+        std::fs::create_dir_all(&root)?;
+        let work = work_dir(&root, name)?;
+        let packages = [
+            format!("gcc-{major}"),
+            format!("cpp-{major}"),
+            format!("gcc-{major}-base"),
+            format!("libgcc-{major}-dev"),
+        ];
+        download_and_unpack_all(version, &packages, &work)?;
+        if let Err(error) = std::fs::rename(work.join("tree"), &dir)
+            && !dir.is_dir()
+        {
+            bail!("moving the unpacked {name} to {}: {error}", dir.display());
+        }
+        std::fs::remove_dir_all(&work)?;
+    }
+    output(Command::new(&driver).arg("--version"))
+        .with_context(|| format!("{} does not run on this host", driver.display()))?;
+    Ok(Some(dir.join("usr/bin")))
+}
+
 /// The compiler the kernel was built with, from `CONFIG_CC_VERSION_TEXT` in the headers'
 /// `.config` (e.g. `gcc-12 (Debian 12.2.0-14+deb12u1) 12.2.0`): its first word.
 fn kernel_compiler(headers: &Path) -> anyhow::Result<String> {
@@ -237,17 +291,26 @@ fn kernel_compiler(headers: &Path) -> anyhow::Result<String> {
 }
 
 /// Builds the module in a private directory and moves the `.ko` into `dir`, with its stamp.
-fn build_module(release: &str, tree: &Path, dir: &Path) -> anyhow::Result<()> {
+fn build_module(
+    version: KernelVersion,
+    release: &str,
+    tree: &Path,
+    dir: &Path,
+) -> anyhow::Result<()> {
     let headers = tree.join(format!("usr/src/linux-headers-{release}"));
     require_tool("make")?;
-    require_tool(&kernel_compiler(&headers)?)?;
+    let mut make = Command::new("make");
+    if let Some(bin) = foreign_compiler(version, &kernel_compiler(&headers)?)? {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let paths = std::iter::once(bin).chain(std::env::split_paths(&path));
+        make.env("PATH", std::env::join_paths(paths)?);
+    }
     let work = work_dir(dir, "build")?;
     for (name, text) in SOURCES {
         std::fs::write(work.join(name), text)?;
     }
     output(
-        Command::new("make")
-            .arg("-C")
+        make.arg("-C")
             .arg(&headers)
             .arg(format!("M={}", work.display()))
             .args(make_variables(&work))
