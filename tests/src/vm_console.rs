@@ -72,13 +72,24 @@ pub fn section<'a>(console: &'a str, tag: &str) -> Vec<&'a str> {
     let lines: Vec<&str> = console.lines().collect();
     let start = lines
         .iter()
-        .position(|line| line.ends_with(&begin))
+        .position(|line| has_marker(line, &begin))
         .unwrap_or_else(|| panic!("no {begin:?} on the console:\n{console}"));
     let stop = lines[start..]
         .iter()
-        .position(|line| line.ends_with(&end))
+        .position(|line| has_marker(line, &end))
         .unwrap_or_else(|| panic!("no {end:?} on the console:\n{console}"));
     lines[start..start + stop].to_vec()
+}
+
+/// Whether `line` has the script's `marker` line in it. The kernel writes to the same serial
+/// console, so its own lines can come before the marker and after it on one line
+/// (`lastgasp-vm: begin x[    3.66] tsc: ...`), but not another marker that merely starts
+/// the same way (`... begin x2`).
+fn has_marker(line: &str, marker: &str) -> bool {
+    line.match_indices(marker).any(|(at, _)| {
+        let rest = &line[at + marker.len()..];
+        rest.is_empty() || rest.starts_with('[')
+    })
 }
 
 /// The agent's JSON log lines of a run (`agent-log[<tag>]: ` on the console).
@@ -116,4 +127,21 @@ pub fn metric(lines: &[&str], tag: &str, name: &str, labels: &[(&str, &str)]) ->
             }
         })
         .reduce(|sum, value| sum + value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sections_survive_kernel_lines_on_the_marker_line() {
+        let console = "[    3.1] Run /init as init process\n\
+            lastgasp-vm: begin run2\nnot this one\nlastgasp-vm: end run2\n\
+            lastgasp-vm: begin run[    3.66] tsc: Refined TSC clocksource calibration\n\
+            inside\n[    4.0] oom-kill: ...lastgasp-vm: end run\nafter\n";
+        let lines = section(console, "run");
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[0].starts_with("lastgasp-vm: begin run["));
+        assert_eq!(lines[1], "inside");
+    }
 }

@@ -26,6 +26,8 @@ const KERNEL_DATA: u64 = 0xffff_8000_0000_0000;
 /// The most stack words read from a stack pointer: a kernel stack is 16 KiB, and the read
 /// stops at the guard page above its top.
 const STACK_WORDS: usize = 2048;
+/// x86_64's `THREAD_SIZE`: task stacks are this big and aligned to it.
+const TASK_STACK_BYTES: u64 = 16 << 10;
 /// The guest's last line to the receiver.
 const END_OF_KALLSYMS: &str = "lastgasp-vm: end of kallsyms";
 
@@ -164,16 +166,20 @@ pub fn cpu_states(qmp: &Path, symbols: &Symbols) -> anyhow::Result<Vec<CpuState>
         let (Some(rip), Some(rsp)) = (register("RIP"), register("RSP")) else {
             bail!("no RIP or RSP for CPU {cpu} in {block:?}");
         };
-        let words = stack_words(&mut monitor, cpu, rsp)?;
+        let words = stack_words(&mut monitor, cpu, rsp, STACK_WORDS)?;
         let mut stack: Vec<String> = words.iter().filter_map(|&w| symbols.name(w)).collect();
         // An interrupt taken in task context runs on the CPU's IRQ stack, whose top word is
-        // the interrupted stack's pointer: its frames follow a `|`.
+        // the interrupted stack's pointer: its frames follow a `|`. That stack is vmalloc'd,
+        // or inside the kernel image for CPU 0's idle task (`init_stack`), so any aligned
+        // kernel address that is not code counts.
         if let Some(&previous) = words
             .last()
-            .filter(|&&w| (KERNEL_DATA..KERNEL_TEXT_BASE).contains(&w))
+            .filter(|&&w| w >= KERNEL_DATA && w % 8 == 0 && symbols.name(w).is_none())
         {
             stack.push("|".into());
-            let below = stack_words(&mut monitor, cpu, previous)?;
+            // A task stack ends at a 16 KiB boundary; `init_stack` has no guard page above.
+            let to_top = ((previous | (TASK_STACK_BYTES - 1)) + 1 - previous) / 8;
+            let below = stack_words(&mut monitor, cpu, previous, to_top as usize)?;
             stack.extend(below.iter().filter_map(|&w| symbols.name(w)));
         }
         states.push(CpuState {
@@ -186,10 +192,15 @@ pub fn cpu_states(qmp: &Path, symbols: &Symbols) -> anyhow::Result<Vec<CpuState>
     Ok(states)
 }
 
-/// vCPU `cpu`'s memory from `address` up: [`STACK_WORDS`] words, or fewer up to the first
-/// page it cannot read (a stack's guard page).
-fn stack_words(monitor: &mut Qmp, cpu: usize, address: u64) -> anyhow::Result<Vec<u64>> {
-    let memory = monitor.human(&format!("x/{STACK_WORDS}gx {address:#x}"), Some(cpu))?;
+/// vCPU `cpu`'s memory from `address` up: `count` words, or fewer up to the first page it
+/// cannot read (a stack's guard page).
+fn stack_words(
+    monitor: &mut Qmp,
+    cpu: usize,
+    address: u64,
+    count: usize,
+) -> anyhow::Result<Vec<u64>> {
+    let memory = monitor.human(&format!("x/{count}gx {address:#x}"), Some(cpu))?;
     Ok(memory
         .lines()
         .filter_map(|line| line.split_once(": ").map(|(_, words)| words))

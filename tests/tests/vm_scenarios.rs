@@ -138,7 +138,7 @@ fn a_stopped_guest_shows_where_each_cpu_is() {
     let kernel = fetch(KernelVersion::Debian612);
     let kallsyms = KallsymsReceiver::start();
     let script = format!(
-        "{}{}echo \"{CRASH_MARKER}\"\necho c > /proc/sysrq-trigger\n",
+        "{}{}echo \"{CRASH_MARKER}\"\ntaskset 2 sh -c 'echo c > /proc/sysrq-trigger'\n",
         guest::NETWORK_UP,
         vm_diagnose::send_kallsyms(guest::HOST, kallsyms.port)
     );
@@ -163,8 +163,8 @@ fn a_stopped_guest_shows_where_each_cpu_is() {
         cpus.iter().any(|cpu| cpu.contains(" panic+")),
         "one CPU spins in panic(): {cpus:#?}"
     );
-    // Stopped by the panicking CPU's IPI while idle: the IPI's frames on the IRQ stack, then
-    // the idle task's.
+    // CPU 1 panics (`taskset 2`); CPU 0, stopped by its IPI while idle: the IPI's frames on
+    // the IRQ stack, then those of CPU 0's idle task, whose stack is in the kernel image.
     assert!(
         cpus.iter().any(|cpu| cpu.contains("(halted)")
             && cpu.contains("stop_this_cpu")
