@@ -12,7 +12,7 @@
 
 use std::{
     net::UdpSocket,
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -78,7 +78,11 @@ fn fetch(version: KernelVersion) -> Kernel {
 /// agent's shell functions ([`guest::AGENT`]) and a shell variable `t` naming the agent's
 /// netconsole target directory for `netconsole_port`.
 fn boot(kernel: &Kernel, name: &str, netconsole_port: u16, script: &str) -> Vm {
-    let agent = tokio::task::block_in_place(static_agent).unwrap();
+    // Another build of the agent, to compare two (`LASTGASP_VM_AGENT=<static binary>`).
+    let agent = std::env::var_os("LASTGASP_VM_AGENT").map_or_else(
+        || tokio::task::block_in_place(static_agent).unwrap(),
+        PathBuf::from,
+    );
     let script = format!(
         "{}{}t=/sys/kernel/config/netconsole/lastgasp-{}-{netconsole_port}\n{script}",
         guest::NETWORK_UP,
@@ -619,7 +623,8 @@ struct RebootCount {
 /// reports.
 ///
 /// `LASTGASP_SYSRQ_CONFIGURATIONS` picks some of them by name, comma-separated (e.g. `with
-/// lastgasp`, for the hundreds of boots a rare hang needs).
+/// lastgasp`, for the hundreds of boots a rare hang needs); `LASTGASP_VM_AGENT` runs another
+/// static build of the agent (an older commit's, to compare).
 ///
 /// `LASTGASP_SYSRQ_KERNEL=6.12 cargo test -p lastgasp-tests --features vm,kube --test
 /// vm_scenarios -- --ignored reboots_after_sysrq_with_and_without_lastgasp --nocapture`
