@@ -24,6 +24,7 @@ use lastgasp_tests::{
     container::{ContainerCgroup, pod_with_container},
     fixtures::agent_config,
     kube::cluster::Cluster,
+    scrape,
 };
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -32,6 +33,13 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 struct Prometheus {
     child: Child,
     dir: PathBuf,
+}
+
+impl Prometheus {
+    /// What Prometheus logged, for a failure's message.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
+    }
 }
 
 impl Drop for Prometheus {
@@ -73,7 +81,7 @@ fn start_prometheus(target: SocketAddr) -> (Prometheus, SocketAddr) {
         ))
         .arg(format!("--web.listen-address={web}"))
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
         .spawn()
         .expect("prometheus (Debian package prometheus) is installed");
     (Prometheus { child, dir }, web)
@@ -156,22 +164,50 @@ async fn prometheus_finds_the_hung_netlink_threads_and_their_pods() {
     })
     .await
     .expect("agent starts (the tests must run as root)");
-    let (_prometheus, web) = start_prometheus(agent.metrics_addr());
+    let (prometheus, web) = start_prometheus(agent.metrics_addr());
+    // The hangs last seconds: start them only once Prometheus has scraped the agent, however
+    // long a loaded machine takes to start it.
+    query_until(
+        web,
+        r#"up{job="lastgasp-agent"} == 1"#,
+        Duration::from_secs(60),
+        |result| !result.is_empty(),
+    )
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "Prometheus scrapes the agent; it logged:\n{}",
+            prometheus.log()
+        )
+    });
 
     let cgroup = ContainerCgroup::create(&container_id);
-    let mut in_pod = cgroup.hang_in_netlink_recv(6);
-    let (_, on_host) =
-        block_in_recvfrom("lg-prom-hang", netlink_route_socket, Duration::from_secs(6));
+    let mut in_pod = cgroup.hang_in_netlink_recv(10);
+    let (_, on_host) = block_in_recvfrom(
+        "lg-prom-hang",
+        netlink_route_socket,
+        Duration::from_secs(10),
+    );
     let hung = |result: &[Value]| !result.is_empty();
 
     let host = query_until(
         web,
         r#"lastgasp_netlink_recv_hung_threads{comm="lg-prom-hang"} > 0"#,
-        Duration::from_secs(7),
+        Duration::from_secs(9),
         hung,
     )
-    .await
-    .expect("Prometheus returns the hung host thread");
+    .await;
+    let Some(host) = host else {
+        let exposed = scrape(agent.metrics_addr()).await;
+        let hung: Vec<&str> = exposed
+            .lines()
+            .filter(|line| line.starts_with("lastgasp_netlink_recv"))
+            .collect();
+        panic!(
+            "Prometheus returns the hung host thread; the agent exposes: {hung:#?}\nPrometheus logged:\n{}",
+            prometheus.log()
+        );
+    };
     let series = &host[0];
     assert_eq!(series["metric"]["protocol"], "route");
     assert_eq!(series["metric"]["job"], "lastgasp-agent");
@@ -187,7 +223,7 @@ async fn prometheus_finds_the_hung_netlink_threads_and_their_pods() {
     let pod = query_until(
         web,
         r#"lastgasp_netlink_recv_hung_threads{pod="web-0"} > 0"#,
-        Duration::from_secs(5),
+        Duration::from_secs(9),
         hung,
     )
     .await
