@@ -142,7 +142,7 @@ fn a_stopped_guest_shows_where_each_cpu_is() {
     let kernel = fetch(KernelVersion::Debian612);
     let kallsyms = KallsymsReceiver::start();
     let script = format!(
-        "{}{}echo \"{CRASH_MARKER}\"\ntaskset 2 sh -c 'echo c > /proc/sysrq-trigger'\n",
+        "{}{}echo \"{CRASH_MARKER}\"\ntaskset 2 sh -c 'sleep 1; echo c > /proc/sysrq-trigger'\n",
         guest::NETWORK_UP,
         vm_diagnose::send_kallsyms(guest::HOST, kallsyms.port)
     );
@@ -167,8 +167,10 @@ fn a_stopped_guest_shows_where_each_cpu_is() {
         cpus.iter().any(|cpu| cpu.contains(" panic+")),
         "one CPU spins in panic(): {cpus:#?}"
     );
-    // CPU 1 panics (`taskset 2`); CPU 0, stopped by its IPI while idle: the IPI's frames on
-    // the IRQ stack, then those of CPU 0's idle task, whose stack is in the kernel image.
+    // CPU 1 panics (`taskset 2`), a second after the shell that started it went to sleep;
+    // CPU 0, stopped by its IPI while idle: the IPI's frames on the IRQ stack, then those of
+    // CPU 0's idle task, whose stack is in the kernel image. (An interrupt taken in user mode
+    // stays on the task's stack: had the shell still been running, no `|`.)
     assert!(
         cpus.iter().any(|cpu| cpu.contains("(halted)")
             && cpu.contains("stop_this_cpu")
