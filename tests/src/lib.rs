@@ -30,3 +30,20 @@ pub async fn scrape(addr: std::net::SocketAddr) -> String {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     body.to_owned()
 }
+
+/// The first exposition, within 10 s, that has every one of `lines`; panics with the last
+/// one otherwise. For counters bumped after the Kubernetes write a test waited for.
+pub async fn scrape_until(addr: std::net::SocketAddr, lines: &[&str]) -> String {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let exposition = scrape(addr).await;
+        if lines.iter().all(|line| exposition.contains(line)) {
+            return exposition;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{lines:?} not all exposed within 10 s:\n{exposition}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

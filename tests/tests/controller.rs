@@ -44,7 +44,7 @@ use lastgasp_tests::{
     faults::Matcher,
     fixtures::{annotation, controller_config, now_ms, replay_sysrq_capture, wait_for},
     kube::cluster::{Cluster, Heartbeat, eventually},
-    scrape,
+    scrape, scrape_until,
 };
 use serde_json::{Value, json};
 
@@ -458,13 +458,16 @@ async fn with_any_evidence_a_netconsole_panic_marks_and_deletes_the_node_and_its
     assert!(node(&cluster, "node-a").await.is_some());
     assert!(cluster.events_about("Node", "node-a").await.is_empty());
 
-    let metrics = scrape(controller.metrics_addr()).await;
-    assert!(
-        metrics
-            .contains(r#"lastgasp_controller_incidents_total{kind="panic",source="netconsole"} 1"#)
-    );
-    assert!(metrics.contains(r#"lastgasp_controller_deleted_objects_total{object="pod"} 3"#));
-    assert!(metrics.contains(r#"lastgasp_controller_deleted_objects_total{object="node"} 1"#));
+    // A deletion is counted once the API server has answered it: wait for the count.
+    let metrics = scrape_until(
+        controller.metrics_addr(),
+        &[
+            r#"lastgasp_controller_incidents_total{kind="panic",source="netconsole"} 1"#,
+            r#"lastgasp_controller_deleted_objects_total{object="pod"} 3"#,
+            r#"lastgasp_controller_deleted_objects_total{object="node"} 1"#,
+        ],
+    )
+    .await;
     // Written again when the complete report named the culprit: one or two runs.
     assert!(metrics.contains("lastgasp_controller_incident_last_write_seconds_count "));
     assert!(

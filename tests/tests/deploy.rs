@@ -47,7 +47,7 @@ use lastgasp_tests::{
     blocking::{block_in_recvfrom, netlink_route_socket},
     fixtures::{agent_config, controller_config, now_ms, replay_sysrq_capture},
     kube::cluster::{Cluster, eventually},
-    scrape,
+    scrape, scrape_until,
 };
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
@@ -480,7 +480,13 @@ async fn controller_exposition() -> String {
             && cluster.get("pods", Some("team"), "b-1").await.is_none()
     })
     .await;
-    scrape(controller.metrics_addr()).await
+    // The controller counts a deletion once the API server has answered it, which can be
+    // after the pod is already gone: wait for the count, not only for the pods.
+    scrape_until(
+        controller.metrics_addr(),
+        &[r#"lastgasp_controller_deleted_objects_total{object="pod"} 2"#],
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
