@@ -575,18 +575,16 @@ async fn strangers_bad_macs_and_replays_write_nothing() {
         "a replayed report writes nothing"
     );
 
-    let metrics = scrape(controller.metrics_addr()).await;
-    for dropped in [
-        r#"lastgasp_controller_datagrams_dropped_total{channel="netconsole",reason="unknown_sender"}"#,
-        r#"lastgasp_controller_datagrams_dropped_total{channel="report",reason="bad_mac"} 1"#,
-        r#"lastgasp_controller_datagrams_dropped_total{channel="report",reason="auth_scheme_mismatch"} 1"#,
-        r#"lastgasp_controller_datagrams_dropped_total{channel="report",reason="replay"} 1"#,
-    ] {
-        assert!(
-            metrics.contains(dropped),
-            "{dropped} missing from:\n{metrics}"
-        );
-    }
+    scrape_until(
+        controller.metrics_addr(),
+        &[
+            r#"lastgasp_controller_datagrams_dropped_total{channel="netconsole",reason="unknown_sender"}"#,
+            r#"lastgasp_controller_datagrams_dropped_total{channel="report",reason="bad_mac"} 1"#,
+            r#"lastgasp_controller_datagrams_dropped_total{channel="report",reason="auth_scheme_mismatch"} 1"#,
+            r#"lastgasp_controller_datagrams_dropped_total{channel="report",reason="replay"} 1"#,
+        ],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -881,11 +879,13 @@ async fn dry_run_writes_nothing() {
     let controller = start(&cluster, |config| config.dry_run = true).await;
     replay_sysrq_capture("127.0.0.2", controller.netconsole_addr());
     send_report(&report("node-b", 1), controller.report_addr());
+    scrape_until(
+        controller.metrics_addr(),
+        &[r#"lastgasp_controller_incidents_total{kind="panic",source="agent"} 1"#],
+    )
+    .await;
+    // Had it written, the writes would have followed the incident at once.
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    let metrics = scrape(controller.metrics_addr()).await;
-    assert!(
-        metrics.contains(r#"lastgasp_controller_incidents_total{kind="panic",source="agent"} 1"#)
-    );
     let writes = cluster.writes_to("/");
     assert!(writes.is_empty(), "{writes:?}");
 }
@@ -1094,15 +1094,16 @@ async fn a_pstore_report_marks_the_node_and_the_pods_that_were_there_and_deletes
     assert!(all_present(&cluster, &B_PODS).await);
     assert!(node(&cluster, "node-b").await.is_some());
 
-    let metrics = scrape(controller.metrics_addr()).await;
-    for line in [
-        r#"lastgasp_controller_incidents_total{kind="panic",source="pstore"} 1"#,
-        r#"lastgasp_controller_datagrams_dropped_total{channel="report",reason="malformed"} 1"#,
-        r#"lastgasp_controller_datagrams_dropped_total{channel="report",reason="stale"} 1"#,
-        r#"lastgasp_controller_marked_objects_total{object="pod"} 3"#,
-    ] {
-        assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
-    }
+    let metrics = scrape_until(
+        controller.metrics_addr(),
+        &[
+            r#"lastgasp_controller_incidents_total{kind="panic",source="pstore"} 1"#,
+            r#"lastgasp_controller_datagrams_dropped_total{channel="report",reason="malformed"} 1"#,
+            r#"lastgasp_controller_datagrams_dropped_total{channel="report",reason="stale"} 1"#,
+            r#"lastgasp_controller_marked_objects_total{object="pod"} 3"#,
+        ],
+    )
+    .await;
     assert!(!metrics.contains("lastgasp_controller_circuit_breaker_held_back_total 1"));
 }
 
@@ -1232,15 +1233,17 @@ async fn signed_reports_from_the_wrong_place_time_or_boot_write_nothing() {
         &signed_report("node-b", "boot-0", 4, now, ReportSource::Kprobe),
         to,
     );
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(writes(&cluster), 0, "nothing written");
-    let metrics = scrape(controller.metrics_addr()).await;
-    for reason in ["address_mismatch", "stale", "future", "wrong_boot"] {
-        let line = format!(
+    let lines = ["address_mismatch", "stale", "future", "wrong_boot"].map(|reason| {
+        format!(
             r#"lastgasp_controller_datagrams_dropped_total{{channel="report",reason="{reason}"}} 1"#
-        );
-        assert!(metrics.contains(&line), "{line} missing from:\n{metrics}");
-    }
+        )
+    });
+    scrape_until(
+        controller.metrics_addr(),
+        &lines.each_ref().map(String::as_str),
+    )
+    .await;
+    assert_eq!(writes(&cluster), 0, "nothing written");
 }
 
 /// Only the `panic()` probe's report deletes at once; the agent's console-path report (text
