@@ -97,10 +97,10 @@ async fn a_hung_thread_is_named_by_its_pod_and_container() {
     let cgroup = ContainerCgroup::create(&container_id);
 
     // A process that joins the container's cgroup, then blocks in recvfrom on NETLINK_ROUTE.
-    let mut child = cgroup.hang_in_netlink_recv(3);
+    let mut child = cgroup.hang_in_netlink_recv(5);
     let pid = child.id();
 
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(8);
     let hang = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, events.recv()).await {

@@ -303,7 +303,7 @@ async fn agent_exposition() -> String {
     let _ = fs::remove_dir_all(&root);
     fs::create_dir_all(&root).unwrap();
     let plugin = root.join("bridge");
-    fs::write(&plugin, "#!/bin/sh\nsleep 2\n").unwrap();
+    fs::write(&plugin, "#!/bin/sh\nsleep 4\n").unwrap();
     fs::set_permissions(&plugin, fs::Permissions::from_mode(0o755)).unwrap();
     let gasps = UdpSocket::bind("127.0.0.1:0").unwrap();
     gasps
@@ -327,7 +327,7 @@ async fn agent_exposition() -> String {
         .spawn()
         .unwrap();
     let (_, netlink) =
-        block_in_recvfrom("lg-nl-deploy", netlink_route_socket, Duration::from_secs(2));
+        block_in_recvfrom("lg-nl-deploy", netlink_route_socket, Duration::from_secs(4));
     let panic = format!(
         "Kernel panic - not syncing: lastgasp deploy test {}",
         std::process::id()
@@ -929,7 +929,7 @@ async fn agent_rbac_allows_exactly_its_calls() {
     .await
     .expect("the slice's endpoint")
     .unwrap();
-    let (_, hang) = block_in_recvfrom("lg-nl-rbac", netlink_route_socket, Duration::from_secs(2));
+    let (_, hang) = block_in_recvfrom("lg-nl-rbac", netlink_route_socket, Duration::from_secs(4));
     eventually("NetlinkRecvHung=True", Duration::from_secs(10), || async {
         node_b_condition(cluster, "NetlinkRecvHung")
             .await
