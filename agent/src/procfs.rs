@@ -283,25 +283,27 @@ mod tests {
     #[test]
     fn a_huge_command_line_is_read_up_to_its_cap() {
         // 1.5 MiB of arguments (one may be 128 KiB at most, all a quarter of the stack
-        // limit): read 4 KiB of them.
+        // limit): read 4 KiB of them. The shell ignores them and waits on its stdin until it
+        // is killed (sleep would reject them and could exit before it is read).
         let arg = "a".repeat(64 << 10);
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "read line", "sh"])
             .args(std::iter::repeat_n(&arg, 24))
+            .stdin(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        // Until the exec is done the command line is not sleep's.
+        // Until the exec is done the command line is not the shell's.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let text = loop {
             let text = cmdline(child.id()).unwrap();
-            if text.starts_with("sleep") || std::time::Instant::now() > deadline {
+            if text.starts_with("sh -c") || std::time::Instant::now() > deadline {
                 break text;
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         };
         child.kill().unwrap();
         child.wait().unwrap();
-        assert!(text.starts_with("sleep 30 aaa"), "{text:.20}");
+        assert!(text.starts_with("sh -c read line sh aaa"), "{text:.30}");
         assert!(text.ends_with(" [truncated]"));
         assert_eq!(text.len(), CMDLINE_MAX + " [truncated]".len());
         // A short one is whole.
