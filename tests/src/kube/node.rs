@@ -50,6 +50,11 @@ pub const NODE_NAME: &str = "lastgasp-node";
 pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
 /// The pods' bridge.
 const BRIDGE: &str = "lg-cni0";
+/// The pods' bridge's MAC address, set so that it stays. A bridge whose address was never set
+/// takes the lowest of its ports' addresses, so a new pod's veth can change it; the pods that
+/// talk to the API server through the gateway then send to the old address, and their
+/// requests stall until their ARP entry for the gateway is renewed (tens of seconds).
+const BRIDGE_MAC: &str = "02:00:ac:1f:fa:01";
 /// The empty bridge holding [`NODE_IP`].
 const NODE_LINK: &str = "lg-node0";
 const CNI_CONFLIST: &str = "cni/10-lastgasp.conflist";
@@ -134,7 +139,9 @@ impl LocalCluster {
         self.host.links.push(NODE_LINK.to_owned());
         ip(&["addr", "add", &format!("{NODE_IP}/32"), "dev", NODE_LINK])?;
         ip(&["link", "set", NODE_LINK, "up"])?;
-        ip(&["link", "add", BRIDGE, "type", "bridge"])?;
+        ip(&[
+            "link", "add", BRIDGE, "address", BRIDGE_MAC, "type", "bridge",
+        ])?;
         self.host.links.push(BRIDGE.to_owned());
         ip(&["addr", "add", &format!("{POD_GATEWAY}/24"), "dev", BRIDGE])?;
         ip(&["link", "set", BRIDGE, "up"])?;
